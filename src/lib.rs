@@ -1,1 +1,12 @@
+//! fastdrop's core: the ARS-5 counter-based generator, keep masks by granularity, and one
+//! generic strided kernel that applies a mask to an array. Plain Rust over pointers and strides;
+//! only `bindings` (behind the `python` feature) knows Python.
+
+pub mod error;
+pub mod generator;
+pub mod kernel;
+pub mod mask;
 pub mod rng;
+
+#[cfg(feature = "python")]
+mod bindings;

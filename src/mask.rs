@@ -1,0 +1,142 @@
+//! Keep decisions by granularity, as packed bits (1 = kept), C-ordered over the mask shape.
+//!
+//! Element, channel and sample masks are Bernoulli draws of `prod(mask_shape)` decisions
+//! (`kernel::bernoulli_words`, or fused into the kernel for elements). Block masks grow
+//! Bernoulli seeds into rectangles, as timm's DropBlock does.
+
+use crate::kernel::{bernoulli_words, words_for};
+use crate::rng::Key;
+use rayon::prelude::*;
+
+/// Geometry of a DropBlock mask: `maps` planes of `h` x `w`, blocks of `kh` x `kw`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockGeometry {
+    pub maps: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+}
+
+/// One axis of timm's placement (max-pool with kernel k, padding k / 2, stride 1, and the first
+/// output dropped for even k): a seed at `r` drops `[r - k / 2, r - k / 2 + k - 1]`, clipped.
+/// Equivalently position `i` is dropped when a seed lies in `[i - (k - 1 - k / 2), i + k / 2]`.
+fn dilate_axis(seeds: impl Fn(usize) -> bool, len: usize, k: usize, out: &mut [bool]) {
+    let before = k - 1 - k / 2;
+    let after = k / 2;
+    for (i, o) in out.iter_mut().enumerate().take(len) {
+        let lo = i.saturating_sub(before);
+        let hi = (i + after).min(len - 1);
+        *o = (lo..=hi).any(&seeds);
+    }
+}
+
+/// DropBlock keep bits: seeds are Bernoulli(threshold / 2^32) at every position of each map,
+/// drawn from `first_block` of `key` (seed i is decision i), each seed drops the block around
+/// it. Returns the keep bits and how many positions were kept.
+pub fn block_keep_words(key: Key, first_block: u64, threshold: u64, g: BlockGeometry) -> (Vec<u64>, usize) {
+    let plane = g.h * g.w;
+    let n = g.maps * plane;
+    let seeds = bernoulli_words(key, first_block, threshold, n);
+    let seed = |m: usize| (seeds[m / 64] >> (m % 64)) & 1 == 1;
+    let dropped_plane = |map: usize| -> Vec<bool> {
+        let base = map * plane;
+        // Separable: a rectangle of seeds is a row dilation followed by a column dilation.
+        let mut rows = vec![false; plane];
+        for i in 0..g.h {
+            let row = base + i * g.w;
+            dilate_axis(|j| seed(row + j), g.w, g.kw, &mut rows[i * g.w..(i + 1) * g.w]);
+        }
+        let mut out = vec![false; plane];
+        let mut col = vec![false; g.h];
+        for j in 0..g.w {
+            dilate_axis(|i| rows[i * g.w + j], g.h, g.kh, &mut col);
+            for i in 0..g.h {
+                out[i * g.w + j] = col[i];
+            }
+        }
+        out
+    };
+    let planes: Vec<Vec<bool>> = if n >= crate::kernel::PARALLEL_MIN {
+        (0..g.maps).into_par_iter().map(dropped_plane).collect()
+    } else {
+        (0..g.maps).map(dropped_plane).collect()
+    };
+    let mut words = vec![0u64; words_for(n)];
+    let mut kept = 0usize;
+    for (map, dropped) in planes.iter().enumerate() {
+        for (k, &d) in dropped.iter().enumerate() {
+            if !d {
+                let m = map * plane + k;
+                words[m / 64] |= 1 << (m % 64);
+                kept += 1;
+            }
+        }
+    }
+    (words, kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits_of(words: &[u64], n: usize) -> Vec<bool> {
+        (0..n).map(|m| (words[m / 64] >> (m % 64)) & 1 == 1).collect()
+    }
+
+    #[test]
+    fn odd_blocks_are_centred_and_even_blocks_lean_up_left() {
+        // A lone seed at (3, 3) of a 7x7 plane.
+        for (k, lo, hi) in [(3usize, 2usize, 4usize), (4, 1, 4), (1, 3, 3), (2, 2, 3)] {
+            let mut out = vec![false; 7];
+            dilate_axis(|r| r == 3, 7, k, &mut out);
+            let want: Vec<bool> = (0..7).map(|i| (lo..=hi).contains(&i)).collect();
+            assert_eq!(out, want, "k = {k}");
+        }
+    }
+
+    #[test]
+    fn blocks_are_clipped_at_the_borders() {
+        let mut out = vec![false; 5];
+        dilate_axis(|r| r == 0, 5, 4, &mut out);
+        assert_eq!(out, [true, true, false, false, false]);
+        dilate_axis(|r| r == 4, 5, 4, &mut out);
+        assert_eq!(out, [false, false, true, true, true]);
+    }
+
+    #[test]
+    fn gamma_one_drops_everything_and_gamma_zero_nothing() {
+        let g = BlockGeometry { maps: 3, h: 5, w: 6, kh: 2, kw: 3 };
+        let (w, kept) = block_keep_words(Key { seed: 1, stream: 0 }, 0, 1 << 32, g);
+        assert_eq!(kept, 0);
+        assert!(bits_of(&w, 90).iter().all(|b| !b));
+        let (w, kept) = block_keep_words(Key { seed: 1, stream: 0 }, 0, 0, g);
+        assert_eq!(kept, 90);
+        assert!(bits_of(&w, 90).iter().all(|&b| b));
+    }
+
+    #[test]
+    fn every_dropped_pixel_is_covered_by_a_seed_block() {
+        let g = BlockGeometry { maps: 4, h: 9, w: 11, kh: 4, kw: 3 };
+        let key = Key { seed: 7, stream: 0 };
+        let thr = crate::rng::threshold_for(0.05);
+        let (words, kept) = block_keep_words(key, 0, thr, g);
+        let seeds = bits_of(&bernoulli_words(key, 0, thr, 4 * 99), 4 * 99);
+        let keep = bits_of(&words, 4 * 99);
+        assert_eq!(kept, keep.iter().filter(|&&b| b).count());
+        for m in 0..4 {
+            for i in 0..9usize {
+                for j in 0..11usize {
+                    let covered = (0..9usize).any(|r| {
+                        (0..11usize).any(|c| {
+                            seeds[m * 99 + r * 11 + c]
+                                && (r as isize - 2..=r as isize + 1).contains(&(i as isize))
+                                && (c as isize - 1..=c as isize + 1).contains(&(j as isize))
+                        })
+                    });
+                    assert_eq!(!keep[m * 99 + i * 11 + j], covered, "map {m} at ({i}, {j})");
+                }
+            }
+        }
+    }
+}
