@@ -1,0 +1,514 @@
+//! The PyO3 layer: turns NumPy arrays into checked strided operands, dispatches on dtype,
+//! releases the GIL around kernels and maps `DropError` to Python exceptions. No maths here.
+
+use crate::error::DropError;
+use crate::generator::{blocks_for_decisions, blocks_for_normals, fork_stream, GeneratorState};
+use crate::kernel::{self, Application, Bits, Operand};
+use crate::mask::{block_keep_words, BlockGeometry};
+use crate::rng::{self, threshold_for, Key};
+use half::{bf16, f16};
+use numpy::npyffi::{objects::_PyArray_GET_ITEM_DATA, NPY_ARRAY_WRITEABLE};
+use numpy::{PyUntypedArray, PyUntypedArrayMethods, PyArrayDescrMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+impl From<DropError> for PyErr {
+    fn from(e: DropError) -> PyErr {
+        match e {
+            DropError::Value(m) => PyValueError::new_err(m),
+            DropError::Type(m) => PyTypeError::new_err(m),
+        }
+    }
+}
+
+/// Most dimensions an input may have (NumPy's own limit is 64).
+const MAX_DIMS: usize = 64;
+
+// --- the generator --------------------------------------------------------------------------
+
+/// Converts a Python int to 64 bits the way torch.manual_seed does: negatives wrap mod 2^64.
+fn seed_bits(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(v) = seed.extract::<u64>() {
+        return Ok(v);
+    }
+    match seed.extract::<i64>() {
+        Ok(v) => Ok(v as u64),
+        Err(_) if seed.extract::<i128>().is_ok() => Err(PyValueError::new_err(format!(
+            "seed must be in [-2**63, 2**64), got {seed}"
+        ))),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "seed must be an int, got {}",
+            seed.get_type().name()?
+        ))),
+    }
+}
+
+fn entropy_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is keyed from the OS's entropy source; hashing the time mixes in more.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
+
+/// A counter-based ARS-5 generator: masks are a pure function of (seed, stream, offset, index).
+#[pyclass(name = "Generator", module = "fastdrop._core", frozen)]
+pub struct Generator {
+    state: GeneratorState,
+}
+
+#[pymethods]
+impl Generator {
+    #[new]
+    #[pyo3(signature = (seed = None, stream = 0))]
+    fn new(seed: Option<&Bound<'_, PyAny>>, stream: u64) -> PyResult<Self> {
+        let seed = match seed {
+            Some(s) if !s.is_none() => seed_bits(s)?,
+            _ => entropy_seed(),
+        };
+        Ok(Generator { state: GeneratorState::new(seed, stream, 0) })
+    }
+
+    /// The 64-bit seed.
+    #[getter]
+    fn seed(&self) -> u64 {
+        self.state.state().0
+    }
+
+    /// The stream id (0 unless forked).
+    #[getter]
+    fn stream(&self) -> u64 {
+        self.state.state().1
+    }
+
+    /// The next counter block a call will use.
+    #[getter]
+    fn offset(&self) -> u64 {
+        self.state.offset()
+    }
+
+    /// Reseeds in place (stream kept, offset reset); returns the generator.
+    fn manual_seed<'py>(slf: Bound<'py, Self>, seed: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Self>> {
+        let s = seed_bits(seed)?;
+        let stream = slf.get().state.state().1;
+        slf.get().state.set_state(s, stream, 0);
+        Ok(slf)
+    }
+
+    /// `(seed, stream, offset)`: pass it to `set_state` to replay the following calls.
+    fn get_state(&self) -> (u64, u64, u64) {
+        self.state.state()
+    }
+
+    fn set_state(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (seed, stream, offset) = state.extract::<(u64, u64, u64)>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "state must be a (seed, stream, offset) tuple of three non-negative ints as returned by get_state(), got {}",
+                state.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
+            ))
+        })?;
+        self.state.set_state(seed, stream, offset);
+        Ok(())
+    }
+
+    /// A generator with the same seed on an independent stream, e.g. one per distributed rank:
+    /// `Generator(seed).fork(rank)`. Forking twice with the same index gives the same stream.
+    fn fork(&self, index: u64) -> Self {
+        let (seed, stream, _) = self.state.state();
+        Generator { state: GeneratorState::new(seed, fork_stream(stream, index), 0) }
+    }
+
+    /// Takes `blocks` counter blocks as one call would; returns the first.
+    fn _reserve(&self, blocks: u64) -> u64 {
+        self.state.reserve(blocks).1
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let py = slf.py();
+        let rebuild = py.import("fastdrop._core")?.getattr("_generator_from_state")?;
+        Ok((rebuild, PyTuple::new(py, [slf.get().state.state()])?))
+    }
+
+    fn __repr__(&self) -> String {
+        let (seed, stream, offset) = self.state.state();
+        format!("Generator(seed={seed}, stream={stream}, offset={offset})")
+    }
+}
+
+#[pyfunction]
+fn _generator_from_state(state: (u64, u64, u64)) -> Generator {
+    Generator { state: GeneratorState::new(state.0, state.1, state.2) }
+}
+
+// --- masks ----------------------------------------------------------------------------------
+
+/// Packed keep bits (1 = kept), C-ordered over `shape`.
+#[pyclass(name = "MaskBits", module = "fastdrop._core", frozen)]
+pub struct MaskBits {
+    shape: Vec<usize>,
+    words: Vec<u64>,
+}
+
+impl MaskBits {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+#[pymethods]
+impl MaskBits {
+    /// A mask of `shape` with every decision equal to `keep`.
+    #[staticmethod]
+    fn filled(shape: Vec<usize>, keep: bool) -> Self {
+        let n: usize = shape.iter().product();
+        let mut words = vec![if keep { u64::MAX } else { 0 }; kernel::words_for(n)];
+        kernel::clear_tail(&mut words, n);
+        MaskBits { shape, words }
+    }
+
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.shape)
+    }
+
+    /// Bytes of the packed bits.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.words.len() * 8
+    }
+
+    /// How many decisions keep their element.
+    fn count_kept(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// The bits as little-endian bytes (bit i of the mask is bit i % 8 of byte i / 8).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let bytes: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        PyBytes::new(py, &bytes[..self.len().div_ceil(8)])
+    }
+}
+
+// --- arrays ---------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dtype {
+    F16,
+    BF16,
+    F32,
+    F64,
+}
+
+struct View {
+    ptr: *mut u8,
+    shape: Vec<usize>,
+    strides: Vec<isize>,
+    dtype: Dtype,
+    writeable: bool,
+}
+
+// SAFETY: a View is only moved into the GIL-free section of the call that made it, while the
+// Python objects it points into are kept alive by that call's borrowed references.
+unsafe impl Send for View {}
+
+impl View {
+    fn itemsize(&self) -> usize {
+        match self.dtype {
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F32 => 4,
+            Dtype::F64 => 8,
+        }
+    }
+
+    fn operand(&self) -> Operand<'_> {
+        Operand { ptr: self.ptr, strides: &self.strides }
+    }
+
+    /// The byte range [lo, hi) the view can touch.
+    fn extent(&self) -> (usize, usize) {
+        let (mut lo, mut hi) = (self.ptr as isize, self.ptr as isize);
+        if self.shape.contains(&0) {
+            return (lo as usize, lo as usize);
+        }
+        for (&n, &s) in self.shape.iter().zip(&self.strides) {
+            let span = s * (n as isize - 1);
+            if span < 0 {
+                lo += span;
+            } else {
+                hi += span;
+            }
+        }
+        (lo as usize, hi as usize + self.itemsize())
+    }
+
+    fn same_view(&self, other: &View) -> bool {
+        self.ptr == other.ptr && self.shape == other.shape && self.strides == other.strides
+    }
+
+    fn overlaps(&self, other: &View) -> bool {
+        let (a, b) = (self.extent(), other.extent());
+        a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1
+    }
+}
+
+fn view(name: &str, arr: &Bound<'_, PyAny>, bf16_bits: bool) -> PyResult<View> {
+    let arr = arr.cast::<PyUntypedArray>().map_err(|_| {
+        PyTypeError::new_err(format!("{name} must be a numpy.ndarray, got {}", arr.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())))
+    })?;
+    let dt = arr.dtype();
+    let (kind, size) = (dt.kind(), dt.itemsize());
+    let dtype = match (kind, size, bf16_bits) {
+        (b'f', 2, false) => Dtype::F16,
+        (b'f', 4, false) => Dtype::F32,
+        (b'f', 8, false) => Dtype::F64,
+        (b'u' | b'i', 2, true) => Dtype::BF16,
+        _ => {
+            return Err(PyTypeError::new_err(format!(
+                "{name} must be a float16, float32 or float64 array, got dtype {}",
+                dt.str().map_or_else(|_| "?".into(), |s| s.to_string())
+            )))
+        }
+    };
+    if dt.is_native_byteorder() == Some(false) {
+        return Err(PyTypeError::new_err(format!(
+            "{name} has non-native byte order ({}); convert it with .astype(x.dtype.newbyteorder('='))",
+            dt.str()?
+        )));
+    }
+    if arr.ndim() > MAX_DIMS {
+        return Err(PyValueError::new_err(format!("{name} has {} dimensions; at most {MAX_DIMS} are supported", arr.ndim())));
+    }
+    // SAFETY: `arr` is a live ndarray; reading its header fields is what every NumPy C API
+    // accessor does.
+    let (ptr, flags) = unsafe {
+        let fields = _PyArray_GET_ITEM_DATA(arr.as_array_ptr());
+        ((*fields).data as *mut u8, (*fields).flags)
+    };
+    Ok(View { ptr, shape: arr.shape().to_vec(), strides: arr.strides().to_vec(), dtype, writeable: flags & NPY_ARRAY_WRITEABLE != 0 })
+}
+
+/// Checks that `out` can be written as the result of reading `inputs`.
+fn check_output(out: &View, inputs: &[&View]) -> PyResult<()> {
+    if !out.writeable {
+        return Err(PyValueError::new_err("the output array is read-only; pass a writeable array or use inplace=False"));
+    }
+    let empty = out.shape.contains(&0);
+    for (&n, &s) in out.shape.iter().zip(&out.strides) {
+        if n > 1 && s == 0 && !empty {
+            return Err(PyValueError::new_err(
+                "cannot write into an array with a zero stride (a broadcast view): several elements share one address; use inplace=False or pass a copy",
+            ));
+        }
+    }
+    for v in inputs {
+        if v.shape != out.shape {
+            return Err(PyValueError::new_err(format!("shape mismatch: input {:?} vs output {:?}", v.shape, out.shape)));
+        }
+        if v.dtype != out.dtype {
+            return Err(PyTypeError::new_err(format!("dtype mismatch: {:?} vs {:?}", v.dtype, out.dtype)));
+        }
+        if !v.same_view(out) && v.overlaps(out) {
+            return Err(PyValueError::new_err("the output overlaps an input without being the same view; pass a fresh output"));
+        }
+    }
+    Ok(())
+}
+
+fn check_mask_shape(shape: &[usize], mask_shape: &[usize]) -> PyResult<()> {
+    if mask_shape.len() != shape.len() || shape.iter().zip(mask_shape).any(|(&n, &m)| m != n && m != 1) {
+        return Err(PyValueError::new_err(format!("mask shape {mask_shape:?} does not broadcast to {shape:?}")));
+    }
+    Ok(())
+}
+
+fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
+    let kind: String = app.get_item(0)?.extract()?;
+    let f = |i: usize| -> PyResult<f64> { app.get_item(i)?.extract() };
+    match kind.as_str() {
+        "scale" => Ok(Application::Scale { scale: f(1)? }),
+        "affine" => Ok(Application::Affine { a: f(1)?, shift: f(2)?, dropped: f(3)? }),
+        "noise" => Ok(Application::Noise { scale: f(1)?, key: Key { seed: 0, stream: 0 }, first_block: 0 }),
+        _ => Err(PyValueError::new_err(format!("unknown application {kind:?}"))),
+    }
+}
+
+/// Runs the kernel for the views' dtype with the GIL released.
+fn run_kernel(py: Python<'_>, x: &View, out: &View, res: Option<&View>, mask_shape: &[usize], bits: Bits<'_>, app: Application) {
+    struct Job<'a> {
+        x: &'a View,
+        out: &'a View,
+        res: Option<&'a View>,
+        mask_shape: &'a [usize],
+        bits: Bits<'a>,
+        app: Application,
+    }
+    // SAFETY: the views point into arrays this call keeps alive; raw pointers are only carried.
+    unsafe impl Send for Job<'_> {}
+    let job = Job { x, out, res, mask_shape, bits, app };
+    py.detach(move || {
+        let job = job;
+        let (shape, ms) = (&job.x.shape, job.mask_shape);
+        let (src, dst, res) = (job.x.operand(), job.out.operand(), job.res.map(|r| r.operand()));
+        // SAFETY: `view` read the pointers, shapes and strides from live ndarrays of this dtype,
+        // so every index of `shape` addresses an element of the array; `check_output` refused
+        // read-only and zero-stride outputs and outputs that overlap an input without being
+        // the same view; mask sizes were checked by the callers below.
+        unsafe {
+            match job.x.dtype {
+                Dtype::F16 => kernel::run::<f16>(shape, ms, src, dst, res, job.bits, &job.app),
+                Dtype::BF16 => kernel::run::<bf16>(shape, ms, src, dst, res, job.bits, &job.app),
+                Dtype::F32 => kernel::run::<f32>(shape, ms, src, dst, res, job.bits, &job.app),
+                Dtype::F64 => kernel::run::<f64>(shape, ms, src, dst, res, job.bits, &job.app),
+            }
+        }
+    });
+}
+
+fn check_prob(name: &str, p: f64) -> PyResult<()> {
+    if !(0.0..=1.0).contains(&p) {
+        return Err(PyValueError::new_err(format!("{name} has to be between 0 and 1, but got {p}")));
+    }
+    Ok(())
+}
+
+/// `out = application(mask, x) [+ residual]` with a fresh Bernoulli(keep) mask of `mask_shape`
+/// drawn from `generator`. Returns the mask when `store_mask`.
+#[pyfunction]
+#[pyo3(signature = (x, out, residual, mask_shape, application, keep, generator, store_mask, bf16_bits = false))]
+#[allow(clippy::too_many_arguments)]
+fn bernoulli_apply(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    residual: Option<&Bound<'_, PyAny>>,
+    mask_shape: Vec<usize>,
+    application: &Bound<'_, PyTuple>,
+    keep: f64,
+    generator: &Generator,
+    store_mask: bool,
+    bf16_bits: bool,
+) -> PyResult<Option<MaskBits>> {
+    check_prob("keep probability", keep)?;
+    let (xv, ov) = (view("input", x, bf16_bits)?, view("out", out, bf16_bits)?);
+    let rv = residual.map(|r| view("residual", r, bf16_bits)).transpose()?;
+    let mut inputs = vec![&xv];
+    inputs.extend(rv.as_ref());
+    check_output(&ov, &inputs)?;
+    check_mask_shape(&xv.shape, &mask_shape)?;
+    let mut app = parse_application(application)?;
+    let n: usize = xv.shape.iter().product();
+    let m: usize = mask_shape.iter().product();
+    let noise_blocks = if matches!(app, Application::Noise { .. }) { blocks_for_normals(n) } else { 0 };
+    let (key, first) = generator.state.reserve(blocks_for_decisions(m) + noise_blocks);
+    if let Application::Noise { key: k, first_block, .. } = &mut app {
+        *k = key;
+        *first_block = first.wrapping_add(blocks_for_decisions(m));
+    }
+    let threshold = threshold_for(keep);
+    if mask_shape == xv.shape {
+        let mut store = if store_mask { vec![0u64; kernel::words_for(n)] } else { Vec::new() };
+        let bits = Bits::Fresh { key, first_block: first, threshold, store: store_mask.then_some(&mut store[..]) };
+        run_kernel(py, &xv, &ov, rv.as_ref(), &mask_shape, bits, app);
+        Ok(store_mask.then(|| MaskBits { shape: mask_shape, words: store }))
+    } else {
+        let words = py.detach(|| kernel::bernoulli_words(key, first, threshold, m));
+        run_kernel(py, &xv, &ov, rv.as_ref(), &mask_shape, Bits::Given(&words), app);
+        Ok(store_mask.then(|| MaskBits { shape: mask_shape, words }))
+    }
+}
+
+/// DropBlock on an (N, C, H, W) array: seeds Bernoulli(gamma) over (N, C or 1, H, W), grown to
+/// kh x kw blocks. Kept pixels are scaled by numel / kept when `scale_by_keep` (and left as they
+/// are with noise); dropped ones become 0 or, `with_noise`, N(0, 1) noise. Returns the mask.
+#[pyfunction]
+#[pyo3(signature = (x, out, gamma, kh, kw, couple_channels, with_noise, scale_by_keep, generator, bf16_bits = false))]
+#[allow(clippy::too_many_arguments)]
+fn drop_block_apply(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    gamma: f64,
+    kh: usize,
+    kw: usize,
+    couple_channels: bool,
+    with_noise: bool,
+    scale_by_keep: bool,
+    generator: &Generator,
+    bf16_bits: bool,
+) -> PyResult<(MaskBits, f64)> {
+    check_prob("gamma (the block seed rate)", gamma)?;
+    let (xv, ov) = (view("input", x, bf16_bits)?, view("out", out, bf16_bits)?);
+    check_output(&ov, &[&xv])?;
+    let [n, c, h, w] = xv.shape[..] else {
+        return Err(PyValueError::new_err(format!("drop_block_2d expects a 4-D (N, C, H, W) input, got shape {:?}", xv.shape)));
+    };
+    if kh == 0 || kw == 0 || kh > h.max(1) || kw > w.max(1) {
+        return Err(PyValueError::new_err(format!("block {kh}x{kw} does not fit a {h}x{w} map")));
+    }
+    let cm = if couple_channels { 1 } else { c };
+    let mask_shape = vec![n, cm, h, w];
+    let g = BlockGeometry { maps: n * cm, h, w, kh, kw };
+    let m = n * cm * h * w;
+    let total = xv.shape.iter().product::<usize>();
+    let noise_blocks = if with_noise { blocks_for_normals(total) } else { 0 };
+    let (key, first) = generator.state.reserve(blocks_for_decisions(m) + noise_blocks);
+    let (words, kept) = if m == 0 { (Vec::new(), 0) } else { py.detach(|| block_keep_words(key, first, threshold_for(gamma), g)) };
+    let scale = if !with_noise && scale_by_keep && kept > 0 { m as f64 / kept as f64 } else { 1.0 };
+    let app = if with_noise {
+        Application::Noise { scale: 1.0, key, first_block: first.wrapping_add(blocks_for_decisions(m)) }
+    } else {
+        Application::Scale { scale }
+    };
+    run_kernel(py, &xv, &ov, None, &mask_shape, Bits::Given(&words), app);
+    Ok((MaskBits { shape: mask_shape, words }, scale))
+}
+
+/// `out = x * mask * scale [+ residual]`: the backward of every variant, and the forward replay
+/// of a saved mask.
+#[pyfunction]
+#[pyo3(signature = (mask, x, out, scale, residual = None, bf16_bits = false))]
+fn mask_apply(py: Python<'_>, mask: &MaskBits, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>, scale: f64, residual: Option<&Bound<'_, PyAny>>, bf16_bits: bool) -> PyResult<()> {
+    let (xv, ov) = (view("grad", x, bf16_bits)?, view("out", out, bf16_bits)?);
+    let rv = residual.map(|r| view("residual", r, bf16_bits)).transpose()?;
+    let mut inputs = vec![&xv];
+    inputs.extend(rv.as_ref());
+    check_output(&ov, &inputs)?;
+    check_mask_shape(&xv.shape, &mask.shape)?;
+    run_kernel(py, &xv, &ov, rv.as_ref(), &mask.shape, Bits::Given(&mask.words), Application::Scale { scale });
+    Ok(())
+}
+
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    Ok(kernel::set_num_threads(n)?)
+}
+
+#[pyfunction]
+fn get_num_threads() -> usize {
+    kernel::get_num_threads()
+}
+
+/// The generator backend in use: "vaes", "aesni" or "portable".
+#[pyfunction]
+fn simd_backend() -> &'static str {
+    match rng::backend() {
+        rng::Backend::Vaes => "vaes",
+        rng::Backend::AesNi => "aesni",
+        rng::Backend::Portable => "portable",
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Generator>()?;
+    m.add_class::<MaskBits>()?;
+    m.add_function(wrap_pyfunction!(_generator_from_state, m)?)?;
+    m.add_function(wrap_pyfunction!(bernoulli_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(drop_block_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(mask_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
+    Ok(())
+}
