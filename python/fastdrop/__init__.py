@@ -1,0 +1,79 @@
+"""fastdrop: fast, exact, reproducible dropout for NumPy and PyTorch on the CPU.
+
+The whole dropout family (``dropout``, ``alpha_dropout``, ``feature_alpha_dropout``,
+``dropout1d/2d/3d``, ``drop_path``, ``drop_block_2d`` and the fused ``dropout_add`` /
+``drop_path_add``) with torch's and timm's maths, computed by a Rust core: masks come from the
+counter-based ARS-5 generator, so a mask is a pure function of (seed, offset, element index),
+whatever the thread count, memory layout or SIMD path.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from . import _core
+from ._core import Generator
+from ._mask import Mask
+from .functional import (
+    ShapeError,
+    alpha_dropout,
+    default_generator,
+    drop_block_2d,
+    drop_path,
+    drop_path_add,
+    dropout,
+    dropout1d,
+    dropout2d,
+    dropout3d,
+    dropout_add,
+    feature_alpha_dropout,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Generator",
+    "Mask",
+    "ShapeError",
+    "alpha_dropout",
+    "default_generator",
+    "drop_block_2d",
+    "drop_path",
+    "drop_path_add",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "dropout_add",
+    "feature_alpha_dropout",
+    "get_num_threads",
+    "manual_seed",
+    "set_num_threads",
+    "simd_backend",
+]
+
+
+def manual_seed(seed: int) -> Generator:
+    """Seeds ``fastdrop.default_generator`` (offset back to 0) and returns it."""
+    return default_generator.manual_seed(seed)
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the threads fastdrop's kernels use (default: ``FASTDROP_NUM_THREADS`` or all CPUs).
+    Results never depend on it."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"set_num_threads expects a positive number of threads, got {n}")
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The threads fastdrop's kernels use."""
+    return int(_core.get_num_threads())
+
+
+def simd_backend() -> str:
+    """The generator's code path: ``"vaes"``, ``"aesni"`` or ``"portable"`` (set
+    ``FASTDROP_SIMD=portable`` to force the portable one; results are bit-identical)."""
+    return str(_core.simd_backend())

@@ -1,0 +1,399 @@
+"""The dropout family as functions: NumPy arrays in, NumPy arrays out (torch tensors in, torch
+tensors out).
+
+Every variant is a *mask granularity* (element, channel, sample, block) and an *application*
+(scale the kept elements, an affine map, or noise in the dropped ones). A function here checks
+its arguments, works out those two things as a `_Spec`, and hands it to `_run`, which picks the
+path for the input's type. The arithmetic lives in Rust (`fastdrop._core`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _core
+from ._dispatch import is_torch_tensor
+from ._mask import Mask
+
+__all__ = [
+    "dropout",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "drop_path",
+    "drop_block_2d",
+    "dropout_add",
+    "drop_path_add",
+]
+
+#: SELU's alpha * scale... torch's constant for alpha dropout (ATen Dropout.cpp).
+ALPHA = 1.7580993408473766
+
+default_generator = _core.Generator()
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A wrong number of dimensions. A ValueError, and a RuntimeError as torch raises it."""
+
+
+class _Spec:
+    """What a call does: its mask shape, application, keep probability and backward scale, or
+    the parameters of a block mask (``block`` is not None)."""
+
+    __slots__ = ("mask_shape", "application", "keep", "grad_scale", "block")
+
+    def __init__(self, mask_shape, application, keep, grad_scale, block=None):
+        self.mask_shape = mask_shape
+        self.application = application
+        self.keep = keep
+        self.grad_scale = grad_scale
+        self.block = block
+
+
+# --- argument checks --------------------------------------------------------------------------
+
+
+def _check_prob(p: Any, name: str = "dropout probability") -> float:
+    if isinstance(p, (str, bytes)) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(p).__name__}")
+    p = float(p)
+    if not (0.0 <= p <= 1.0):
+        raise ValueError(f"{name} has to be between 0 and 1, but got {p}")
+    return p
+
+
+def _check_bool(v: Any, name: str) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def _as_array(x: Any, name: str = "input") -> np.ndarray:
+    """The NumPy view of `x`: an ndarray as is, another CPU DLPack producer through DLPack."""
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__dlpack__") and not isinstance(x, np.generic):
+            try:
+                x = np.from_dlpack(x)
+            except (BufferError, TypeError, RuntimeError, ValueError) as e:
+                raise TypeError(f"{name}: cannot read this DLPack object on the CPU ({e})") from e
+        else:
+            raise TypeError(
+                f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}"
+            )
+    if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(
+            f"{name} must be a float16, float32 or float64 array, got dtype {x.dtype}"
+        )
+    if not x.dtype.isnative:
+        raise TypeError(
+            f"{name} has non-native byte order ({x.dtype.str}); convert it with "
+            f"x.astype(x.dtype.newbyteorder('='))"
+        )
+    return x
+
+
+def _resolve_generator(generator: Any) -> _core.Generator:
+    """A fastdrop Generator for a NumPy call."""
+    if generator is None:
+        return default_generator
+    if isinstance(generator, _core.Generator):
+        return generator
+    if isinstance(generator, np.random.Generator):
+        # One 64-bit draw keys this call, so the NumPy generator's own stream stays the source.
+        return _core.Generator(int(generator.bit_generator.random_raw()))
+    raise TypeError(
+        "generator must be a fastdrop.Generator, a numpy.random.Generator (for NumPy input) or "
+        f"a torch.Generator (for torch input), got {type(generator).__name__}"
+    )
+
+
+# --- the one path every variant takes ---------------------------------------------------------
+
+
+def _run(x: Any, spec: Optional[_Spec], inplace: bool, generator: Any, return_mask: bool,
+         residual: Any = None):
+    """Applies `spec` to `x` (plus `residual`), or returns `x` untouched when `spec` is None."""
+    if is_torch_tensor(x) or is_torch_tensor(residual):
+        from . import _torch
+
+        return _torch.run(x, spec, inplace, generator, return_mask, residual)
+    a = _as_array(x)
+    r = None if residual is None else _as_array(residual, "residual")
+    if r is not None and (r.shape != a.shape or r.dtype != a.dtype):
+        raise ValueError(
+            f"residual must match the input: got {r.shape} {r.dtype} for input "
+            f"{a.shape} {a.dtype}"
+        )
+    gen = _resolve_generator(generator)
+    if spec is None:
+        out = a if r is None else a + r
+        return (out, Mask._full(a.shape, a.shape, True, 1.0)) if return_mask else out
+    if inplace and not a.flags.writeable:
+        raise ValueError("inplace=True needs a writeable array, but the input is read-only")
+    if inplace:
+        out = a
+    elif r is not None:
+        out = np.empty_like(r)
+    else:
+        out = np.empty_like(a)
+    if spec.block is not None:
+        bits, scale = _core.drop_block_apply(a, out, *spec.block, gen)
+        mask = Mask(bits, scale if spec.grad_scale is None else spec.grad_scale, a.shape)
+    else:
+        bits = _core.bernoulli_apply(
+            a, out, r, spec.mask_shape, spec.application, spec.keep, gen, return_mask
+        )
+        mask = Mask(bits, spec.grad_scale, a.shape) if return_mask else None
+    return (out, mask) if return_mask else out
+
+
+# --- the variants -----------------------------------------------------------------------------
+
+
+def _ndim(x: Any) -> int:
+    return len(x.shape) if hasattr(x, "shape") else -1
+
+
+def _scale_spec(mask_shape: tuple, p: float) -> _Spec:
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    return _Spec(mask_shape, ("scale", scale), 1.0 - p, scale)
+
+
+def dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+            generator: Any = None, return_mask: bool = False):
+    """Zeroes each element with probability ``p`` and scales the rest by ``1 / (1 - p)``.
+
+    ``torch.nn.functional.dropout``'s maths: a kept element becomes ``x * s`` with
+    ``s = 1 / (1 - p)`` rounded to the element's compute type (float32 for float16), a dropped
+    one 0. ``p == 0`` or ``training=False`` returns ``input`` itself; ``p == 1`` gives zeros.
+
+    Args:
+        input: a float16/float32/float64 NumPy array (any shape and strides) or torch tensor.
+        p: probability of an element being zeroed, in [0, 1].
+        training: apply dropout if True, else return ``input``.
+        inplace: write into ``input`` and return it.
+        generator: a ``fastdrop.Generator`` (default: ``fastdrop.default_generator``), a
+            ``numpy.random.Generator`` or, for torch input, a ``torch.Generator``.
+        return_mask: also return the ``Mask`` (for ``mask.backward(grad)``).
+
+    Returns:
+        The result (same shape and dtype), or ``(result, mask)`` with ``return_mask=True``.
+    """
+    p = _check_prob(p)
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(input, None, inplace, generator, return_mask)
+    return _run(input, _scale_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+                _check_bool(inplace, "inplace"), generator, return_mask)
+
+
+def _alpha_spec(mask_shape: tuple, p: float) -> _Spec:
+    if p == 1.0:
+        return _Spec(mask_shape, ("scale", 0.0), 0.0, 0.0)
+    a = 1.0 / math.sqrt((ALPHA * ALPHA * p + 1.0) * (1.0 - p))
+    return _Spec(mask_shape, ("affine", a, ALPHA * a * p, -ALPHA * a * (1.0 - p)), 1.0 - p, a)
+
+
+def alpha_dropout(input: Any, p: float = 0.5, training: bool = False, inplace: bool = False, *,
+                  generator: Any = None, return_mask: bool = False):
+    """Alpha dropout (for SELU networks): keeps zero mean and unit variance.
+
+    With ``alpha = 1.7580993408473766`` and ``a = 1 / sqrt((alpha^2 p + 1)(1 - p))``, a kept
+    element becomes ``a * x + alpha * a * p`` and a dropped one ``-alpha * a * (1 - p)``.
+    Evaluation mode by default, as in torch. ``p == 1`` gives zeros, as torch does.
+    """
+    p = _check_prob(p)
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(input, None, inplace, generator, return_mask)
+    return _run(input, _alpha_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+                _check_bool(inplace, "inplace"), generator, return_mask)
+
+
+def _feature_shape(name: str, input: Any, allowed: tuple[int, ...], unbatched: Optional[int],
+                   note: str) -> tuple[int, ...]:
+    """The (N, C, 1, ...) channel mask shape, or (C, 1, ...) for an unbatched input."""
+    nd = _ndim(input)
+    if nd < 0:
+        raise TypeError(
+            f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
+        )
+    if nd not in allowed:
+        want = " or ".join(f"{d}D" for d in allowed)
+        raise ShapeError(f"{name}: Expected {want} input, but received a {nd}D input. {note}")
+    shape = tuple(input.shape)
+    if nd == unbatched:
+        return (shape[0],) + (1,) * (nd - 1)
+    return (shape[0], shape[1]) + (1,) * (nd - 2)
+
+
+def _channel(name: str, allowed, unbatched, note, input, p, training, inplace, generator,
+             return_mask, spec_for=_scale_spec):
+    p = _check_prob(p)
+    mask_shape = _feature_shape(name, input, allowed, unbatched, note)
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(input, None, inplace, generator, return_mask)
+    return _run(input, spec_for(mask_shape, p), _check_bool(inplace, "inplace"), generator,
+                return_mask)
+
+
+def dropout1d(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              generator: Any = None, return_mask: bool = False):
+    """Zeroes whole channels of an (N, C, L) or unbatched (C, L) input with probability ``p``
+    and scales the rest by ``1 / (1 - p)``. The mask has shape (N, C, 1): N*C bits."""
+    return _channel("dropout1d", (2, 3), 2,
+                    "dropout1d exists to provide channel-wise dropout on inputs with 1 spatial "
+                    "dimension, a channel dimension, and an optional batch dimension "
+                    "(i.e. 2D or 3D inputs).",
+                    input, p, training, inplace, generator, return_mask)
+
+
+def dropout2d(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              generator: Any = None, return_mask: bool = False):
+    """Zeroes whole channels of an (N, C, H, W) or unbatched (C, H, W) input with probability
+    ``p`` and scales the rest by ``1 / (1 - p)``.
+
+    A 3-D input is unbatched (C, H, W), the meaning torch documents, not the deprecated
+    (N, C, L) fallback; any other rank is a ``ShapeError`` (a ValueError and a RuntimeError).
+    """
+    return _channel("dropout2d", (3, 4), 3,
+                    "dropout2d exists to provide channel-wise dropout on inputs with 2 spatial "
+                    "dimensions, a channel dimension, and an optional batch dimension "
+                    "(i.e. 3D or 4D inputs).",
+                    input, p, training, inplace, generator, return_mask)
+
+
+def dropout3d(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              generator: Any = None, return_mask: bool = False):
+    """Zeroes whole channels of an (N, C, D, H, W) or unbatched (C, D, H, W) input with
+    probability ``p`` and scales the rest by ``1 / (1 - p)``."""
+    return _channel("dropout3d", (4, 5), 4,
+                    "dropout3d exists to provide channel-wise dropout on inputs with 3 spatial "
+                    "dimensions, a channel dimension, and an optional batch dimension "
+                    "(i.e. 4D or 5D inputs).",
+                    input, p, training, inplace, generator, return_mask)
+
+
+def feature_alpha_dropout(input: Any, p: float = 0.5, training: bool = False,
+                          inplace: bool = False, *, generator: Any = None,
+                          return_mask: bool = False):
+    """Alpha dropout with one decision per (sample, channel): mask shape (N, C, 1, ..., 1).
+    Needs at least 2 dimensions. Evaluation mode by default, as in torch."""
+    p = _check_prob(p)
+    nd = _ndim(input)
+    if 0 <= nd < 2:
+        raise ShapeError(
+            f"feature_alpha_dropout: Feature dropout requires at least 2 dimensions in the "
+            f"input, but received a {nd}D input"
+        )
+    if nd < 0:
+        raise TypeError(
+            f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
+        )
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(input, None, inplace, generator, return_mask)
+    shape = tuple(input.shape)
+    return _run(input, _alpha_spec((shape[0], shape[1]) + (1,) * (nd - 2), p),
+                _check_bool(inplace, "inplace"), generator, return_mask)
+
+
+def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> _Spec:
+    nd = _ndim(x)
+    if nd < 1:
+        if nd < 0:
+            raise TypeError(
+                f"input must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}"
+            )
+        raise ShapeError("drop_path: Expected an input with a batch dimension, got a 0D input")
+    keep = 1.0 - drop_prob
+    scale = 1.0 / keep if (keep > 0.0 and scale_by_keep) else 1.0
+    return _Spec((int(x.shape[0]),) + (1,) * (nd - 1), ("scale", scale), keep, scale)
+
+
+def drop_path(input: Any, drop_prob: float = 0.0, training: bool = False,
+              scale_by_keep: bool = True, *, generator: Any = None, return_mask: bool = False):
+    """Stochastic depth (timm's ``drop_path``): drops whole samples with probability
+    ``drop_prob`` (one decision per sample, mask shape (N, 1, ..., 1)) and divides the kept ones
+    by ``1 - drop_prob`` when ``scale_by_keep``. Evaluation mode by default, as in timm."""
+    drop_prob = _check_prob(drop_prob, "drop_prob")
+    scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
+    spec = _path_spec(input, drop_prob, scale_by_keep)
+    if not _check_bool(training, "training") or drop_prob == 0.0:
+        return _run(input, None, False, generator, return_mask)
+    return _run(input, spec, False, generator, return_mask)
+
+
+def drop_block_2d(input: Any, drop_prob: float = 0.1, block_size: int = 7,
+                  gamma_scale: float = 1.0, with_noise: bool = False, inplace: bool = False,
+                  couple_channels: bool = True, scale_by_keep: bool = True, *,
+                  training: bool = True, generator: Any = None, return_mask: bool = False):
+    """DropBlock (timm's ``drop_block_2d``) on an (N, C, H, W) input.
+
+    Block seeds are Bernoulli(gamma) at every position of an (N, 1, H, W) map (or (N, C, H, W)
+    with ``couple_channels=False``), ``gamma = gamma_scale * drop_prob * H * W / (kh * kw) /
+    ((H - kh + 1) * (W - kw + 1))`` with ``kh = min(block_size, H)``, ``kw = min(block_size,
+    W)``. A seed at (r, c) drops rows ``r - kh//2 .. r - kh//2 + kh - 1`` and the columns alike,
+    clipped at the borders (timm's placement for odd and even sizes). Dropped pixels become 0,
+    or N(0, 1) noise with ``with_noise``; otherwise kept pixels are scaled by
+    ``mask.numel / kept`` when ``scale_by_keep``.
+    """
+    drop_prob = _check_prob(drop_prob, "drop_prob")
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    if not isinstance(gamma_scale, numbers.Real) or isinstance(gamma_scale, bool):
+        raise TypeError(f"gamma_scale must be a real number, got {type(gamma_scale).__name__}")
+    if not (float(gamma_scale) >= 0.0 and math.isfinite(gamma_scale)):
+        raise ValueError(f"gamma_scale must be finite and non-negative, got {gamma_scale}")
+    with_noise = _check_bool(with_noise, "with_noise")
+    couple_channels = _check_bool(couple_channels, "couple_channels")
+    scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
+    nd = _ndim(input)
+    if nd < 0:
+        raise TypeError(
+            f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
+        )
+    if nd != 4:
+        raise ShapeError(f"drop_block_2d: Expected 4D (N, C, H, W) input, but received a "
+                         f"{nd}D input")
+    n, c, h, w = (int(s) for s in input.shape)
+    if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
+        return _run(input, None, inplace, generator, return_mask)
+    kh, kw = min(block_size, h), min(block_size, w)
+    gamma = float(gamma_scale) * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
+    if gamma > 1.0:
+        raise ValueError(
+            f"drop_block_2d: gamma_scale * drop_prob gives a block seed rate of {gamma:.4g} "
+            f"for {h}x{w} maps and {kh}x{kw} blocks; it must be at most 1"
+        )
+    spec = _Spec((n, 1 if couple_channels else c, h, w), None, None, 1.0 if with_noise else None,
+                 block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep))
+    return _run(input, spec, _check_bool(inplace, "inplace"), generator, return_mask)
+
+
+def dropout_add(input: Any, residual: Any, p: float = 0.5, training: bool = True, *,
+                generator: Any = None, return_mask: bool = False):
+    """``residual + dropout(input, p, training)`` in one pass over memory, with the mask the
+    unfused ``dropout`` call would draw from the same generator state, and its exact values."""
+    p = _check_prob(p)
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(input, None, False, generator, return_mask, residual)
+    return _run(input, _scale_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+                False, generator, return_mask, residual)
+
+
+def drop_path_add(x: Any, branch: Any, drop_prob: float = 0.0, training: bool = False,
+                  scale_by_keep: bool = True, *, generator: Any = None,
+                  return_mask: bool = False):
+    """``x + drop_path(branch, ...)`` in one pass; a dropped sample's branch is never read."""
+    drop_prob = _check_prob(drop_prob, "drop_prob")
+    scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
+    spec = _path_spec(branch, drop_prob, scale_by_keep)
+    if not _check_bool(training, "training") or drop_prob == 0.0:
+        return _run(branch, None, False, generator, return_mask, x)
+    return _run(branch, spec, False, generator, return_mask, x)
