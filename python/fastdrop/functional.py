@@ -142,15 +142,20 @@ def _run(x: Any, spec: Optional[_Spec], inplace: bool, generator: Any, return_ma
         out = np.empty_like(r)
     else:
         out = np.empty_like(a)
-    if spec.block is not None:
-        bits, scale = _core.drop_block_apply(a, out, *spec.block, gen)
-        mask = Mask(bits, scale if spec.grad_scale is None else spec.grad_scale, a.shape)
-    else:
-        bits = _core.bernoulli_apply(
-            a, out, r, spec.mask_shape, spec.application, spec.keep, gen, return_mask
-        )
-        mask = Mask(bits, spec.grad_scale, a.shape) if return_mask else None
+    mask = _apply(a, out, r, spec, gen, return_mask)
     return (out, mask) if return_mask else out
+
+
+def _apply(a: np.ndarray, out: np.ndarray, r: Optional[np.ndarray], spec: _Spec,
+           gen: _core.Generator, want_mask: bool, bf16_bits: bool = False) -> Optional[Mask]:
+    """Runs `spec` from `a` (plus `r`) into `out` (which may be `a`) in Rust; the mask is
+    returned when wanted (block masks always, they carry their scale)."""
+    if spec.block is not None:
+        bits, scale = _core.drop_block_apply(a, out, *spec.block, gen, bf16_bits)
+        return Mask(bits, scale if spec.grad_scale is None else spec.grad_scale, a.shape)
+    bits = _core.bernoulli_apply(a, out, r, spec.mask_shape, spec.application, spec.keep, gen,
+                                 want_mask, bf16_bits)
+    return Mask(bits, spec.grad_scale, a.shape) if want_mask else None
 
 
 # --- the variants -----------------------------------------------------------------------------
