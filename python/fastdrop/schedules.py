@@ -464,9 +464,7 @@ def calculate_drop_path_rates(
             raise ValueError("stagewise=True requires depths to be a list of stage depths")
         return _linspace_f32(rate, _check_count(depths, "depths"))
     if isinstance(depths, (str, bytes)) or not isinstance(depths, Sequence):
-        raise TypeError(
-            f"depths must be an int or a sequence of ints, got {type(depths).__name__}"
-        )
+        raise TypeError(f"depths must be an int or a sequence of ints, got {type(depths).__name__}")
     stage_depths = [_check_count(d, f"depths[{i}]") for i, d in enumerate(depths)]
     flat = _linspace_f32(rate, sum(stage_depths))
     if not stagewise:
