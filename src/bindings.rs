@@ -399,7 +399,7 @@ fn bernoulli_apply(
     let mut app = parse_application(application)?;
     let n: usize = xv.shape.iter().product();
     let m: usize = mask_shape.iter().product();
-    let noise_blocks = if matches!(app, Application::Noise { .. }) { blocks_for_normals(n) } else { 0 };
+    let noise_blocks = if matches!(app, Application::Noise { .. }) { blocks_for_normals(m) } else { 0 };
     let (key, first) = generator.state.reserve(blocks_for_decisions(m) + noise_blocks);
     if let Application::Noise { key: k, first_block, .. } = &mut app {
         *k = key;
@@ -450,8 +450,7 @@ fn drop_block_apply(
     let mask_shape = vec![n, cm, h, w];
     let g = BlockGeometry { maps: n * cm, h, w, kh, kw };
     let m = n * cm * h * w;
-    let total = xv.shape.iter().product::<usize>();
-    let noise_blocks = if with_noise { blocks_for_normals(total) } else { 0 };
+    let noise_blocks = if with_noise { blocks_for_normals(m) } else { 0 };
     let (key, first) = generator.state.reserve(blocks_for_decisions(m) + noise_blocks);
     let (words, kept) = if m == 0 { (Vec::new(), 0) } else { py.detach(|| block_keep_words(key, first, threshold_for(gamma), g)) };
     let scale = if !with_noise && scale_by_keep && kept > 0 { m as f64 / kept as f64 } else { 1.0 };

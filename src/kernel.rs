@@ -104,18 +104,21 @@ pub enum Application {
     Scale { scale: f64 },
     /// kept: `x * a + shift` (two roundings, as torch's `mul` then `add_`); dropped: `dropped`.
     Affine { a: f64, shift: f64, dropped: f64 },
-    /// kept: `x * scale`; dropped: a standard normal deviate drawn for the element's logical index
-    /// from blocks `first_block + i / 2` of `key`.
+    /// kept: `x * scale`; dropped: a standard normal deviate drawn for the element's mask index m
+    /// from block `first_block + m / 2` of `key`, so elements sharing a decision (channels of a
+    /// coupled DropBlock mask) share their noise, as timm's mask-shaped noise does.
     Noise { scale: f64, key: Key, first_block: u64 },
 }
 
 /// How an element's value is produced, monomorphised per application so the inner loops see
 /// constants.
 trait Rule<T: Element>: Sync {
-    /// Whether `dropped` ignores the index, which lets the fast loop select between two values.
+    /// Whether `dropped` ignores the mask index, which lets the fast loop select between two
+    /// values.
     const CONST_DROPPED: bool;
     fn kept(&self, x: T::Op) -> T::Op;
-    fn dropped(&self, index: usize) -> T::Op;
+    /// The value of a dropped element whose decision is mask bit `mask_index`.
+    fn dropped(&self, mask_index: usize) -> T::Op;
 }
 
 struct ScaleRule<F>(F);
@@ -159,8 +162,8 @@ impl<T: Element> Rule<T> for NoiseRule<T::Op> {
     fn kept(&self, x: T::Op) -> T::Op {
         x * self.scale
     }
-    fn dropped(&self, index: usize) -> T::Op {
-        T::Op::from_f64(normal_at(self.key, self.first_block, index))
+    fn dropped(&self, mask_index: usize) -> T::Op {
+        T::Op::from_f64(normal_at(self.key, self.first_block, mask_index))
     }
 }
 
@@ -351,9 +354,9 @@ impl Plan {
         Plan { shape: out_shape, strides: out, src, dst, res }
     }
 
-    /// Calls `seg(offsets, mask_bit, logical_index, len)` for each innermost run of the logical
-    /// index range [start, end).
-    fn walk(&self, start: usize, end: usize, mut seg: impl FnMut([isize; 4], isize, usize, usize)) {
+    /// Calls `seg(offsets, mask_bit, len)` for each innermost run of the logical index range
+    /// [start, end).
+    fn walk(&self, start: usize, end: usize, mut seg: impl FnMut([isize; 4], isize, usize)) {
         let nd = self.shape.len();
         let inner = self.shape[nd - 1];
         let mut idx = vec![0usize; nd];
@@ -369,7 +372,7 @@ impl Plan {
             for (k, o) in off.iter_mut().enumerate() {
                 *o = (0..nd).map(|d| idx[d] as isize * self.strides[k][d]).sum();
             }
-            seg([off[0], off[1], off[2], 0], off[3], pos, len);
+            seg([off[0], off[1], off[2], 0], off[3], len);
             pos += len;
             idx[nd - 1] = 0;
             for d in (0..nd - 1).rev() {
@@ -399,7 +402,7 @@ unsafe fn apply_range<T: Element, R: Rule<T>>(plan: &Plan, rule: &R, start: usiz
     let nd = plan.shape.len();
     let [s_in, d_in, r_in, m_in] = [0, 1, 2, 3].map(|k| plan.strides[k][nd - 1]);
     let size = std::mem::size_of::<T>() as isize;
-    plan.walk(start, end, |off, mbit, index, len| {
+    plan.walk(start, end, |off, mbit, len| {
         let src = plan.src.offset(off[0]);
         let dst = plan.dst.offset(off[1]);
         let res = plan.res.map(|r| r.offset(off[2]));
@@ -409,10 +412,10 @@ unsafe fn apply_range<T: Element, R: Rule<T>>(plan: &Plan, rule: &R, start: usiz
             // One decision for the whole run: channel, sample and broadcast masks.
             let keep = bit(words, m0);
             if contiguous {
-                run_const::<T, R>(rule, keep, src as *const T, dst as *mut T, res.map(|r| r as *const T), index, len);
+                run_const::<T, R>(rule, keep, src as *const T, dst as *mut T, res.map(|r| r as *const T), mbit as usize, len);
             } else {
                 for j in 0..len as isize {
-                    let v = if keep { rule.kept(read::<T>(src, j * s_in)) } else { rule.dropped(index + j as usize) };
+                    let v = if keep { rule.kept(read::<T>(src, j * s_in)) } else { rule.dropped(mbit as usize) };
                     write(dst, j * d_in, finish::<T>(v, res.map(|r| r.offset(j * r_in))));
                 }
             }
@@ -421,7 +424,7 @@ unsafe fn apply_range<T: Element, R: Rule<T>>(plan: &Plan, rule: &R, start: usiz
         } else {
             for j in 0..len as isize {
                 let keep = bit(words, (m0 as isize + j * m_in) as usize);
-                let v = if keep { rule.kept(read::<T>(src, j * s_in)) } else { rule.dropped(index + j as usize) };
+                let v = if keep { rule.kept(read::<T>(src, j * s_in)) } else { rule.dropped((mbit + j * m_in) as usize) };
                 write(dst, j * d_in, finish::<T>(v, res.map(|r| r.offset(j * r_in))));
             }
         }
@@ -449,9 +452,9 @@ unsafe fn finish<T: Element>(v: T::Op, res: Option<*const u8>) -> T {
     }
 }
 
-/// A contiguous run with one decision: a dropped run with a constant value never reads `src`.
+/// A contiguous run with one decision (mask bit `mask_index`): a dropped run never reads `src`.
 #[inline(always)]
-unsafe fn run_const<T: Element, R: Rule<T>>(rule: &R, keep: bool, src: *const T, dst: *mut T, res: Option<*const T>, index: usize, len: usize) {
+unsafe fn run_const<T: Element, R: Rule<T>>(rule: &R, keep: bool, src: *const T, dst: *mut T, res: Option<*const T>, mask_index: usize, len: usize) {
     match (keep, res) {
         (true, None) => {
             for j in 0..len {
@@ -465,7 +468,7 @@ unsafe fn run_const<T: Element, R: Rule<T>>(rule: &R, keep: bool, src: *const T,
             }
         }
         (false, _) if R::CONST_DROPPED => {
-            let v = T::from_op(rule.dropped(index));
+            let v = T::from_op(rule.dropped(mask_index));
             match res {
                 None => (0..len).for_each(|j| dst.add(j).write_unaligned(v)),
                 Some(r) => (0..len).for_each(|j| dst.add(j).write_unaligned(T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()))),
@@ -473,7 +476,7 @@ unsafe fn run_const<T: Element, R: Rule<T>>(rule: &R, keep: bool, src: *const T,
         }
         (false, _) => {
             for j in 0..len {
-                let v = T::from_op(rule.dropped(index + j));
+                let v = T::from_op(rule.dropped(mask_index));
                 let v = match res {
                     None => v,
                     Some(r) => T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()),
