@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 
-from . import _core
+from . import _core, schedules
 from ._core import Generator
 from ._mask import Mask
 from .functional import (
@@ -48,6 +48,7 @@ __all__ = [
     "feature_alpha_dropout",
     "get_num_threads",
     "manual_seed",
+    "schedules",
     "set_num_threads",
     "simd_backend",
 ]
