@@ -44,16 +44,18 @@ class ShapeError(ValueError, RuntimeError):
 
 class _Spec:
     """What a call does: its mask shape, application, keep probability and backward scale, or
-    the parameters of a block mask (``block`` is not None)."""
+    the parameters of a block mask (``block`` is not None). ``args`` keeps a block call's own
+    arguments: torch's path for tensors off the CPU hands them to timm's algorithm unchanged."""
 
-    __slots__ = ("mask_shape", "application", "keep", "grad_scale", "block")
+    __slots__ = ("mask_shape", "application", "keep", "grad_scale", "block", "args")
 
-    def __init__(self, mask_shape, application, keep, grad_scale, block=None):
+    def __init__(self, mask_shape, application, keep, grad_scale, block=None, args=None):
         self.mask_shape = mask_shape
         self.application = application
         self.keep = keep
         self.grad_scale = grad_scale
         self.block = block
+        self.args = args
 
 
 # --- argument checks --------------------------------------------------------------------------
@@ -377,7 +379,10 @@ def drop_block_2d(input: Any, drop_prob: float = 0.1, block_size: int = 7,
             f"for {h}x{w} maps and {kh}x{kw} blocks; it must be at most 1"
         )
     spec = _Spec((n, 1 if couple_channels else c, h, w), None, None, 1.0 if with_noise else None,
-                 block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep))
+                 block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep),
+                 args=dict(drop_prob=drop_prob, block_size=int(block_size),
+                           gamma_scale=float(gamma_scale), with_noise=with_noise,
+                           couple_channels=couple_channels, scale_by_keep=scale_by_keep))
     return _run(input, spec, _check_bool(inplace, "inplace"), generator, return_mask)
 
 
