@@ -1,0 +1,376 @@
+"""Torch tensors through fastdrop: the CPU path into Rust, autograd, torch.compile, other devices.
+
+Imported the first time a torch tensor reaches `functional._run`, so `import fastdrop` never
+imports torch. Three paths, chosen per call:
+
+- a CPU tensor is viewed as a NumPy array (zero copies: the view shares the tensor's storage)
+  and runs through `functional._apply`, the same call NumPy input makes, so the same generator
+  state gives the same mask; a tensor that needs a gradient goes through `_DropoutFunction`,
+  which saves the bit-packed `Mask`, never a tensor of the input's size;
+- under `torch.compile` the same kernels run as the custom ops `fastdrop::bernoulli` and
+  `fastdrop::drop_block`, whose fake implementations let the compiler trace through them;
+- a tensor on any other device (CUDA, ``meta``, ...) stays there and goes to torch's own
+  operations (`F.dropout`, `_torch_fallback` for DropBlock), never touching host memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _core
+from ._mask import Mask
+from .functional import _apply, _Spec
+
+_HOST_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+
+# --- keys and views ---------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _key_from_torch(generator: Optional[torch.Generator]) -> int:
+    """One 63-bit draw from a torch generator (the default one for None) keys the call, so
+    `torch.manual_seed`, `fork_rng` and `freeze_rng_state` govern fastdrop as they govern torch's
+    dropout. The 0-d tensor drawn into is reused per thread: it is the only allocation."""
+    try:
+        key = _local.key
+    except AttributeError:
+        key = _local.key = torch.empty((), dtype=torch.int64)
+    return key.random_(generator=generator).item()
+
+
+def _host_generator(generator: Any) -> _core.Generator:
+    """The fastdrop Generator a CPU call draws its mask from."""
+    if isinstance(generator, _core.Generator):
+        return generator
+    if generator is None or isinstance(generator, torch.Generator):
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(
+                f"a torch.Generator on {generator.device} cannot key a CPU tensor's mask; "
+                "pass a CPU generator"
+            )
+        return _core.Generator(_key_from_torch(generator))
+    raise TypeError(
+        "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
+        f"{type(generator).__name__}"
+    )
+
+
+def _host(t: torch.Tensor):
+    """The NumPy view of a CPU tensor's own storage; bfloat16 as its int16 bit patterns.
+    `Tensor.numpy()` shares memory like DLPack does, at a fifth of `np.from_dlpack`'s cost."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype is torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def _check_host_dtype(t: torch.Tensor, name: str = "input") -> None:
+    if t.dtype not in _HOST_DTYPES:
+        raise TypeError(
+            f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
+        )
+
+
+# --- the CPU path -----------------------------------------------------------------------------
+
+
+def _forward(x, residual, spec, gen, inplace, want_mask):
+    """Runs `spec` on CPU tensors; returns (out, mask or None). `empty_like` gives torch's own
+    layout rule: a dense input's strides (channels_last stays so), else contiguous."""
+    out = x if inplace else torch.empty_like(x)
+    a = _host(x)
+    mask = _apply(a, a if inplace else _host(out), None if residual is None else _host(residual),
+                  spec, gen, want_mask, x.dtype is torch.bfloat16)
+    return out, mask
+
+
+def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]]):
+    """`grad * mask * scale` into a tensor with `strides` (the forward output's) or grad's."""
+    if tuple(grad.shape) != mask.input_shape:
+        raise ValueError(
+            f"grad_output has shape {tuple(grad.shape)}, but the mask was drawn for an input "
+            f"of shape {mask.input_shape}"
+        )
+    if grad.device.type != "cpu":
+        keep = torch.from_numpy(mask.numpy()).to(grad.device)
+        return torch.where(keep, grad * mask.scale, torch.zeros((), dtype=grad.dtype,
+                                                               device=grad.device))
+    _check_host_dtype(grad, "grad_output")
+    if strides is None:
+        out = torch.empty_like(grad)
+    else:
+        out = torch.empty_strided(grad.shape, strides, dtype=grad.dtype)
+    _core.mask_apply(mask._bits, _host(grad), _host(out), mask.scale, None,
+                     grad.dtype is torch.bfloat16)
+    return out
+
+
+class _MaskGradFunction(torch.autograd.Function):
+    """The backward of a masked op is itself masked: differentiable, so double backward works."""
+
+    @staticmethod
+    def forward(ctx, grad, mask, strides):
+        ctx.mask, ctx.strides = mask, strides
+        return _mask_grad(mask, grad, strides)
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        return _MaskGradFunction.apply(grad_grad, ctx.mask, ctx.strides), None, None
+
+
+class _DropoutFunction(torch.autograd.Function):
+    """Any variant on CPU tensors with a saved bit mask; the mask is also handed to `holder`
+    for return_mask."""
+
+    @staticmethod
+    def forward(ctx, x, residual, spec, gen, inplace, holder):
+        out, mask = _forward(x, residual, spec, gen, inplace, True)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.mask, ctx.strides = mask, out.stride()
+        holder.append(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx = _MaskGradFunction.apply(grad, ctx.mask, ctx.strides) if ctx.needs_input_grad[0] \
+            else None
+        return gx, grad if ctx.needs_input_grad[1] else None, None, None, None, None
+
+
+def mask_backward(mask: Mask, grad: torch.Tensor) -> torch.Tensor:
+    """`Mask.backward` for a tensor: the gradient with respect to the masked op's input."""
+    if grad.requires_grad and torch.is_grad_enabled():
+        return _MaskGradFunction.apply(grad, mask, None)
+    return _mask_grad(mask, grad, None)
+
+
+def _run_host(x, spec, inplace, generator, return_mask, residual):
+    _check_host_dtype(x)
+    gen = _host_generator(generator)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (residual is not None and residual.requires_grad))
+    if inplace and x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+        # torch's own words for it, raised before anything is written.
+        raise RuntimeError(
+            "a leaf Variable that requires grad is being used in an in-place operation."
+        )
+    if needs_grad:
+        holder: List[Mask] = []
+        out = _DropoutFunction.apply(x, residual, spec, gen, inplace, holder)
+        mask = holder[0]
+    else:
+        out, mask = _forward(x, residual, spec, gen, inplace, return_mask)
+        if inplace:
+            # Tensors saved for backward elsewhere must see that their values changed.
+            torch.autograd.graph.increment_version(x)
+    return (out, mask) if return_mask else out
+
+
+# --- other devices: torch's own operations ----------------------------------------------------
+
+
+def _device_generator(generator: Any, device: torch.device) -> Optional[torch.Generator]:
+    """A torch.Generator on `device` for torch's ops (None: the device's default generator)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, _core.Generator):
+        if device.type == "meta":
+            return None
+        # Reserve one block, so each call takes a fresh, reproducible seed from the stream.
+        seed, stream, _ = generator.get_state()
+        offset = generator._reserve(1)
+        g = torch.Generator(device=device)
+        g.manual_seed(hash((seed, stream, offset)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return g
+    raise TypeError(
+        "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
+        f"{type(generator).__name__}"
+    )
+
+
+def _bernoulli_on_device(x, spec, inplace, generator):
+    """ATen's `_dropout_impl` on the spec's mask shape: noise ~ Bernoulli(keep), divided by
+    keep to scale, or turned into alpha dropout's affine map."""
+    kind, *args = spec.application
+    if kind == "scale" and generator is None and tuple(spec.mask_shape) == tuple(x.shape) \
+            and args[0] != 1.0:
+        return F.dropout(x, 1.0 - spec.keep, True, inplace)
+    noise = torch.empty(spec.mask_shape, dtype=x.dtype, device=x.device)
+    noise.bernoulli_(spec.keep, generator=generator)
+    if kind == "scale":
+        if args[0] != 1.0 and spec.keep > 0.0:
+            noise.div_(spec.keep)
+        return x.mul_(noise) if inplace else x * noise
+    a, kept_shift, dropped = args
+    b = noise.add(-1).mul_(kept_shift - dropped).add_(kept_shift)
+    noise.mul_(a)
+    return x.mul_(noise).add_(b) if inplace else x * noise + b
+
+
+def _run_on_device(x, spec, inplace, generator, return_mask, residual):
+    if return_mask:
+        raise ValueError(
+            f"return_mask needs a CPU tensor; a mask for a tensor on {x.device} would have to "
+            "leave the device"
+        )
+    if spec is None:
+        return x if residual is None else x + residual
+    gen = _device_generator(generator, x.device)
+    if spec.block is not None:
+        from . import _torch_fallback
+
+        out = _torch_fallback.drop_block_2d(x, **spec.args, inplace=inplace, training=True,
+                                            generator=gen)
+    else:
+        out = _bernoulli_on_device(x, spec, inplace, gen)
+    return out if residual is None else residual + out
+
+
+# --- torch.compile: the CPU kernels as custom ops ---------------------------------------------
+
+
+def _packed(mask: Mask) -> torch.Tensor:
+    return torch.frombuffer(bytearray(mask._bits.to_bytes()), dtype=torch.uint8)
+
+
+def _packed_len(mask_shape) -> int:
+    n = 1
+    for s in mask_shape:
+        n *= s
+    return (n + 7) // 8
+
+
+@torch.library.custom_op("fastdrop::bernoulli", mutates_args=())
+def _bernoulli_op(x: torch.Tensor, residual: Optional[torch.Tensor], mask_shape: List[int],
+                  application: str, app_args: List[float], keep: float
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    spec = _Spec(tuple(mask_shape), (application, *app_args), keep, None)
+    out, mask = _forward(x, residual, spec, _host_generator(None), False, True)
+    return out, _packed(mask)
+
+
+@_bernoulli_op.register_fake
+def _(x, residual, mask_shape, application, app_args, keep):
+    return torch.empty_like(x), x.new_empty((_packed_len(mask_shape),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fastdrop::drop_block", mutates_args=())
+def _drop_block_op(x: torch.Tensor, gamma: float, kh: int, kw: int, couple_channels: bool,
+                   with_noise: bool, scale_by_keep: bool
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = _Spec(None, None, None, 1.0 if with_noise else None,
+                 block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep))
+    out, mask = _forward(x, None, spec, _host_generator(None), False, True)
+    return out, _packed(mask), torch.tensor(mask.scale, dtype=torch.float64)
+
+
+@_drop_block_op.register_fake
+def _(x, gamma, kh, kw, couple_channels, with_noise, scale_by_keep):
+    n, c, h, w = x.shape
+    shape = (n, 1 if couple_channels else c, h, w)
+    return (torch.empty_like(x), x.new_empty((_packed_len(shape),), dtype=torch.uint8),
+            x.new_empty((), dtype=torch.float64))
+
+
+def _unpack(packed: torch.Tensor, mask_shape) -> torch.Tensor:
+    """Packed little-endian bits -> a bool tensor of mask_shape, in torch ops (traceable)."""
+    bits = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    flat = ((packed.unsqueeze(-1) >> bits) & 1).flatten()
+    return flat[: _numel(mask_shape)].view(mask_shape).bool()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _compiled_grad(grad, packed, mask_shape, scale):
+    return torch.where(_unpack(packed, mask_shape), grad * scale, torch.zeros_like(grad))
+
+
+def _bernoulli_setup(ctx, inputs, output):
+    x, residual, mask_shape, application, app_args, keep = inputs
+    ctx.mask_shape, ctx.has_residual = list(mask_shape), residual is not None
+    ctx.scale = 0.0 if keep == 0.0 else app_args[0]
+    ctx.save_for_backward(output[1])
+
+
+def _bernoulli_backward(ctx, grad, _grad_packed):
+    (packed,) = ctx.saved_tensors
+    gr = grad if ctx.has_residual else None
+    return _compiled_grad(grad, packed, ctx.mask_shape, ctx.scale), gr, None, None, None, None
+
+
+_bernoulli_op.register_autograd(_bernoulli_backward, setup_context=_bernoulli_setup)
+
+
+def _drop_block_setup(ctx, inputs, output):
+    x, gamma, kh, kw, couple_channels, with_noise, scale_by_keep = inputs
+    n, c, h, w = x.shape
+    ctx.mask_shape = [n, 1 if couple_channels else c, h, w]
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _drop_block_backward(ctx, grad, _grad_packed, _grad_scale):
+    packed, scale = ctx.saved_tensors
+    keep = _unpack(packed, ctx.mask_shape)
+    return (torch.where(keep, grad * scale.to(grad.dtype), torch.zeros_like(grad)),
+            None, None, None, None, None, None)
+
+
+_drop_block_op.register_autograd(_drop_block_backward, setup_context=_drop_block_setup)
+
+
+def _run_compiled(x, spec, inplace, generator, return_mask, residual):
+    if generator is not None or return_mask:
+        raise ValueError(
+            "under torch.compile fastdrop keys masks from torch's default generator and keeps "
+            "them inside the graph: leave generator=None and return_mask=False"
+        )
+    if spec is None:
+        return x if residual is None else x + residual
+    if spec.block is not None:
+        gamma, kh, kw, couple, noise, by_keep = spec.block
+        out = torch.ops.fastdrop.drop_block(x, gamma, kh, kw, couple, noise, by_keep)[0]
+    else:
+        kind, *args = spec.application
+        out = torch.ops.fastdrop.bernoulli(x, residual, list(spec.mask_shape), kind,
+                                           [float(a) for a in args], float(spec.keep))[0]
+    # In place under compile: the same values written back, which the compiler can trace.
+    return x.copy_(out) if inplace else out
+
+
+# --- the entry point --------------------------------------------------------------------------
+
+
+def run(x: Any, spec: Optional[_Spec], inplace: bool, generator: Any, return_mask: bool,
+        residual: Any = None):
+    """`functional._run` for torch tensors: same arguments, tensors out."""
+    if not isinstance(x, torch.Tensor) or (
+            residual is not None and not isinstance(residual, torch.Tensor)):
+        raise TypeError("input and residual must both be torch tensors or both NumPy arrays")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(
+            f"residual must match the input: got {tuple(residual.shape)} {residual.dtype} on "
+            f"{residual.device} for input {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    if torch.compiler.is_compiling():
+        return _run_compiled(x, spec, inplace, generator, return_mask, residual)
+    if not x.is_cpu:  # is_cpu: a fifth of the cost of device.type, on every call
+        return _run_on_device(x, spec, inplace, generator, return_mask, residual)
+    if spec is None:
+        out = x if residual is None else x + residual
+        if return_mask:
+            return out, Mask._full(tuple(x.shape), tuple(x.shape), True, 1.0)
+        return out
+    return _run_host(x, spec, inplace, generator, return_mask, residual)

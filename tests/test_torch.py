@@ -1,0 +1,321 @@
+"""Torch tensors through fastdrop: zero copies, NumPy/torch mask equality, torch-style seeding,
+layouts, dtypes, autograd against the mask for every variant, devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastdrop  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _variants():
+    """(name, call(x, generator, **kw)) for every variant on a 4-D input."""
+    return [
+        ("dropout", lambda x, g, **k: fastdrop.dropout(x, 0.3, generator=g, **k)),
+        ("alpha_dropout", lambda x, g, **k: fastdrop.alpha_dropout(x, 0.3, True, generator=g,
+                                                                    **k)),
+        ("feature_alpha_dropout",
+         lambda x, g, **k: fastdrop.feature_alpha_dropout(x, 0.3, True, generator=g, **k)),
+        ("dropout2d", lambda x, g, **k: fastdrop.dropout2d(x, 0.3, generator=g, **k)),
+        ("dropout3d", lambda x, g, **k: fastdrop.dropout3d(x, 0.3, generator=g, **k)),
+        ("drop_path", lambda x, g, **k: fastdrop.drop_path(x, 0.3, True, generator=g, **k)),
+        ("drop_block_2d",
+         lambda x, g, **k: fastdrop.drop_block_2d(x, 0.2, 3, generator=g, **k)),
+        ("drop_block_2d_noise",
+         lambda x, g, **k: fastdrop.drop_block_2d(x, 0.2, 3, with_noise=True, generator=g, **k)),
+    ]
+
+
+VARIANTS = _variants()
+IDS = [n for n, _ in VARIANTS]
+
+
+# --- zero copies and types --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_writes_the_tensors_own_storage(dtype):
+    x = torch.randn(64, 33).to(dtype)
+    ptr, before = x.data_ptr(), x.clone()
+    y = fastdrop.dropout(x, 0.5, inplace=True, generator=fastdrop.Generator(1))
+    assert y is x and x.data_ptr() == ptr
+    kept = x != 0
+    assert 0 < int(kept.sum()) < x.numel()
+    assert torch.equal(x[kept], (before[kept].float() * 2.0).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_type_shape_dtype_device(dtype):
+    x = torch.randn(5, 7).to(dtype)
+    y = fastdrop.dropout(x, 0.25, generator=fastdrop.Generator(0))
+    assert isinstance(y, torch.Tensor) and y.dtype == dtype and y.shape == x.shape
+    assert y.device == x.device and y.data_ptr() != x.data_ptr()
+
+
+def test_input_is_read_not_copied(monkeypatch):
+    # The NumPy view handed to Rust must alias the tensor's memory.
+    from fastdrop import _torch
+
+    seen = []
+    real = _torch._host
+    monkeypatch.setattr(_torch, "_host", lambda t: seen.append((t.data_ptr(), real(t))) or
+                        seen[-1][1])
+    x = torch.randn(10, 10)
+    fastdrop.dropout(x, 0.5)
+    ptr, arr = seen[0]
+    assert ptr == x.data_ptr() and arr.__array_interface__["data"][0] == x.data_ptr()
+
+
+def test_non_float_tensor_is_a_type_error():
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        fastdrop.dropout(torch.ones(4, dtype=torch.int32), 0.5)
+
+
+def test_mixed_numpy_and_torch_residual_is_a_type_error():
+    with pytest.raises(TypeError):
+        fastdrop.dropout_add(torch.ones(4), np.ones(4, np.float32), 0.5)
+
+
+# --- the same mask as NumPy; torch-style seeding ----------------------------------------------
+
+
+@pytest.mark.parametrize("name,call", VARIANTS, ids=IDS)
+def test_numpy_and_torch_give_the_same_values(name, call):
+    a = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    expected = call(a.copy(), fastdrop.Generator(42))
+    got = call(torch.from_numpy(a.copy()), fastdrop.Generator(42))
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_bfloat16_matches_float32_mask_and_rounding():
+    x32 = torch.randn(1000)
+    x = x32.to(torch.bfloat16)
+    y = fastdrop.dropout(x, 0.4, generator=fastdrop.Generator(9))
+    ref = fastdrop.dropout(x.float(), 0.4, generator=fastdrop.Generator(9))
+    assert y.dtype == torch.bfloat16
+    assert torch.equal((y != 0), (ref != 0))
+    assert torch.equal(y, ref.to(torch.bfloat16))
+
+
+def test_default_key_follows_torch_manual_seed():
+    x = torch.randn(4096)
+    torch.manual_seed(7)
+    a = fastdrop.dropout(x, 0.5)
+    b = fastdrop.dropout(x, 0.5)
+    torch.manual_seed(7)
+    assert torch.equal(fastdrop.dropout(x, 0.5), a)
+    assert torch.equal(fastdrop.dropout(x, 0.5), b)
+    assert not torch.equal(a, b)
+
+
+def test_fork_rng_and_rng_state():
+    x = torch.randn(4096)
+    with torch.random.fork_rng():
+        b = fastdrop.dropout(x, 0.5)
+    assert torch.equal(fastdrop.dropout(x, 0.5), b)
+    state = torch.get_rng_state()
+    c = fastdrop.dropout(x, 0.5)
+    torch.set_rng_state(state)
+    assert torch.equal(fastdrop.dropout(x, 0.5), c)
+
+
+def test_freeze_rng_state():
+    pytest.importorskip("expecttest")  # torch's test helpers import it
+    from torch.testing._internal.common_utils import freeze_rng_state
+
+    x = torch.randn(4096)
+    with freeze_rng_state():
+        a = fastdrop.dropout(x, 0.5)
+    assert torch.equal(fastdrop.dropout(x, 0.5), a)
+
+
+def test_torch_generator_keys_the_call():
+    x = torch.randn(4096)
+    a = fastdrop.dropout(x, 0.5, generator=torch.Generator().manual_seed(3))
+    b = fastdrop.dropout(x, 0.5, generator=torch.Generator().manual_seed(3))
+    c = fastdrop.dropout(x, 0.5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    state = torch.get_rng_state()
+    fastdrop.dropout(x, 0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)  # the default generator was not used
+
+
+# --- layouts and shape errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+    lambda: torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1),
+    lambda: torch.randn(6, 8)[:, ::2],
+    lambda: torch.randn(6, 8).t(),
+], ids=["channels_last", "permuted", "sliced", "transposed"])
+def test_output_and_grad_layout_match_torch(make):
+    x = make().requires_grad_()
+    fn = fastdrop.dropout2d if x.dim() == 4 else fastdrop.dropout
+    tfn = torch.nn.functional.dropout2d if x.dim() == 4 else torch.nn.functional.dropout
+    y = fn(x, 0.5)
+    t = x.detach().requires_grad_()  # the same strides
+    ty = tfn(t, 0.5)
+    assert y.stride() == ty.stride()
+    y.backward(torch.ones_like(y))
+    ty.backward(torch.ones_like(ty))
+    assert x.grad.stride() == t.grad.stride()
+    np.testing.assert_array_equal(x.grad.numpy(), (y.detach() != 0).float().numpy() * 2.0)
+
+
+def test_shape_error_is_a_runtime_error_naming_the_rank():
+    with pytest.raises(RuntimeError, match="Expected 2D or 3D input, but received a 4D input"):
+        fastdrop.dropout1d(torch.randn(2, 3, 4, 5), 0.5)
+    with pytest.raises(ValueError):
+        fastdrop.dropout2d(torch.randn(2, 3, 4, 5, 6), 0.5)
+
+
+# --- autograd ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,call", VARIANTS, ids=IDS)
+def test_grad_is_the_mask_backward(name, call):
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    y, mask = call(x, fastdrop.Generator(11), return_mask=True)
+    assert y.requires_grad and isinstance(mask, fastdrop.Mask)
+    g = torch.randn_like(y)
+    y.backward(g)
+    keep = torch.from_numpy(mask.numpy()).expand(x.shape)
+    assert torch.equal(x.grad, torch.where(keep, g * mask.scale, torch.zeros_like(g)))
+    assert torch.equal(mask.backward(g), x.grad)
+
+
+@pytest.mark.parametrize("name,call", VARIANTS, ids=IDS)
+def test_gradcheck(name, call):
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: call(t, fastdrop.Generator(5)), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: call(t, fastdrop.Generator(5)), (x,))
+
+
+def test_dropout1d_and_channel_grad():
+    x = torch.randn(4, 6, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: fastdrop.dropout1d(t, 0.5, generator=fastdrop.Generator(2)), (x,))
+
+
+def test_dropout_add_grads():
+    x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    y, mask = fastdrop.dropout_add(x, r, 0.4, generator=fastdrop.Generator(1), return_mask=True)
+    ref = fastdrop.dropout(x.detach(), 0.4, generator=fastdrop.Generator(1)) + r.detach()
+    assert torch.equal(y.detach(), ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(r.grad, g)
+    assert torch.equal(x.grad, mask.backward(g))
+    assert torch.autograd.gradcheck(
+        lambda a, b: fastdrop.dropout_add(a, b, 0.4, generator=fastdrop.Generator(1)), (x, r))
+
+
+def test_drop_path_add_grads():
+    x = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    br = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    y, mask = fastdrop.drop_path_add(x, br, 0.5, True, generator=fastdrop.Generator(4),
+                                     return_mask=True)
+    assert mask.shape == (8, 1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g)
+    keep = torch.from_numpy(mask.numpy()).expand(br.shape)
+    assert torch.equal(br.grad, torch.where(keep, g * 2.0, torch.zeros_like(g)))
+    assert torch.autograd.gradcheck(
+        lambda a, b: fastdrop.drop_path_add(a, b, 0.5, True, generator=fastdrop.Generator(4)),
+        (x, br))
+
+
+def test_inplace_on_leaf_requiring_grad_is_torchs_error_and_writes_nothing():
+    x = torch.randn(10, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fastdrop.dropout(x, 0.5, inplace=True)
+    assert torch.equal(x.detach(), before)
+
+
+def test_inplace_on_non_leaf_has_the_right_grad():
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    h = x * 3
+    y, mask = fastdrop.dropout(h, 0.5, inplace=True, generator=fastdrop.Generator(6),
+                               return_mask=True)
+    assert y is h
+    y.sum().backward()
+    keep = torch.from_numpy(mask.numpy())
+    assert torch.equal(x.grad, torch.where(keep, 6.0, 0.0).double())
+
+
+def test_inplace_after_a_saved_tensor_is_detected():
+    # sigmoid saves its output for backward; overwriting it must not give a silent wrong grad.
+    x = torch.randn(20, requires_grad=True)
+    s = torch.sigmoid(x)
+    fastdrop.dropout(s, 0.5, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        s.sum().backward()
+
+
+def test_no_grad_gives_no_graph():
+    x = torch.randn(10, requires_grad=True)
+    with torch.no_grad():
+        y = fastdrop.dropout(x, 0.5)
+    assert not y.requires_grad
+
+
+# --- other devices ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,call", VARIANTS, ids=IDS)
+def test_meta_tensors_take_the_torch_path(name, call, monkeypatch):
+    from fastdrop import _torch
+
+    monkeypatch.setattr(_torch, "_host", lambda t: pytest.fail("meta tensor reached the host"))
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    y = call(x, None)
+    assert y.device.type == "meta" and y.shape == x.shape and y.dtype == x.dtype
+    y = call(x, fastdrop.Generator(0))
+    assert y.device.type == "meta"
+
+
+def test_meta_dropout_add_and_return_mask():
+    x = torch.empty(4, 5, device="meta")
+    assert fastdrop.dropout_add(x, x, 0.5).device.type == "meta"
+    with pytest.raises(ValueError, match="CPU tensor"):
+        fastdrop.dropout(x, 0.5, return_mask=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name,call", VARIANTS, ids=IDS)
+def test_cuda_stays_on_device(name, call):
+    x = torch.randn(4, 3, 16, 16, device="cuda", requires_grad=True)
+    y = call(x, None)
+    assert y.device == x.device and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.device == x.device
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a = call(x.detach(), g)
+    b = call(x.detach(), torch.Generator(device="cuda").manual_seed(1))
+    assert torch.equal(a, b)
+    c = call(x.detach(), fastdrop.Generator(3))
+    d = call(x.detach(), fastdrop.Generator(3))
+    assert torch.equal(c, d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_drop_path_matches_timm():
+    timm_drop = pytest.importorskip("timm.layers.drop")
+    x = torch.randn(16, 3, 8, 8, device="cuda")
+    torch.manual_seed(0)
+    ref = timm_drop.drop_path(x, 0.3, True)
+    torch.manual_seed(0)
+    assert torch.equal(fastdrop.drop_path(x, 0.3, True), ref)
+    torch.manual_seed(1)
+    ref = timm_drop.drop_block_2d(x, 0.2, 3)
+    torch.manual_seed(1)
+    assert torch.equal(fastdrop.drop_block_2d(x, 0.2, 3), ref)
