@@ -247,11 +247,16 @@ def _packed_len(mask_shape) -> int:
     return (n + 7) // 8
 
 
+def _grad_scale(app_args, keep: float) -> float:
+    """A kept element's gradient factor: the scale, or alpha dropout's `a` (its first arg)."""
+    return 0.0 if keep == 0.0 else app_args[0]
+
+
 @torch.library.custom_op("fastdrop::bernoulli", mutates_args=())
 def _bernoulli_op(x: torch.Tensor, residual: Optional[torch.Tensor], mask_shape: List[int],
                   application: str, app_args: List[float], keep: float
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    spec = _Spec(tuple(mask_shape), (application, *app_args), keep, None)
+    spec = _Spec(tuple(mask_shape), (application, *app_args), keep, _grad_scale(app_args, keep))
     out, mask = _forward(x, residual, spec, _host_generator(None), False, True)
     return out, _packed(mask)
 
@@ -300,7 +305,7 @@ def _compiled_grad(grad, packed, mask_shape, scale):
 def _bernoulli_setup(ctx, inputs, output):
     x, residual, mask_shape, application, app_args, keep = inputs
     ctx.mask_shape, ctx.has_residual = list(mask_shape), residual is not None
-    ctx.scale = 0.0 if keep == 0.0 else app_args[0]
+    ctx.scale = _grad_scale(app_args, keep)
     ctx.save_for_backward(output[1])
 
 
