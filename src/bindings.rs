@@ -9,7 +9,7 @@ use crate::rng::{self, threshold_for, Key};
 use half::{bf16, f16};
 use numpy::npyffi::{objects::_PyArray_GET_ITEM_DATA, NPY_ARRAY_WRITEABLE};
 use numpy::{PyUntypedArray, PyUntypedArrayMethods, PyArrayDescrMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -160,11 +160,18 @@ impl MaskBits {
 impl MaskBits {
     /// A mask of `shape` with every decision equal to `keep`.
     #[staticmethod]
-    fn filled(shape: Vec<usize>, keep: bool) -> Self {
-        let n: usize = shape.iter().product();
-        let mut words = vec![if keep { u64::MAX } else { 0 }; kernel::words_for(n)];
+    fn filled(shape: Vec<usize>, keep: bool) -> PyResult<Self> {
+        // A broadcast view can be far larger than memory: a failed allocation must be a
+        // MemoryError, not an abort of the interpreter.
+        let n = (shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)))
+            .ok_or_else(|| PyValueError::new_err(format!("mask shape {shape:?} has more than 2**64 elements")))?;
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(kernel::words_for(n))
+            .map_err(|_| PyMemoryError::new_err(format!("cannot allocate a mask of {n} bits for shape {shape:?}")))?;
+        words.resize(kernel::words_for(n), if keep { u64::MAX } else { 0 });
         kernel::clear_tail(&mut words, n);
-        MaskBits { shape, words }
+        Ok(MaskBits { shape, words })
     }
 
     #[getter]
@@ -242,6 +249,25 @@ impl View {
         (lo as usize, hi as usize + self.itemsize())
     }
 
+    /// Whether two distinct elements may share bytes. Sufficient rather than exact: sorted by
+    /// stride, each dimension must step past the whole span of the dimensions inside it. Every
+    /// C, Fortran, transposed, sliced or reversed view passes; an exotic interleaving is refused.
+    fn elements_may_overlap(&self) -> bool {
+        let mut dims: Vec<(usize, usize)> = (self.shape.iter().zip(&self.strides))
+            .filter(|&(&n, _)| n > 1)
+            .map(|(&n, &s)| (s.unsigned_abs(), n))
+            .collect();
+        dims.sort_unstable();
+        let mut span = self.itemsize();
+        for (stride, n) in dims {
+            if stride < span {
+                return true;
+            }
+            span += stride * (n - 1);
+        }
+        false
+    }
+
     fn same_view(&self, other: &View) -> bool {
         self.ptr == other.ptr && self.shape == other.shape && self.strides == other.strides
     }
@@ -300,6 +326,12 @@ fn check_output(out: &View, inputs: &[&View]) -> PyResult<()> {
                 "cannot write into an array with a zero stride (a broadcast view): several elements share one address; use inplace=False or pass a copy",
             ));
         }
+    }
+    if !empty && out.elements_may_overlap() {
+        return Err(PyValueError::new_err(format!(
+            "cannot write into an array whose elements overlap (shape {:?}, strides {:?} bytes): several elements share bytes; use inplace=False or pass a copy",
+            out.shape, out.strides
+        )));
     }
     for v in inputs {
         if v.shape != out.shape {
