@@ -164,6 +164,10 @@ def _apply(a: np.ndarray, out: np.ndarray, r: Optional[np.ndarray], spec: _Spec,
 
 
 def _ndim(x: Any) -> int:
+    """The rank of an array or tensor; -1 for anything else (a NumPy scalar or a memoryview has a
+    shape but is not an input), so the caller raises a TypeError rather than a ShapeError."""
+    if isinstance(x, np.generic) or not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")):
+        return -1
     return len(x.shape) if hasattr(x, "shape") else -1
 
 
