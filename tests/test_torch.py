@@ -319,3 +319,20 @@ def test_cuda_drop_path_matches_timm():
     ref = timm_drop.drop_block_2d(x, 0.2, 3)
     torch.manual_seed(1)
     assert torch.equal(fastdrop.drop_block_2d(x, 0.2, 3), ref)
+
+
+def test_inference_mode_before_and_after():
+    # The first call of a thread may come under inference_mode; later ones outside must work.
+    import threading
+
+    results = []
+
+    def worker():
+        with torch.inference_mode():
+            results.append(fastdrop.dropout(torch.randn(8), 0.5))
+        results.append(fastdrop.dropout(torch.randn(8, requires_grad=True), 0.5))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert len(results) == 2 and results[1].requires_grad

@@ -39,7 +39,10 @@ def _key_from_torch(generator: Optional[torch.Generator]) -> int:
     try:
         key = _local.key
     except AttributeError:
-        key = _local.key = torch.empty((), dtype=torch.int64)
+        # A normal tensor even when first made under inference_mode, which would otherwise
+        # forbid drawing into it later outside that mode.
+        with torch.inference_mode(False):
+            key = _local.key = torch.empty((), dtype=torch.int64)
     return key.random_(generator=generator).item()
 
 
