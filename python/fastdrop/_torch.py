@@ -255,7 +255,7 @@ def _grad_scale(app_args, keep: float) -> float:
     return 0.0 if keep == 0.0 else app_args[0]
 
 
-@torch.library.custom_op("fastdrop::bernoulli", mutates_args=())
+@torch.library.custom_op("fastdrop::bernoulli", mutates_args=(), device_types="cpu")
 def _bernoulli_op(x: torch.Tensor, residual: Optional[torch.Tensor], mask_shape: List[int],
                   application: str, app_args: List[float], keep: float
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +269,7 @@ def _(x, residual, mask_shape, application, app_args, keep):
     return torch.empty_like(x), x.new_empty((_packed_len(mask_shape),), dtype=torch.uint8)
 
 
-@torch.library.custom_op("fastdrop::drop_block", mutates_args=())
+@torch.library.custom_op("fastdrop::drop_block", mutates_args=(), device_types="cpu")
 def _drop_block_op(x: torch.Tensor, gamma: float, kh: int, kw: int, couple_channels: bool,
                    with_noise: bool, scale_by_keep: bool
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -372,10 +372,10 @@ def run(x: Any, spec: Optional[_Spec], inplace: bool, generator: Any, return_mas
             f"residual must match the input: got {tuple(residual.shape)} {residual.dtype} on "
             f"{residual.device} for input {tuple(x.shape)} {x.dtype} on {x.device}"
         )
-    if torch.compiler.is_compiling():
-        return _run_compiled(x, spec, inplace, generator, return_mask, residual)
     if not x.is_cpu:  # is_cpu: a fifth of the cost of device.type, on every call
         return _run_on_device(x, spec, inplace, generator, return_mask, residual)
+    if torch.compiler.is_compiling():
+        return _run_compiled(x, spec, inplace, generator, return_mask, residual)
     if spec is None:
         out = x if residual is None else x + residual
         if return_mask:
