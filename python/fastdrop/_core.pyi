@@ -1,0 +1,81 @@
+"""Type stubs for ``fastdrop._core``, the PyO3 extension (src/bindings.rs).
+
+The kernels take NumPy arrays: ``x``/``out``/``residual`` are float16, float32 or float64 arrays
+(or, with ``bf16_bits=True``, the uint16/int16 bits of bfloat16) of one shape and dtype; ``out``
+may be ``x`` itself (in place) but must be writeable, without zero or overlapping strides, and
+must not overlap an input otherwise. Errors: ``TypeError`` for a wrong type or dtype,
+``ValueError`` for a wrong value or shape, ``MemoryError`` when a mask cannot be allocated.
+"""
+
+from typing import Any, Optional, Union
+
+import numpy as np
+
+_Application = Union[
+    tuple[str, float],  # ("scale", s)  and  ("noise", s)
+    tuple[str, float, float, float],  # ("affine", a, shift, dropped)
+]
+
+class Generator:
+    """A counter-based ARS-5 generator: masks are a pure function of (seed, stream, offset,
+    index). ``seed=None`` draws a seed from the OS."""
+
+    def __init__(self, seed: Optional[int] = None, stream: int = 0) -> None: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def stream(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    def manual_seed(self, seed: int) -> Generator: ...
+    def get_state(self) -> tuple[int, int, int]: ...
+    def set_state(self, state: tuple[int, int, int]) -> None: ...
+    def fork(self, index: int) -> Generator: ...
+    def _reserve(self, blocks: int) -> int: ...
+    def __reduce__(self) -> tuple[Any, tuple[tuple[int, int, int]]]: ...
+
+def _generator_from_state(state: tuple[int, int, int]) -> Generator: ...
+
+class MaskBits:
+    """Packed keep bits (1 = kept), C-ordered over ``shape``."""
+
+    @staticmethod
+    def filled(shape: list[int], keep: bool) -> MaskBits: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
+    def count_kept(self) -> int: ...
+    def to_bytes(self) -> bytes: ...
+
+# Returns the MaskBits when `store_mask`, else None. Typed Any because functional._apply binds
+# this and drop_block_apply's mask to one name; Optional[MaskBits] would need it narrowed there.
+def bernoulli_apply(
+    x: np.ndarray,
+    out: np.ndarray,
+    residual: Optional[np.ndarray],
+    mask_shape: Union[list[int], tuple[int, ...]],
+    application: _Application,
+    keep: float,
+    generator: Generator,
+    store_mask: bool,
+    bf16_bits: bool = False,
+) -> Any: ...
+
+# drop_block_apply(x, out, gamma: float, kh: int, kw: int, couple_channels: bool,
+#                  with_noise: bool, scale_by_keep: bool, generator: Generator,
+#                  bf16_bits: bool = False) -> (mask, scale)
+# The tail is *args because functional._apply passes `*spec.block, gen, bf16_bits`, and mypy
+# cannot match positional arguments that follow a star argument.
+def drop_block_apply(x: np.ndarray, out: np.ndarray, *args: Any) -> tuple[MaskBits, float]: ...
+def mask_apply(
+    mask: MaskBits,
+    x: np.ndarray,
+    out: np.ndarray,
+    scale: float,
+    residual: Optional[np.ndarray] = None,
+    bf16_bits: bool = False,
+) -> None: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def simd_backend() -> str: ...
