@@ -13,12 +13,11 @@ import argparse
 import statistics
 import time
 
+import fastdrop.nn as fnn
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-
-import fastdrop.nn as fnn
 
 
 def load():
@@ -31,9 +30,15 @@ def load():
 
 def mlp(dropout: type[nn.Module]) -> nn.Sequential:
     """d2l's `Net`: 64 inputs here (8x8 digits) instead of Fashion-MNIST's 784."""
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), dropout(0.2),
-                         nn.Linear(256, 256), nn.ReLU(), dropout(0.5),
-                         nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Linear(64, 256),
+        nn.ReLU(),
+        dropout(0.2),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        dropout(0.5),
+        nn.Linear(256, 10),
+    )
 
 
 def train(dropout: type[nn.Module], seed: int, epochs: int, data) -> tuple[float, float]:
@@ -68,8 +73,10 @@ def main() -> None:
         runs = [train(cls, seed, args.epochs, data) for seed in range(args.seeds)]
         accs = [a for a, _ in runs]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"{name:20s} test accuracy {statistics.mean(accs):.4f} +- {spread:.4f}   "
-              f"{1e3 * statistics.median(t for _, t in runs):7.1f} ms/epoch")
+        print(
+            f"{name:20s} test accuracy {statistics.mean(accs):.4f} +- {spread:.4f}   "
+            f"{1e3 * statistics.median(t for _, t in runs):7.1f} ms/epoch"
+        )
 
 
 if __name__ == "__main__":

@@ -6,18 +6,24 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
 import fastdrop  # noqa: E402
 import fastdrop.nn as fnn  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 def _model():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), fnn.DropBlock2d(0.2, 3), fnn.Dropout2d(0.2),
-        nn.Flatten(), fnn.Dropout(0.3), nn.Linear(4 * 8 * 8, 16), fnn.AlphaDropout(0.1),
-        fnn.DropPath(0.25), nn.Linear(16, 2))
+        nn.Conv2d(3, 4, 3, padding=1),
+        fnn.DropBlock2d(0.2, 3),
+        fnn.Dropout2d(0.2),
+        nn.Flatten(),
+        fnn.Dropout(0.3),
+        nn.Linear(4 * 8 * 8, 16),
+        fnn.AlphaDropout(0.1),
+        fnn.DropPath(0.25),
+        nn.Linear(16, 2),
+    )
 
 
 def test_compiled_model_matches_eager_in_values_and_grads():
@@ -77,14 +83,15 @@ def test_compiled_training_reduces_loss():
 
 
 def test_custom_ops_are_registered_with_fake_kernels():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     import fastdrop._torch  # noqa: F401  registers the ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         x = torch.empty(4, 20)
         out, packed = torch.ops.fastdrop.bernoulli(x, None, [4, 20], "scale", [2.0], 0.5)
     assert out.shape == (4, 20) and packed.shape == (10,) and packed.dtype == torch.uint8
-    torch.library.opcheck(torch.ops.fastdrop.bernoulli.default,
-                          (torch.randn(4, 20), None, [4, 1], "scale", [2.0], 0.5),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastdrop.bernoulli.default,
+        (torch.randn(4, 20), None, [4, 1], "scale", [2.0], 0.5),
+        test_utils=("test_schema", "test_faketensor"),
+    )

@@ -22,23 +22,27 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    import fastdrop
+    import fastdrop.nn as fnn
     import torch.distributed as dist
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import fastdrop
-    import fastdrop.nn as fnn
-
     torch.set_num_threads(1)
     fastdrop.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
         # The same seed on every rank, split per rank: ranks draw different masks.
         def make(generator):
             torch.manual_seed(0)  # identical initial weights, as DDP expects
-            return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), fnn.Dropout(0.5, generator=generator),
-                                 nn.Linear(32, 1))
+            return nn.Sequential(
+                nn.Linear(16, 32),
+                nn.ReLU(),
+                fnn.Dropout(0.5, generator=generator),
+                nn.Linear(32, 1),
+            )
 
         model = make(fastdrop.Generator(1234).fork(rank))
         shadow = make(fastdrop.Generator(1234).fork(rank))  # replays this rank's masks locally
@@ -74,13 +78,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         masks_s = [torch.empty_like(shared) for _ in range(WORLD)]
         dist.all_gather(masks_f, forked)
         dist.all_gather(masks_s, shared)
-        torch.save({
-            "grads_ok": grads_ok,
-            "loss_fell": loss.item() < first,
-            "params_equal": all(torch.equal(g, gathered[0]) for g in gathered),
-            "forked_differ": not torch.equal(masks_f[0], masks_f[1]),
-            "shared_equal": torch.equal(masks_s[0], masks_s[1]),
-        }, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "grads_ok": grads_ok,
+                "loss_fell": loss.item() < first,
+                "params_equal": all(torch.equal(g, gathered[0]) for g in gathered),
+                "forked_differ": not torch.equal(masks_f[0], masks_f[1]),
+                "shared_equal": torch.equal(masks_s[0], masks_s[1]),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -92,5 +99,10 @@ def test_ddp_gloo_two_ranks(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert result == {"grads_ok": True, "loss_fell": True, "params_equal": True,
-                          "forked_differ": True, "shared_equal": True}, (rank, result)
+        assert result == {
+            "grads_ok": True,
+            "loss_fell": True,
+            "params_equal": True,
+            "forked_differ": True,
+            "shared_equal": True,
+        }, (rank, result)

@@ -7,11 +7,10 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
 import fastdrop  # noqa: E402
 import fastdrop.nn as fnn  # noqa: E402
 from fastdrop.schedules import LinearWarmup, StepSchedule  # noqa: E402
+from torch import nn  # noqa: E402
 
 # (fastdrop module, torch.nn module or None, functional call, a fitting input shape)
 MODULES = [
@@ -19,10 +18,13 @@ MODULES = [
     (fnn.Dropout1d, nn.Dropout1d, lambda x: fastdrop.dropout1d(x, 0.3), (4, 6, 10)),
     (fnn.Dropout2d, nn.Dropout2d, lambda x: fastdrop.dropout2d(x, 0.3), (4, 6, 5, 5)),
     (fnn.Dropout3d, nn.Dropout3d, lambda x: fastdrop.dropout3d(x, 0.3), (2, 6, 3, 3, 3)),
-    (fnn.AlphaDropout, nn.AlphaDropout, lambda x: fastdrop.alpha_dropout(x, 0.3, True),
-     (4, 10)),
-    (fnn.FeatureAlphaDropout, nn.FeatureAlphaDropout,
-     lambda x: fastdrop.feature_alpha_dropout(x, 0.3, True), (4, 6, 5)),
+    (fnn.AlphaDropout, nn.AlphaDropout, lambda x: fastdrop.alpha_dropout(x, 0.3, True), (4, 10)),
+    (
+        fnn.FeatureAlphaDropout,
+        nn.FeatureAlphaDropout,
+        lambda x: fastdrop.feature_alpha_dropout(x, 0.3, True),
+        (4, 6, 5),
+    ),
     (fnn.DropPath, None, lambda x: fastdrop.drop_path(x, 0.3, True), (8, 10)),
     (fnn.DropBlock2d, None, lambda x: fastdrop.drop_block_2d(x, 0.3, 7), (2, 3, 9, 9)),
 ]
@@ -50,12 +52,15 @@ def test_module_has_no_state(cls, torch_cls, call, shape):
     assert m.state_dict() == {} and list(m.parameters()) == [] and list(m.buffers()) == []
 
 
-@pytest.mark.parametrize("cls,torch_cls,call,shape",
-                         [m for m in MODULES if m[1] is not None],
-                         ids=[i for i, m in zip(IDS, MODULES) if m[1] is not None])
+@pytest.mark.parametrize(
+    "cls,torch_cls,call,shape",
+    [m for m in MODULES if m[1] is not None],
+    ids=[i for i, m in zip(IDS, MODULES) if m[1] is not None],
+)
 def test_torch_modules_keep_torchs_constructor_and_repr(cls, torch_cls, call, shape):
     assert repr(cls(0.25, inplace=True)) == repr(torch_cls(0.25, inplace=True)).replace(
-        torch_cls.__name__, cls.__name__)
+        torch_cls.__name__, cls.__name__
+    )
     assert isinstance(cls(), torch_cls)  # code that checks isinstance(m, nn.Dropout) still works
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="between 0 and 1"):
@@ -111,9 +116,18 @@ def test_training_a_small_model_reduces_loss():
 
 def _vit():
     models = pytest.importorskip("timm.models.vision_transformer")
-    return models.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3,
-                                    num_heads=3, num_classes=5, drop_rate=0.1,
-                                    attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.2)
+    return models.VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=3,
+        num_heads=3,
+        num_classes=5,
+        drop_rate=0.1,
+        attn_drop_rate=0.1,
+        proj_drop_rate=0.1,
+        drop_path_rate=0.2,
+    )
 
 
 def test_replace_dropout_on_timm_vision_transformer():
@@ -136,8 +150,9 @@ def test_replace_dropout_on_timm_vision_transformer():
     for name in timm_paths:
         m = model.get_submodule(name)
         assert type(m) is fnn.DropPath and not m.training
-    assert not any(type(m) is nn.Dropout or isinstance(m, timm_drop.DropPath)
-                   for m in model.modules())
+    assert not any(
+        type(m) is nn.Dropout or isinstance(m, timm_drop.DropPath) for m in model.modules()
+    )
     assert [model.get_submodule(n).drop_prob for n in timm_paths] == timm_rates
     with torch.no_grad():
         assert torch.equal(model(x), before)
@@ -153,13 +168,18 @@ def test_replace_dropout_on_timm_vision_transformer():
 
 
 def test_replace_dropout_keeps_arguments_and_mode():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3, inplace=True),
-                          nn.Sequential(nn.Dropout2d(0.4), nn.AlphaDropout(0.1)))
+    model = nn.Sequential(
+        nn.Linear(4, 4),
+        nn.Dropout(0.3, inplace=True),
+        nn.Sequential(nn.Dropout2d(0.4), nn.AlphaDropout(0.1)),
+    )
     model[2].eval()
     replaced = fnn.replace_dropout(model)
-    assert replaced == {"1": "torch.nn.modules.dropout.Dropout",
-                        "2.0": "torch.nn.modules.dropout.Dropout2d",
-                        "2.1": "torch.nn.modules.dropout.AlphaDropout"}
+    assert replaced == {
+        "1": "torch.nn.modules.dropout.Dropout",
+        "2.0": "torch.nn.modules.dropout.Dropout2d",
+        "2.1": "torch.nn.modules.dropout.AlphaDropout",
+    }
     assert type(model[1]) is fnn.Dropout and model[1].p == 0.3 and model[1].inplace
     assert model[1].training and not model[2][0].training and model[2][0].p == 0.4
 
@@ -197,7 +217,10 @@ def test_scheduler_selects_modules():
 
 def test_scheduler_rejects_torch_modules_and_bad_rates():
     with pytest.raises(TypeError, match="replace_dropout"):
-        fnn.DropRateScheduler(nn.Sequential(nn.Dropout()), lambda s: 0.1,
-                              select=lambda n, m: isinstance(m, nn.Dropout))
+        fnn.DropRateScheduler(
+            nn.Sequential(nn.Dropout()),
+            lambda s: 0.1,
+            select=lambda n, m: isinstance(m, nn.Dropout),
+        )
     with pytest.raises(ValueError):
         fnn.DropRateScheduler(nn.Sequential(fnn.Dropout()), lambda s: 1.5)

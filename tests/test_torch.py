@@ -17,17 +17,19 @@ def _variants():
     """(name, call(x, generator, **kw)) for every variant on a 4-D input."""
     return [
         ("dropout", lambda x, g, **k: fastdrop.dropout(x, 0.3, generator=g, **k)),
-        ("alpha_dropout", lambda x, g, **k: fastdrop.alpha_dropout(x, 0.3, True, generator=g,
-                                                                    **k)),
-        ("feature_alpha_dropout",
-         lambda x, g, **k: fastdrop.feature_alpha_dropout(x, 0.3, True, generator=g, **k)),
+        ("alpha_dropout", lambda x, g, **k: fastdrop.alpha_dropout(x, 0.3, True, generator=g, **k)),
+        (
+            "feature_alpha_dropout",
+            lambda x, g, **k: fastdrop.feature_alpha_dropout(x, 0.3, True, generator=g, **k),
+        ),
         ("dropout2d", lambda x, g, **k: fastdrop.dropout2d(x, 0.3, generator=g, **k)),
         ("dropout3d", lambda x, g, **k: fastdrop.dropout3d(x, 0.3, generator=g, **k)),
         ("drop_path", lambda x, g, **k: fastdrop.drop_path(x, 0.3, True, generator=g, **k)),
-        ("drop_block_2d",
-         lambda x, g, **k: fastdrop.drop_block_2d(x, 0.2, 3, generator=g, **k)),
-        ("drop_block_2d_noise",
-         lambda x, g, **k: fastdrop.drop_block_2d(x, 0.2, 3, with_noise=True, generator=g, **k)),
+        ("drop_block_2d", lambda x, g, **k: fastdrop.drop_block_2d(x, 0.2, 3, generator=g, **k)),
+        (
+            "drop_block_2d_noise",
+            lambda x, g, **k: fastdrop.drop_block_2d(x, 0.2, 3, with_noise=True, generator=g, **k),
+        ),
     ]
 
 
@@ -63,8 +65,9 @@ def test_input_is_read_not_copied(monkeypatch):
 
     seen = []
     real = _torch._host
-    monkeypatch.setattr(_torch, "_host", lambda t: seen.append((t.data_ptr(), real(t))) or
-                        seen[-1][1])
+    monkeypatch.setattr(
+        _torch, "_host", lambda t: seen.append((t.data_ptr(), real(t))) or seen[-1][1]
+    )
     x = torch.randn(10, 10)
     fastdrop.dropout(x, 0.5)
     ptr, arr = seen[0]
@@ -148,12 +151,16 @@ def test_torch_generator_keys_the_call():
 # --- layouts and shape errors -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda: torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
-    lambda: torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1),
-    lambda: torch.randn(6, 8)[:, ::2],
-    lambda: torch.randn(6, 8).t(),
-], ids=["channels_last", "permuted", "sliced", "transposed"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        lambda: torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1),
+        lambda: torch.randn(6, 8)[:, ::2],
+        lambda: torch.randn(6, 8).t(),
+    ],
+    ids=["channels_last", "permuted", "sliced", "transposed"],
+)
 def test_output_and_grad_layout_match_torch(make):
     x = make().requires_grad_()
     fn = fastdrop.dropout2d if x.dim() == 4 else fastdrop.dropout
@@ -200,7 +207,8 @@ def test_gradcheck(name, call):
 def test_dropout1d_and_channel_grad():
     x = torch.randn(4, 6, 10, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda t: fastdrop.dropout1d(t, 0.5, generator=fastdrop.Generator(2)), (x,))
+        lambda t: fastdrop.dropout1d(t, 0.5, generator=fastdrop.Generator(2)), (x,)
+    )
 
 
 def test_dropout_add_grads():
@@ -214,14 +222,16 @@ def test_dropout_add_grads():
     assert torch.equal(r.grad, g)
     assert torch.equal(x.grad, mask.backward(g))
     assert torch.autograd.gradcheck(
-        lambda a, b: fastdrop.dropout_add(a, b, 0.4, generator=fastdrop.Generator(1)), (x, r))
+        lambda a, b: fastdrop.dropout_add(a, b, 0.4, generator=fastdrop.Generator(1)), (x, r)
+    )
 
 
 def test_drop_path_add_grads():
     x = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     br = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
-    y, mask = fastdrop.drop_path_add(x, br, 0.5, True, generator=fastdrop.Generator(4),
-                                     return_mask=True)
+    y, mask = fastdrop.drop_path_add(
+        x, br, 0.5, True, generator=fastdrop.Generator(4), return_mask=True
+    )
     assert mask.shape == (8, 1)
     g = torch.randn_like(y)
     y.backward(g)
@@ -230,7 +240,8 @@ def test_drop_path_add_grads():
     assert torch.equal(br.grad, torch.where(keep, g * 2.0, torch.zeros_like(g)))
     assert torch.autograd.gradcheck(
         lambda a, b: fastdrop.drop_path_add(a, b, 0.5, True, generator=fastdrop.Generator(4)),
-        (x, br))
+        (x, br),
+    )
 
 
 def test_inplace_on_leaf_requiring_grad_is_torchs_error_and_writes_nothing():
@@ -244,8 +255,9 @@ def test_inplace_on_leaf_requiring_grad_is_torchs_error_and_writes_nothing():
 def test_inplace_on_non_leaf_has_the_right_grad():
     x = torch.randn(50, dtype=torch.float64, requires_grad=True)
     h = x * 3
-    y, mask = fastdrop.dropout(h, 0.5, inplace=True, generator=fastdrop.Generator(6),
-                               return_mask=True)
+    y, mask = fastdrop.dropout(
+        h, 0.5, inplace=True, generator=fastdrop.Generator(6), return_mask=True
+    )
     assert y is h
     y.sum().backward()
     keep = torch.from_numpy(mask.numpy())

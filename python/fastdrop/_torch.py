@@ -88,8 +88,15 @@ def _forward(x, residual, spec, gen, inplace, want_mask):
     layout rule: a dense input's strides (channels_last stays so), else contiguous."""
     out = x if inplace else torch.empty_like(x)
     a = _host(x)
-    mask = _apply(a, a if inplace else _host(out), None if residual is None else _host(residual),
-                  spec, gen, want_mask, x.dtype is torch.bfloat16)
+    mask = _apply(
+        a,
+        a if inplace else _host(out),
+        None if residual is None else _host(residual),
+        spec,
+        gen,
+        want_mask,
+        x.dtype is torch.bfloat16,
+    )
     return out, mask
 
 
@@ -102,15 +109,17 @@ def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]
         )
     if grad.device.type != "cpu":
         keep = torch.from_numpy(mask.numpy()).to(grad.device)
-        return torch.where(keep, grad * mask.scale, torch.zeros((), dtype=grad.dtype,
-                                                               device=grad.device))
+        return torch.where(
+            keep, grad * mask.scale, torch.zeros((), dtype=grad.dtype, device=grad.device)
+        )
     _check_host_dtype(grad, "grad_output")
     if strides is None:
         out = torch.empty_like(grad)
     else:
         out = torch.empty_strided(grad.shape, strides, dtype=grad.dtype)
-    _core.mask_apply(mask._bits, _host(grad), _host(out), mask.scale, None,
-                     grad.dtype is torch.bfloat16)
+    _core.mask_apply(
+        mask._bits, _host(grad), _host(out), mask.scale, None, grad.dtype is torch.bfloat16
+    )
     return out
 
 
@@ -142,8 +151,11 @@ class _DropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        gx = _MaskGradFunction.apply(grad, ctx.mask, ctx.strides) if ctx.needs_input_grad[0] \
+        gx = (
+            _MaskGradFunction.apply(grad, ctx.mask, ctx.strides)
+            if ctx.needs_input_grad[0]
             else None
+        )
         return gx, grad if ctx.needs_input_grad[1] else None, None, None, None, None
 
 
@@ -158,7 +170,8 @@ def _run_host(x, spec, inplace, generator, return_mask, residual):
     _check_host_dtype(x)
     gen = _host_generator(generator)
     needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (residual is not None and residual.requires_grad))
+        x.requires_grad or (residual is not None and residual.requires_grad)
+    )
     if inplace and x.requires_grad and x.is_leaf and torch.is_grad_enabled():
         # torch's own words for it, raised before anything is written.
         raise RuntimeError(
@@ -202,8 +215,12 @@ def _bernoulli_on_device(x, spec, inplace, generator):
     """ATen's `_dropout_impl` on the spec's mask shape: noise ~ Bernoulli(keep), divided by
     keep to scale, or turned into alpha dropout's affine map."""
     kind, *args = spec.application
-    if kind == "scale" and generator is None and tuple(spec.mask_shape) == tuple(x.shape) \
-            and args[0] != 1.0:
+    if (
+        kind == "scale"
+        and generator is None
+        and tuple(spec.mask_shape) == tuple(x.shape)
+        and args[0] != 1.0
+    ):
         return F.dropout(x, 1.0 - spec.keep, True, inplace)
     noise = torch.empty(spec.mask_shape, dtype=x.dtype, device=x.device)
     noise.bernoulli_(spec.keep, generator=generator)
@@ -229,8 +246,9 @@ def _run_on_device(x, spec, inplace, generator, return_mask, residual):
     if spec.block is not None:
         from . import _torch_fallback
 
-        out = _torch_fallback.drop_block_2d(x, **spec.args, inplace=inplace, training=True,
-                                            generator=gen)
+        out = _torch_fallback.drop_block_2d(
+            x, **spec.args, inplace=inplace, training=True, generator=gen
+        )
     else:
         out = _bernoulli_on_device(x, spec, inplace, gen)
     return out if residual is None else residual + out
@@ -256,9 +274,14 @@ def _grad_scale(app_args, keep: float) -> float:
 
 
 @torch.library.custom_op("fastdrop::bernoulli", mutates_args=(), device_types="cpu")
-def _bernoulli_op(x: torch.Tensor, residual: Optional[torch.Tensor], mask_shape: List[int],
-                  application: str, app_args: List[float], keep: float
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _bernoulli_op(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    mask_shape: List[int],
+    application: str,
+    app_args: List[float],
+    keep: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     spec = _Spec(tuple(mask_shape), (application, *app_args), keep, _grad_scale(app_args, keep))
     out, mask = _forward(x, residual, spec, _host_generator(None), False, True)
     return out, _packed(mask)
@@ -270,11 +293,22 @@ def _(x, residual, mask_shape, application, app_args, keep):
 
 
 @torch.library.custom_op("fastdrop::drop_block", mutates_args=(), device_types="cpu")
-def _drop_block_op(x: torch.Tensor, gamma: float, kh: int, kw: int, couple_channels: bool,
-                   with_noise: bool, scale_by_keep: bool
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    spec = _Spec(None, None, None, 1.0 if with_noise else None,
-                 block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep))
+def _drop_block_op(
+    x: torch.Tensor,
+    gamma: float,
+    kh: int,
+    kw: int,
+    couple_channels: bool,
+    with_noise: bool,
+    scale_by_keep: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = _Spec(
+        None,
+        None,
+        None,
+        1.0 if with_noise else None,
+        block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep),
+    )
     out, mask = _forward(x, None, spec, _host_generator(None), False, True)
     return out, _packed(mask), torch.tensor(mask.scale, dtype=torch.float64)
 
@@ -283,8 +317,11 @@ def _drop_block_op(x: torch.Tensor, gamma: float, kh: int, kw: int, couple_chann
 def _(x, gamma, kh, kw, couple_channels, with_noise, scale_by_keep):
     n, c, h, w = x.shape
     shape = (n, 1 if couple_channels else c, h, w)
-    return (torch.empty_like(x), x.new_empty((_packed_len(shape),), dtype=torch.uint8),
-            x.new_empty((), dtype=torch.float64))
+    return (
+        torch.empty_like(x),
+        x.new_empty((_packed_len(shape),), dtype=torch.uint8),
+        x.new_empty((), dtype=torch.float64),
+    )
 
 
 def _unpack(packed: torch.Tensor, mask_shape) -> torch.Tensor:
@@ -331,8 +368,15 @@ def _drop_block_setup(ctx, inputs, output):
 def _drop_block_backward(ctx, grad, _grad_packed, _grad_scale):
     packed, scale = ctx.saved_tensors
     keep = _unpack(packed, ctx.mask_shape)
-    return (torch.where(keep, grad * scale.to(grad.dtype), torch.zeros_like(grad)),
-            None, None, None, None, None, None)
+    return (
+        torch.where(keep, grad * scale.to(grad.dtype), torch.zeros_like(grad)),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _drop_block_op.register_autograd(_drop_block_backward, setup_context=_drop_block_setup)
@@ -351,8 +395,9 @@ def _run_compiled(x, spec, inplace, generator, return_mask, residual):
         out = torch.ops.fastdrop.drop_block(x, gamma, kh, kw, couple, noise, by_keep)[0]
     else:
         kind, *args = spec.application
-        out = torch.ops.fastdrop.bernoulli(x, residual, list(spec.mask_shape), kind,
-                                           [float(a) for a in args], float(spec.keep))[0]
+        out = torch.ops.fastdrop.bernoulli(
+            x, residual, list(spec.mask_shape), kind, [float(a) for a in args], float(spec.keep)
+        )[0]
     # In place under compile: the same values written back, which the compiler can trace.
     return x.copy_(out) if inplace else out
 
@@ -360,14 +405,22 @@ def _run_compiled(x, spec, inplace, generator, return_mask, residual):
 # --- the entry point --------------------------------------------------------------------------
 
 
-def run(x: Any, spec: Optional[_Spec], inplace: bool, generator: Any, return_mask: bool,
-        residual: Any = None):
+def run(
+    x: Any,
+    spec: Optional[_Spec],
+    inplace: bool,
+    generator: Any,
+    return_mask: bool,
+    residual: Any = None,
+):
     """`functional._run` for torch tensors: same arguments, tensors out."""
     if not isinstance(x, torch.Tensor) or (
-            residual is not None and not isinstance(residual, torch.Tensor)):
+        residual is not None and not isinstance(residual, torch.Tensor)
+    ):
         raise TypeError("input and residual must both be torch tensors or both NumPy arrays")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
-                                 or residual.device != x.device):
+    if residual is not None and (
+        residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device
+    ):
         raise ValueError(
             f"residual must match the input: got {tuple(residual.shape)} {residual.dtype} on "
             f"{residual.device} for input {tuple(x.shape)} {x.dtype} on {x.device}"

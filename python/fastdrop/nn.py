@@ -17,7 +17,6 @@ import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
-import torch
 from torch import nn
 
 from . import functional as F
@@ -91,8 +90,7 @@ class AlphaDropout(nn.AlphaDropout):
         self.generator = generator
 
     def forward(self, input):
-        return F.alpha_dropout(input, self.p, self.training, self.inplace,
-                               generator=self.generator)
+        return F.alpha_dropout(input, self.p, self.training, self.inplace, generator=self.generator)
 
 
 class FeatureAlphaDropout(nn.FeatureAlphaDropout):
@@ -103,23 +101,26 @@ class FeatureAlphaDropout(nn.FeatureAlphaDropout):
         self.generator = generator
 
     def forward(self, input):
-        return F.feature_alpha_dropout(input, self.p, self.training, self.inplace,
-                                       generator=self.generator)
+        return F.feature_alpha_dropout(
+            input, self.p, self.training, self.inplace, generator=self.generator
+        )
 
 
 class DropPath(nn.Module):
     """timm's `DropPath` (stochastic depth), computed by `fastdrop.drop_path`."""
 
-    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True, *,
-                 generator: Any = None):
+    def __init__(
+        self, drop_prob: float = 0.0, scale_by_keep: bool = True, *, generator: Any = None
+    ):
         super().__init__()
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
         self.generator = generator
 
     def forward(self, x):
-        return F.drop_path(x, self.drop_prob, self.training, self.scale_by_keep,
-                           generator=self.generator)
+        return F.drop_path(
+            x, self.drop_prob, self.training, self.scale_by_keep, generator=self.generator
+        )
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
@@ -129,9 +130,19 @@ class DropBlock2d(nn.Module):
     """timm's `DropBlock2d`, computed by `fastdrop.drop_block_2d`. Like timm's, it silently
     accepts the `batchwise` and `fast` arguments timm retired and warns on unknown ones."""
 
-    def __init__(self, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
-                 with_noise: bool = False, inplace: bool = False, couple_channels: bool = True,
-                 scale_by_keep: bool = True, *, generator: Any = None, **kwargs):
+    def __init__(
+        self,
+        drop_prob: float = 0.1,
+        block_size: int = 7,
+        gamma_scale: float = 1.0,
+        with_noise: bool = False,
+        inplace: bool = False,
+        couple_channels: bool = True,
+        scale_by_keep: bool = True,
+        *,
+        generator: Any = None,
+        **kwargs,
+    ):
         super().__init__()
         self.drop_prob = drop_prob
         self.block_size = block_size
@@ -143,20 +154,30 @@ class DropBlock2d(nn.Module):
         self.generator = generator
         for k in kwargs:
             if k not in ("batchwise", "fast"):
-                warnings.warn(f"DropBlock2d() got unexpected keyword argument '{k}'")
+                warnings.warn(f"DropBlock2d() got unexpected keyword argument '{k}'", stacklevel=2)
 
     def forward(self, x):
         if not self.training or not self.drop_prob:
             return x
-        return F.drop_block_2d(x, self.drop_prob, self.block_size, self.gamma_scale,
-                               self.with_noise, self.inplace, self.couple_channels,
-                               self.scale_by_keep, generator=self.generator)
+        return F.drop_block_2d(
+            x,
+            self.drop_prob,
+            self.block_size,
+            self.gamma_scale,
+            self.with_noise,
+            self.inplace,
+            self.couple_channels,
+            self.scale_by_keep,
+            generator=self.generator,
+        )
 
     def extra_repr(self) -> str:
-        return (f"drop_prob={self.drop_prob}, block_size={self.block_size}, "
-                f"gamma_scale={self.gamma_scale}, with_noise={self.with_noise}, "
-                f"inplace={self.inplace}, couple_channels={self.couple_channels}, "
-                f"scale_by_keep={self.scale_by_keep}")
+        return (
+            f"drop_prob={self.drop_prob}, block_size={self.block_size}, "
+            f"gamma_scale={self.gamma_scale}, with_noise={self.with_noise}, "
+            f"inplace={self.inplace}, couple_channels={self.couple_channels}, "
+            f"scale_by_keep={self.scale_by_keep}"
+        )
 
 
 # --- replace_dropout --------------------------------------------------------------------------
@@ -171,7 +192,7 @@ _TORCH_EQUIVALENTS = {
 }
 
 
-def _equivalent(module: nn.Module) -> Optional[nn.Module]:
+def _equivalent(module: Any) -> Optional[nn.Module]:
     """fastdrop's module for `module` with the same arguments, or None. Exact types only: a
     subclass may have changed forward, and fastdrop's own modules are already in place."""
     cls = type(module)
@@ -182,10 +203,15 @@ def _equivalent(module: nn.Module) -> Optional[nn.Module]:
     if name in ("timm.layers.drop.DropPath", "timm.models.layers.drop.DropPath"):
         return DropPath(module.drop_prob, module.scale_by_keep)
     if name in ("timm.layers.drop.DropBlock2d", "timm.models.layers.drop.DropBlock2d"):
-        return DropBlock2d(module.drop_prob, module.block_size, module.gamma_scale,
-                           module.with_noise, module.inplace,
-                           getattr(module, "couple_channels", True),
-                           getattr(module, "scale_by_keep", True))
+        return DropBlock2d(
+            module.drop_prob,
+            module.block_size,
+            module.gamma_scale,
+            module.with_noise,
+            module.inplace,
+            getattr(module, "couple_channels", True),
+            getattr(module, "scale_by_keep", True),
+        )
     return None
 
 
@@ -213,12 +239,19 @@ def replace_dropout(model: nn.Module) -> Dict[str, str]:
 # --- DropRateScheduler ------------------------------------------------------------------------
 
 _RATE_ATTR = {
-    Dropout: "p", Dropout1d: "p", Dropout2d: "p", Dropout3d: "p", AlphaDropout: "p",
-    FeatureAlphaDropout: "p", DropPath: "drop_prob", DropBlock2d: "drop_prob",
+    Dropout: "p",
+    Dropout1d: "p",
+    Dropout2d: "p",
+    Dropout3d: "p",
+    AlphaDropout: "p",
+    FeatureAlphaDropout: "p",
+    DropPath: "drop_prob",
+    DropBlock2d: "drop_prob",
 }
 
-Selector = Union[None, type, Tuple[type, ...], Callable[[str, nn.Module], bool],
-                 Iterable[nn.Module]]
+Selector = Union[
+    None, type, Tuple[type, ...], Callable[[str, nn.Module], bool], Iterable[nn.Module]
+]
 
 
 def _selected(model: nn.Module, select: Selector) -> List[Tuple[nn.Module, str]]:
@@ -233,8 +266,10 @@ def _selected(model: nn.Module, select: Selector) -> List[Tuple[nn.Module, str]]
     for m in chosen:
         attr = next((a for cls, a in _RATE_ATTR.items() if isinstance(m, cls)), None)
         if attr is None:
-            raise TypeError(f"DropRateScheduler: {type(m).__name__} is not a fastdrop module; "
-                            "call fastdrop.nn.replace_dropout(model) first")
+            raise TypeError(
+                f"DropRateScheduler: {type(m).__name__} is not a fastdrop module; "
+                "call fastdrop.nn.replace_dropout(model) first"
+            )
         out.append((m, attr))
     return out
 
@@ -251,8 +286,7 @@ class DropRateScheduler:
             iterable of modules.
     """
 
-    def __init__(self, model: nn.Module, schedule: Callable[[int], float],
-                 select: Selector = None):
+    def __init__(self, model: nn.Module, schedule: Callable[[int], float], select: Selector = None):
         if not callable(schedule):
             raise TypeError(f"schedule must be callable, got {type(schedule).__name__}")
         self.schedule = schedule
@@ -285,5 +319,7 @@ class DropRateScheduler:
         self._apply()
 
     def __repr__(self) -> str:
-        return (f"DropRateScheduler(schedule={self.schedule!r}, modules={len(self._targets)}, "
-                f"last_step={self.last_step}, rate={self._rate})")
+        return (
+            f"DropRateScheduler(schedule={self.schedule!r}, modules={len(self._targets)}, "
+            f"last_step={self.last_step}, rate={self._rate})"
+        )
