@@ -29,25 +29,38 @@ _HOST_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
 # --- keys and views ---------------------------------------------------------------------------
 
-_local = threading.local()
+
+class _PerThread(threading.local):
+    """What each thread reuses call after call: a 0-d tensor to draw keys into (read back
+    through its NumPy view, cheaper than `.item()`) and the Generator the key is set into."""
+
+    def __init__(self):
+        # A normal tensor even when first made under inference_mode, which would otherwise
+        # forbid drawing into it later outside that mode.
+        with torch.inference_mode(False):
+            self.key = torch.empty((), dtype=torch.int64)
+        self.key_view = self.key.numpy()
+        self.generator = _core.Generator(0)
+
+
+_local = _PerThread()
 
 
 def _key_from_torch(generator: Optional[torch.Generator]) -> int:
     """One 63-bit draw from a torch generator (the default one for None) keys the call, so
     `torch.manual_seed`, `fork_rng` and `freeze_rng_state` govern fastdrop as they govern torch's
-    dropout. The 0-d tensor drawn into is reused per thread: it is the only allocation."""
-    try:
-        key = _local.key
-    except AttributeError:
-        # A normal tensor even when first made under inference_mode, which would otherwise
-        # forbid drawing into it later outside that mode.
-        with torch.inference_mode(False):
-            key = _local.key = torch.empty((), dtype=torch.int64)
-    return key.random_(generator=generator).item()
+    dropout."""
+    local = _local
+    if generator is None:
+        local.key.random_()  # passing generator=None costs a third more
+    else:
+        local.key.random_(generator=generator)
+    return int(local.key_view)
 
 
 def _host_generator(generator: Any) -> _core.Generator:
-    """The fastdrop Generator a CPU call draws its mask from."""
+    """The fastdrop Generator a CPU call draws its mask from: for a torch key, this thread's
+    reused Generator set to (key, stream 0, offset 0), the same as `Generator(key)`."""
     if isinstance(generator, _core.Generator):
         return generator
     if generator is None or isinstance(generator, torch.Generator):
@@ -56,7 +69,9 @@ def _host_generator(generator: Any) -> _core.Generator:
                 f"a torch.Generator on {generator.device} cannot key a CPU tensor's mask; "
                 "pass a CPU generator"
             )
-        return _core.Generator(_key_from_torch(generator))
+        gen = _local.generator
+        gen.set_state((_key_from_torch(generator), 0, 0))
+        return gen
     raise TypeError(
         "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
         f"{type(generator).__name__}"
@@ -86,18 +101,15 @@ def _check_host_dtype(t: torch.Tensor, name: str = "input") -> None:
 def _forward(x, residual, spec, gen, inplace, want_mask):
     """Runs `spec` on CPU tensors; returns (out, mask or None). `empty_like` gives torch's own
     layout rule: a dense input's strides (channels_last stays so), else contiguous."""
-    out = x if inplace else torch.empty_like(x)
+    bf16 = x.dtype is torch.bfloat16
     a = _host(x)
-    mask = _apply(
-        a,
-        a if inplace else _host(out),
-        None if residual is None else _host(residual),
-        spec,
-        gen,
-        want_mask,
-        x.dtype is torch.bfloat16,
-    )
-    return out, mask
+    if inplace:
+        out, o = x, a
+    else:
+        out = torch.empty_like(x)  # a fresh tensor needs no detach: view it directly
+        o = out.view(torch.int16).numpy() if bf16 else out.numpy()
+    r = None if residual is None else _host(residual)
+    return out, _apply(a, o, r, spec, gen, want_mask, bf16)
 
 
 def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]]):
@@ -168,11 +180,12 @@ def mask_backward(mask: Mask, grad: torch.Tensor) -> torch.Tensor:
 
 def _run_host(x, spec, inplace, generator, return_mask, residual):
     _check_host_dtype(x)
-    gen = _host_generator(generator)
-    needs_grad = torch.is_grad_enabled() and (
+    gen = generator if type(generator) is _core.Generator else _host_generator(generator)
+    grad_mode = torch.is_grad_enabled()
+    needs_grad = grad_mode and (
         x.requires_grad or (residual is not None and residual.requires_grad)
     )
-    if inplace and x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+    if inplace and grad_mode and x.requires_grad and x.is_leaf:
         # torch's own words for it, raised before anything is written.
         raise RuntimeError(
             "a leaf Variable that requires grad is being used in an in-place operation."
