@@ -348,3 +348,48 @@ def test_inference_mode_before_and_after():
     t.start()
     t.join()
     assert len(results) == 2 and results[1].requires_grad
+
+
+def _invert(perm):
+    inverse = [0] * len(perm)
+    for i, d in enumerate(perm):
+        inverse[d] = i
+    return inverse
+
+
+@pytest.mark.parametrize(
+    "fn,tfn",
+    [
+        (fastdrop.dropout, torch.nn.functional.dropout),
+        (fastdrop.dropout2d, torch.nn.functional.dropout2d),
+    ],
+    ids=["dropout", "dropout2d"],
+)
+def test_strides_of_permuted_sliced_inputs_match_torch(fn, tfn):
+    # torch's test_dropout.py `_test_dropout_stride_mean_preserve`: a sliced (not dense)
+    # permuted input gives an output dense in the input's dimension order.
+    import itertools
+
+    for perm in itertools.permutations(range(4)):
+        for shift in range(4):
+            inp = torch.randn(5, 5, 5, 5)
+            x = inp.permute(perm).contiguous().permute(_invert(perm))[shift:, shift:]
+            out = fn(x, 0.3)
+            assert out.permute(perm).is_contiguous()
+            assert out.stride() == tfn(x, 0.3).stride(), (perm, shift)
+            assert torch.equal(fn(x, 1e-10), x)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.randn(1, 3).expand(4, 3),
+        torch.randn(4, 1, 3)[:, :, ::2],
+        torch.randn(2, 3, 4, 6).to(memory_format=torch.channels_last)[..., ::2],
+        torch.randn(3, 1, 5).transpose(0, 2)[::2],
+        torch.randn(5, 1, 4).expand(5, 3, 4)[:, :, ::2],
+    ],
+    ids=["broadcast", "size1", "channels_last_sliced", "transposed_sliced", "mixed"],
+)
+def test_strides_of_odd_layouts_match_torch(x):
+    assert fastdrop.dropout(x, 0.3).stride() == torch.nn.functional.dropout(x, 0.3).stride()

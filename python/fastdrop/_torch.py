@@ -98,15 +98,31 @@ def _check_host_dtype(t: torch.Tensor, name: str = "input") -> None:
 # --- the CPU path -----------------------------------------------------------------------------
 
 
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """An output laid out as torch's dropout lays it out: a dense input's own strides (so
+    channels_last stays so); otherwise dense, with the input's dimensions ordered by stride as
+    TensorIterator orders them (size-1 and broadcast dimensions stay where they are)."""
+    if x.is_contiguous():
+        return torch.empty_like(x)
+    sizes, strides = x.shape, x.stride()
+    movable = [d for d in range(x.dim()) if sizes[d] > 1 and strides[d] != 0]
+    order = list(range(x.dim()))
+    for slot, d in zip(movable, sorted(movable, key=lambda d: strides[d], reverse=True)):
+        order[slot] = d
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return torch.empty([sizes[d] for d in order], dtype=x.dtype).permute(inverse)
+
+
 def _forward(x, residual, spec, gen, inplace, want_mask):
-    """Runs `spec` on CPU tensors; returns (out, mask or None). `empty_like` gives torch's own
-    layout rule: a dense input's strides (channels_last stays so), else contiguous."""
+    """Runs `spec` on CPU tensors; returns (out, mask or None)."""
     bf16 = x.dtype is torch.bfloat16
     a = _host(x)
     if inplace:
         out, o = x, a
     else:
-        out = torch.empty_like(x)  # a fresh tensor needs no detach: view it directly
+        out = _empty_like(x)  # a fresh tensor needs no detach: view it directly
         o = out.view(torch.int16).numpy() if bf16 else out.numpy()
     r = None if residual is None else _host(residual)
     return out, _apply(a, o, r, spec, gen, want_mask, bf16)
