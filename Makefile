@@ -21,7 +21,7 @@ $(STAMP)/base: $(STAMP)/venv
 	touch $@
 
 $(STAMP)/test: $(STAMP)/base
-	$(PIP) install -q torch timm scikit-learn matplotlib "pytest>=7" pytest-timeout hypothesis ruff mypy
+	$(PIP) install -q torch timm scikit-learn matplotlib "pytest>=7" pytest-timeout hypothesis ruff mypy expecttest
 	touch $@
 
 venv: $(STAMP)/base

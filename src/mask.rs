@@ -7,6 +7,7 @@
 use crate::kernel::{bernoulli_words, words_for};
 use crate::rng::Key;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Geometry of a DropBlock mask: `maps` planes of `h` x `w`, blocks of `kh` x `kw`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +40,11 @@ pub fn block_keep_words(key: Key, first_block: u64, threshold: u64, g: BlockGeom
     let n = g.maps * plane;
     let seeds = bernoulli_words(key, first_block, threshold, n);
     let seed = |m: usize| (seeds[m / 64] >> (m % 64)) & 1 == 1;
-    let dropped_plane = |map: usize| -> Vec<bool> {
+    // Each plane is dilated in byte-per-pixel scratch of one plane and OR-ed straight into the
+    // packed result (planes need not start on a word, hence atomics), so the temporaries are
+    // one plane per thread: never a byte per pixel of the whole mask.
+    let words: Vec<AtomicU64> = (0..words_for(n)).map(|_| AtomicU64::new(0)).collect();
+    let plane_into_words = |map: usize| -> usize {
         let base = map * plane;
         // Separable: a rectangle of seeds is a row dilation followed by a column dilation.
         let mut rows = vec![false; plane];
@@ -47,32 +52,40 @@ pub fn block_keep_words(key: Key, first_block: u64, threshold: u64, g: BlockGeom
             let row = base + i * g.w;
             dilate_axis(|j| seed(row + j), g.w, g.kw, &mut rows[i * g.w..(i + 1) * g.w]);
         }
-        let mut out = vec![false; plane];
+        let mut kept = vec![false; plane];
         let mut col = vec![false; g.h];
         for j in 0..g.w {
             dilate_axis(|i| rows[i * g.w + j], g.h, g.kh, &mut col);
-            for i in 0..g.h {
-                out[i * g.w + j] = col[i];
+            for (i, &dropped) in col.iter().enumerate() {
+                kept[i * g.w + j] = !dropped;
             }
         }
-        out
+        let pack = |lo: usize, hi: usize| -> u64 {
+            kept[lo..hi].iter().enumerate().fold(0u64, |w, (b, &k)| w | (k as u64) << b)
+        };
+        let mut count = 0;
+        for lo in (0..plane).step_by(64) {
+            // Pixels lo..hi span at most two words of the packed result.
+            let (hi, m) = ((lo + 64).min(plane), base + lo);
+            let split = lo + (64 - m % 64).min(hi - lo);
+            for (a, b) in [(lo, split), (split, hi)] {
+                if a < b {
+                    let w = pack(a, b);
+                    count += w.count_ones() as usize;
+                    words[(base + a) / 64].fetch_or(w << ((base + a) % 64), Ordering::Relaxed);
+                }
+            }
+        }
+        count
     };
-    let planes: Vec<Vec<bool>> = if n >= crate::kernel::PARALLEL_MIN {
-        (0..g.maps).into_par_iter().map(dropped_plane).collect()
+    let kept: usize = if n >= crate::kernel::PARALLEL_MIN {
+        (0..g.maps).into_par_iter().map(plane_into_words).sum()
     } else {
-        (0..g.maps).map(dropped_plane).collect()
+        (0..g.maps).map(plane_into_words).sum()
     };
-    let mut words = vec![0u64; words_for(n)];
-    let mut kept = 0usize;
-    for (map, dropped) in planes.iter().enumerate() {
-        for (k, &d) in dropped.iter().enumerate() {
-            if !d {
-                let m = map * plane + k;
-                words[m / 64] |= 1 << (m % 64);
-                kept += 1;
-            }
-        }
-    }
+    drop(seeds);
+    // Same size and alignment: the collect reuses the allocation.
+    let words: Vec<u64> = words.into_iter().map(AtomicU64::into_inner).collect();
     (words, kept)
 }
 

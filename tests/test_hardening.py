@@ -609,12 +609,6 @@ def test_inplace_allocates_nothing_of_the_inputs_size(call):
     assert extra <= allowed + SLACK, (extra / 2**20, nbytes / 2**20)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/mask.rs block_keep_words keeps one bool (a byte) per "
-    "mask element for every plane at once: for couple_channels=False a temporary "
-    "of half a float16 input's size",
-)
 def test_uncoupled_drop_block_in_place_allocates_nothing_of_the_inputs_size():
     extra, nbytes = _extra_bytes(
         "fastdrop.drop_block_2d(x, 0.1, 7, couple_channels=False, inplace=True)", dtype="float16"
