@@ -67,6 +67,13 @@ def test_torch_modules_keep_torchs_constructor_and_repr(cls, torch_cls, call, sh
             cls(bad)
 
 
+@pytest.mark.parametrize("cls", [fnn.DropPath, fnn.DropBlock2d])
+def test_timm_modules_reject_rates_outside_unit_interval(cls):
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            cls(bad)
+
+
 def test_inplace_module_writes_input():
     x = torch.randn(100)
     ptr = x.data_ptr()

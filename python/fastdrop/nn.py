@@ -113,6 +113,7 @@ class DropPath(nn.Module):
         self, drop_prob: float = 0.0, scale_by_keep: bool = True, *, generator: Any = None
     ):
         super().__init__()
+        F._check_prob(drop_prob, "drop_prob")  # at construction, as torch's modules check p
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
         self.generator = generator
@@ -144,6 +145,7 @@ class DropBlock2d(nn.Module):
         **kwargs,
     ):
         super().__init__()
+        F._check_prob(drop_prob, "drop_prob")
         self.drop_prob = drop_prob
         self.block_size = block_size
         self.gamma_scale = gamma_scale
