@@ -8,7 +8,7 @@ use crate::mask::{block_keep_words, BlockGeometry};
 use crate::rng::{self, threshold_for, Key};
 use half::{bf16, f16};
 use numpy::npyffi::{objects::_PyArray_GET_ITEM_DATA, NPY_ARRAY_WRITEABLE};
-use numpy::{PyUntypedArray, PyUntypedArrayMethods, PyArrayDescrMethods};
+use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
@@ -48,7 +48,11 @@ fn entropy_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is keyed from the OS's entropy source; hashing the time mixes in more.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }
 
@@ -67,7 +71,9 @@ impl Generator {
             Some(s) if !s.is_none() => seed_bits(s)?,
             _ => entropy_seed(),
         };
-        Ok(Generator { state: GeneratorState::new(seed, stream, 0) })
+        Ok(Generator {
+            state: GeneratorState::new(seed, stream, 0),
+        })
     }
 
     /// The 64-bit seed.
@@ -89,7 +95,10 @@ impl Generator {
     }
 
     /// Reseeds in place (stream kept, offset reset); returns the generator.
-    fn manual_seed<'py>(slf: Bound<'py, Self>, seed: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Self>> {
+    fn manual_seed<'py>(
+        slf: Bound<'py, Self>,
+        seed: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, Self>> {
         let s = seed_bits(seed)?;
         let stream = slf.get().state.state().1;
         slf.get().state.set_state(s, stream, 0);
@@ -116,7 +125,9 @@ impl Generator {
     /// `Generator(seed).fork(rank)`. Forking twice with the same index gives the same stream.
     fn fork(&self, index: u64) -> Self {
         let (seed, stream, _) = self.state.state();
-        Generator { state: GeneratorState::new(seed, fork_stream(stream, index), 0) }
+        Generator {
+            state: GeneratorState::new(seed, fork_stream(stream, index), 0),
+        }
     }
 
     /// Takes `blocks` counter blocks as one call would; returns the first.
@@ -124,9 +135,13 @@ impl Generator {
         self.state.reserve(blocks).1
     }
 
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
         let py = slf.py();
-        let rebuild = py.import("fastdrop._core")?.getattr("_generator_from_state")?;
+        let rebuild = py
+            .import("fastdrop._core")?
+            .getattr("_generator_from_state")?;
         Ok((rebuild, PyTuple::new(py, [slf.get().state.state()])?))
     }
 
@@ -138,7 +153,9 @@ impl Generator {
 
 #[pyfunction]
 fn _generator_from_state(state: (u64, u64, u64)) -> Generator {
-    Generator { state: GeneratorState::new(state.0, state.1, state.2) }
+    Generator {
+        state: GeneratorState::new(state.0, state.1, state.2),
+    }
 }
 
 // --- masks ----------------------------------------------------------------------------------
@@ -163,12 +180,15 @@ impl MaskBits {
     fn filled(shape: Vec<usize>, keep: bool) -> PyResult<Self> {
         // A broadcast view can be far larger than memory: a failed allocation must be a
         // MemoryError, not an abort of the interpreter.
-        let n = (shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)))
-            .ok_or_else(|| PyValueError::new_err(format!("mask shape {shape:?} has more than 2**64 elements")))?;
+        let n = (shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))).ok_or_else(|| {
+            PyValueError::new_err(format!("mask shape {shape:?} has more than 2**64 elements"))
+        })?;
         let mut words = Vec::new();
-        words
-            .try_reserve_exact(kernel::words_for(n))
-            .map_err(|_| PyMemoryError::new_err(format!("cannot allocate a mask of {n} bits for shape {shape:?}")))?;
+        words.try_reserve_exact(kernel::words_for(n)).map_err(|_| {
+            PyMemoryError::new_err(format!(
+                "cannot allocate a mask of {n} bits for shape {shape:?}"
+            ))
+        })?;
         words.resize(kernel::words_for(n), if keep { u64::MAX } else { 0 });
         kernel::clear_tail(&mut words, n);
         Ok(MaskBits { shape, words })
@@ -229,7 +249,10 @@ impl View {
     }
 
     fn operand(&self) -> Operand<'_> {
-        Operand { ptr: self.ptr, strides: &self.strides }
+        Operand {
+            ptr: self.ptr,
+            strides: &self.strides,
+        }
     }
 
     /// The byte range [lo, hi) the view can touch.
@@ -280,7 +303,12 @@ impl View {
 
 fn view(name: &str, arr: &Bound<'_, PyAny>, bf16_bits: bool) -> PyResult<View> {
     let arr = arr.cast::<PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(format!("{name} must be a numpy.ndarray, got {}", arr.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())))
+        PyTypeError::new_err(format!(
+            "{name} must be a numpy.ndarray, got {}",
+            arr.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
+        ))
     })?;
     let dt = arr.dtype();
     let (kind, size) = (dt.kind(), dt.itemsize());
@@ -303,7 +331,10 @@ fn view(name: &str, arr: &Bound<'_, PyAny>, bf16_bits: bool) -> PyResult<View> {
         )));
     }
     if arr.ndim() > MAX_DIMS {
-        return Err(PyValueError::new_err(format!("{name} has {} dimensions; at most {MAX_DIMS} are supported", arr.ndim())));
+        return Err(PyValueError::new_err(format!(
+            "{name} has {} dimensions; at most {MAX_DIMS} are supported",
+            arr.ndim()
+        )));
     }
     // SAFETY: `arr` is a live ndarray; reading its header fields is what every NumPy C API
     // accessor does.
@@ -311,13 +342,21 @@ fn view(name: &str, arr: &Bound<'_, PyAny>, bf16_bits: bool) -> PyResult<View> {
         let fields = _PyArray_GET_ITEM_DATA(arr.as_array_ptr());
         ((*fields).data as *mut u8, (*fields).flags)
     };
-    Ok(View { ptr, shape: arr.shape().to_vec(), strides: arr.strides().to_vec(), dtype, writeable: flags & NPY_ARRAY_WRITEABLE != 0 })
+    Ok(View {
+        ptr,
+        shape: arr.shape().to_vec(),
+        strides: arr.strides().to_vec(),
+        dtype,
+        writeable: flags & NPY_ARRAY_WRITEABLE != 0,
+    })
 }
 
 /// Checks that `out` can be written as the result of reading `inputs`.
 fn check_output(out: &View, inputs: &[&View]) -> PyResult<()> {
     if !out.writeable {
-        return Err(PyValueError::new_err("the output array is read-only; pass a writeable array or use inplace=False"));
+        return Err(PyValueError::new_err(
+            "the output array is read-only; pass a writeable array or use inplace=False",
+        ));
     }
     let empty = out.shape.contains(&0);
     for (&n, &s) in out.shape.iter().zip(&out.strides) {
@@ -335,21 +374,36 @@ fn check_output(out: &View, inputs: &[&View]) -> PyResult<()> {
     }
     for v in inputs {
         if v.shape != out.shape {
-            return Err(PyValueError::new_err(format!("shape mismatch: input {:?} vs output {:?}", v.shape, out.shape)));
+            return Err(PyValueError::new_err(format!(
+                "shape mismatch: input {:?} vs output {:?}",
+                v.shape, out.shape
+            )));
         }
         if v.dtype != out.dtype {
-            return Err(PyTypeError::new_err(format!("dtype mismatch: {:?} vs {:?}", v.dtype, out.dtype)));
+            return Err(PyTypeError::new_err(format!(
+                "dtype mismatch: {:?} vs {:?}",
+                v.dtype, out.dtype
+            )));
         }
         if !v.same_view(out) && v.overlaps(out) {
-            return Err(PyValueError::new_err("the output overlaps an input without being the same view; pass a fresh output"));
+            return Err(PyValueError::new_err(
+                "the output overlaps an input without being the same view; pass a fresh output",
+            ));
         }
     }
     Ok(())
 }
 
 fn check_mask_shape(shape: &[usize], mask_shape: &[usize]) -> PyResult<()> {
-    if mask_shape.len() != shape.len() || shape.iter().zip(mask_shape).any(|(&n, &m)| m != n && m != 1) {
-        return Err(PyValueError::new_err(format!("mask shape {mask_shape:?} does not broadcast to {shape:?}")));
+    if mask_shape.len() != shape.len()
+        || shape
+            .iter()
+            .zip(mask_shape)
+            .any(|(&n, &m)| m != n && m != 1)
+    {
+        return Err(PyValueError::new_err(format!(
+            "mask shape {mask_shape:?} does not broadcast to {shape:?}"
+        )));
     }
     Ok(())
 }
@@ -359,14 +413,32 @@ fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
     let f = |i: usize| -> PyResult<f64> { app.get_item(i)?.extract() };
     match kind.as_str() {
         "scale" => Ok(Application::Scale { scale: f(1)? }),
-        "affine" => Ok(Application::Affine { a: f(1)?, shift: f(2)?, dropped: f(3)? }),
-        "noise" => Ok(Application::Noise { scale: f(1)?, key: Key { seed: 0, stream: 0 }, first_block: 0 }),
-        _ => Err(PyValueError::new_err(format!("unknown application {kind:?}"))),
+        "affine" => Ok(Application::Affine {
+            a: f(1)?,
+            shift: f(2)?,
+            dropped: f(3)?,
+        }),
+        "noise" => Ok(Application::Noise {
+            scale: f(1)?,
+            key: Key { seed: 0, stream: 0 },
+            first_block: 0,
+        }),
+        _ => Err(PyValueError::new_err(format!(
+            "unknown application {kind:?}"
+        ))),
     }
 }
 
 /// Runs the kernel for the views' dtype with the GIL released.
-fn run_kernel(py: Python<'_>, x: &View, out: &View, res: Option<&View>, mask_shape: &[usize], bits: Bits<'_>, app: Application) {
+fn run_kernel(
+    py: Python<'_>,
+    x: &View,
+    out: &View,
+    res: Option<&View>,
+    mask_shape: &[usize],
+    bits: Bits<'_>,
+    app: Application,
+) {
     struct Job<'a> {
         x: &'a View,
         out: &'a View,
@@ -377,11 +449,22 @@ fn run_kernel(py: Python<'_>, x: &View, out: &View, res: Option<&View>, mask_sha
     }
     // SAFETY: the views point into arrays this call keeps alive; raw pointers are only carried.
     unsafe impl Send for Job<'_> {}
-    let job = Job { x, out, res, mask_shape, bits, app };
+    let job = Job {
+        x,
+        out,
+        res,
+        mask_shape,
+        bits,
+        app,
+    };
     py.detach(move || {
         let job = job;
         let (shape, ms) = (&job.x.shape, job.mask_shape);
-        let (src, dst, res) = (job.x.operand(), job.out.operand(), job.res.map(|r| r.operand()));
+        let (src, dst, res) = (
+            job.x.operand(),
+            job.out.operand(),
+            job.res.map(|r| r.operand()),
+        );
         // SAFETY: `view` read the pointers, shapes and strides from live ndarrays of this dtype,
         // so every index of `shape` addresses an element of the array; `check_output` refused
         // read-only and zero-stride outputs and outputs that overlap an input without being
@@ -399,7 +482,9 @@ fn run_kernel(py: Python<'_>, x: &View, out: &View, res: Option<&View>, mask_sha
 
 fn check_prob(name: &str, p: f64) -> PyResult<()> {
     if !(0.0..=1.0).contains(&p) {
-        return Err(PyValueError::new_err(format!("{name} has to be between 0 and 1, but got {p}")));
+        return Err(PyValueError::new_err(format!(
+            "{name} has to be between 0 and 1, but got {p}"
+        )));
     }
     Ok(())
 }
@@ -423,7 +508,9 @@ fn bernoulli_apply(
 ) -> PyResult<Option<MaskBits>> {
     check_prob("keep probability", keep)?;
     let (xv, ov) = (view("input", x, bf16_bits)?, view("out", out, bf16_bits)?);
-    let rv = residual.map(|r| view("residual", r, bf16_bits)).transpose()?;
+    let rv = residual
+        .map(|r| view("residual", r, bf16_bits))
+        .transpose()?;
     let mut inputs = vec![&xv];
     inputs.extend(rv.as_ref());
     check_output(&ov, &inputs)?;
@@ -431,22 +518,56 @@ fn bernoulli_apply(
     let mut app = parse_application(application)?;
     let n: usize = xv.shape.iter().product();
     let m: usize = mask_shape.iter().product();
-    let noise_blocks = if matches!(app, Application::Noise { .. }) { blocks_for_normals(m) } else { 0 };
-    let (key, first) = generator.state.reserve(blocks_for_decisions(m) + noise_blocks);
-    if let Application::Noise { key: k, first_block, .. } = &mut app {
+    let noise_blocks = if matches!(app, Application::Noise { .. }) {
+        blocks_for_normals(m)
+    } else {
+        0
+    };
+    let (key, first) = generator
+        .state
+        .reserve(blocks_for_decisions(m) + noise_blocks);
+    if let Application::Noise {
+        key: k,
+        first_block,
+        ..
+    } = &mut app
+    {
         *k = key;
         *first_block = first.wrapping_add(blocks_for_decisions(m));
     }
     let threshold = threshold_for(keep);
     if mask_shape == xv.shape {
-        let mut store = if store_mask { vec![0u64; kernel::words_for(n)] } else { Vec::new() };
-        let bits = Bits::Fresh { key, first_block: first, threshold, store: store_mask.then_some(&mut store[..]) };
+        let mut store = if store_mask {
+            vec![0u64; kernel::words_for(n)]
+        } else {
+            Vec::new()
+        };
+        let bits = Bits::Fresh {
+            key,
+            first_block: first,
+            threshold,
+            store: store_mask.then_some(&mut store[..]),
+        };
         run_kernel(py, &xv, &ov, rv.as_ref(), &mask_shape, bits, app);
-        Ok(store_mask.then(|| MaskBits { shape: mask_shape, words: store }))
+        Ok(store_mask.then_some(MaskBits {
+            shape: mask_shape,
+            words: store,
+        }))
     } else {
         let words = py.detach(|| kernel::bernoulli_words(key, first, threshold, m));
-        run_kernel(py, &xv, &ov, rv.as_ref(), &mask_shape, Bits::Given(&words), app);
-        Ok(store_mask.then(|| MaskBits { shape: mask_shape, words }))
+        run_kernel(
+            py,
+            &xv,
+            &ov,
+            rv.as_ref(),
+            &mask_shape,
+            Bits::Given(&words),
+            app,
+        );
+        Ok(store_mask.then_some(MaskBits {
+            shape: mask_shape,
+            words,
+        }))
     }
 }
 
@@ -473,40 +594,89 @@ fn drop_block_apply(
     let (xv, ov) = (view("input", x, bf16_bits)?, view("out", out, bf16_bits)?);
     check_output(&ov, &[&xv])?;
     let [n, c, h, w] = xv.shape[..] else {
-        return Err(PyValueError::new_err(format!("drop_block_2d expects a 4-D (N, C, H, W) input, got shape {:?}", xv.shape)));
+        return Err(PyValueError::new_err(format!(
+            "drop_block_2d expects a 4-D (N, C, H, W) input, got shape {:?}",
+            xv.shape
+        )));
     };
     if kh == 0 || kw == 0 || kh > h.max(1) || kw > w.max(1) {
-        return Err(PyValueError::new_err(format!("block {kh}x{kw} does not fit a {h}x{w} map")));
+        return Err(PyValueError::new_err(format!(
+            "block {kh}x{kw} does not fit a {h}x{w} map"
+        )));
     }
     let cm = if couple_channels { 1 } else { c };
     let mask_shape = vec![n, cm, h, w];
-    let g = BlockGeometry { maps: n * cm, h, w, kh, kw };
+    let g = BlockGeometry {
+        maps: n * cm,
+        h,
+        w,
+        kh,
+        kw,
+    };
     let m = n * cm * h * w;
     let noise_blocks = if with_noise { blocks_for_normals(m) } else { 0 };
-    let (key, first) = generator.state.reserve(blocks_for_decisions(m) + noise_blocks);
-    let (words, kept) = if m == 0 { (Vec::new(), 0) } else { py.detach(|| block_keep_words(key, first, threshold_for(gamma), g)) };
-    let scale = if !with_noise && scale_by_keep && kept > 0 { m as f64 / kept as f64 } else { 1.0 };
+    let (key, first) = generator
+        .state
+        .reserve(blocks_for_decisions(m) + noise_blocks);
+    let (words, kept) = if m == 0 {
+        (Vec::new(), 0)
+    } else {
+        py.detach(|| block_keep_words(key, first, threshold_for(gamma), g))
+    };
+    let scale = if !with_noise && scale_by_keep && kept > 0 {
+        m as f64 / kept as f64
+    } else {
+        1.0
+    };
     let app = if with_noise {
-        Application::Noise { scale: 1.0, key, first_block: first.wrapping_add(blocks_for_decisions(m)) }
+        Application::Noise {
+            scale: 1.0,
+            key,
+            first_block: first.wrapping_add(blocks_for_decisions(m)),
+        }
     } else {
         Application::Scale { scale }
     };
     run_kernel(py, &xv, &ov, None, &mask_shape, Bits::Given(&words), app);
-    Ok((MaskBits { shape: mask_shape, words }, scale))
+    Ok((
+        MaskBits {
+            shape: mask_shape,
+            words,
+        },
+        scale,
+    ))
 }
 
 /// `out = x * mask * scale [+ residual]`: the backward of every variant, and the forward replay
 /// of a saved mask.
 #[pyfunction]
 #[pyo3(signature = (mask, x, out, scale, residual = None, bf16_bits = false))]
-fn mask_apply(py: Python<'_>, mask: &MaskBits, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>, scale: f64, residual: Option<&Bound<'_, PyAny>>, bf16_bits: bool) -> PyResult<()> {
+fn mask_apply(
+    py: Python<'_>,
+    mask: &MaskBits,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    scale: f64,
+    residual: Option<&Bound<'_, PyAny>>,
+    bf16_bits: bool,
+) -> PyResult<()> {
     let (xv, ov) = (view("grad", x, bf16_bits)?, view("out", out, bf16_bits)?);
-    let rv = residual.map(|r| view("residual", r, bf16_bits)).transpose()?;
+    let rv = residual
+        .map(|r| view("residual", r, bf16_bits))
+        .transpose()?;
     let mut inputs = vec![&xv];
     inputs.extend(rv.as_ref());
     check_output(&ov, &inputs)?;
     check_mask_shape(&xv.shape, &mask.shape)?;
-    run_kernel(py, &xv, &ov, rv.as_ref(), &mask.shape, Bits::Given(&mask.words), Application::Scale { scale });
+    run_kernel(
+        py,
+        &xv,
+        &ov,
+        rv.as_ref(),
+        &mask.shape,
+        Bits::Given(&mask.words),
+        Application::Scale { scale },
+    );
     Ok(())
 }
 

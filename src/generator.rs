@@ -17,7 +17,9 @@ pub struct GeneratorState {
 
 impl GeneratorState {
     pub fn new(seed: u64, stream: u64, offset: u64) -> Self {
-        GeneratorState { inner: Mutex::new((Key { seed, stream }, offset)) }
+        GeneratorState {
+            inner: Mutex::new((Key { seed, stream }, offset)),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Key, u64)> {

@@ -35,7 +35,12 @@ fn dilate_axis(seeds: impl Fn(usize) -> bool, len: usize, k: usize, out: &mut [b
 /// DropBlock keep bits: seeds are Bernoulli(threshold / 2^32) at every position of each map,
 /// drawn from `first_block` of `key` (seed i is decision i), each seed drops the block around
 /// it. Returns the keep bits and how many positions were kept.
-pub fn block_keep_words(key: Key, first_block: u64, threshold: u64, g: BlockGeometry) -> (Vec<u64>, usize) {
+pub fn block_keep_words(
+    key: Key,
+    first_block: u64,
+    threshold: u64,
+    g: BlockGeometry,
+) -> (Vec<u64>, usize) {
     let plane = g.h * g.w;
     let n = g.maps * plane;
     let seeds = bernoulli_words(key, first_block, threshold, n);
@@ -50,7 +55,12 @@ pub fn block_keep_words(key: Key, first_block: u64, threshold: u64, g: BlockGeom
         let mut rows = vec![false; plane];
         for i in 0..g.h {
             let row = base + i * g.w;
-            dilate_axis(|j| seed(row + j), g.w, g.kw, &mut rows[i * g.w..(i + 1) * g.w]);
+            dilate_axis(
+                |j| seed(row + j),
+                g.w,
+                g.kw,
+                &mut rows[i * g.w..(i + 1) * g.w],
+            );
         }
         let mut kept = vec![false; plane];
         let mut col = vec![false; g.h];
@@ -61,7 +71,10 @@ pub fn block_keep_words(key: Key, first_block: u64, threshold: u64, g: BlockGeom
             }
         }
         let pack = |lo: usize, hi: usize| -> u64 {
-            kept[lo..hi].iter().enumerate().fold(0u64, |w, (b, &k)| w | (k as u64) << b)
+            kept[lo..hi]
+                .iter()
+                .enumerate()
+                .fold(0u64, |w, (b, &k)| w | (k as u64) << b)
         };
         let mut count = 0;
         for lo in (0..plane).step_by(64) {
@@ -94,7 +107,9 @@ mod tests {
     use super::*;
 
     fn bits_of(words: &[u64], n: usize) -> Vec<bool> {
-        (0..n).map(|m| (words[m / 64] >> (m % 64)) & 1 == 1).collect()
+        (0..n)
+            .map(|m| (words[m / 64] >> (m % 64)) & 1 == 1)
+            .collect()
     }
 
     #[test]
@@ -119,7 +134,13 @@ mod tests {
 
     #[test]
     fn gamma_one_drops_everything_and_gamma_zero_nothing() {
-        let g = BlockGeometry { maps: 3, h: 5, w: 6, kh: 2, kw: 3 };
+        let g = BlockGeometry {
+            maps: 3,
+            h: 5,
+            w: 6,
+            kh: 2,
+            kw: 3,
+        };
         let (w, kept) = block_keep_words(Key { seed: 1, stream: 0 }, 0, 1 << 32, g);
         assert_eq!(kept, 0);
         assert!(bits_of(&w, 90).iter().all(|b| !b));
@@ -130,7 +151,13 @@ mod tests {
 
     #[test]
     fn every_dropped_pixel_is_covered_by_a_seed_block() {
-        let g = BlockGeometry { maps: 4, h: 9, w: 11, kh: 4, kw: 3 };
+        let g = BlockGeometry {
+            maps: 4,
+            h: 9,
+            w: 11,
+            kh: 4,
+            kw: 3,
+        };
         let key = Key { seed: 7, stream: 0 };
         let thr = crate::rng::threshold_for(0.05);
         let (words, kept) = block_keep_words(key, 0, thr, g);
