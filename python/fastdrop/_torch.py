@@ -165,16 +165,34 @@ class _MaskGradFunction(torch.autograd.Function):
 
 
 class _DropoutFunction(torch.autograd.Function):
-    """Any variant on CPU tensors with a saved bit mask; the mask is also handed to `holder`
-    for return_mask."""
+    """Any variant on a CPU tensor, saving the bit mask. `call` is a list
+    [spec, generator, inplace] that forward appends the mask to (for return_mask): one
+    argument, because Function.apply spends about half a microsecond on each."""
 
     @staticmethod
-    def forward(ctx, x, residual, spec, gen, inplace, holder):
-        out, mask = _forward(x, residual, spec, gen, inplace, True)
+    def forward(ctx, x, call):
+        spec, gen, inplace = call
+        out, mask = _forward(x, None, spec, gen, inplace, True)
         if inplace:
             ctx.mark_dirty(x)
         ctx.mask, ctx.strides = mask, out.stride()
-        holder.append(mask)
+        call.append(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _MaskGradFunction.apply(grad, ctx.mask, ctx.strides), None
+
+
+class _DropoutAddFunction(torch.autograd.Function):
+    """The fused `residual + variant(x)`: the residual's gradient is the incoming one."""
+
+    @staticmethod
+    def forward(ctx, x, residual, call):
+        spec, gen = call
+        out, mask = _forward(x, residual, spec, gen, False, True)
+        ctx.mask, ctx.strides = mask, out.stride()
+        call.append(mask)
         return out
 
     @staticmethod
@@ -184,7 +202,7 @@ class _DropoutFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]
             else None
         )
-        return gx, grad if ctx.needs_input_grad[1] else None, None, None, None, None
+        return gx, grad if ctx.needs_input_grad[1] else None, None
 
 
 def mask_backward(mask: Mask, grad: torch.Tensor) -> torch.Tensor:
@@ -207,9 +225,13 @@ def _run_host(x, spec, inplace, generator, return_mask, residual):
             "a leaf Variable that requires grad is being used in an in-place operation."
         )
     if needs_grad:
-        holder: List[Mask] = []
-        out = _DropoutFunction.apply(x, residual, spec, gen, inplace, holder)
-        mask = holder[0]
+        if residual is None:
+            call: List[Any] = [spec, gen, inplace]
+            out = _DropoutFunction.apply(x, call)
+        else:
+            call = [spec, gen]
+            out = _DropoutAddFunction.apply(x, residual, call)
+        mask = call[-1]
     else:
         out, mask = _forward(x, residual, spec, gen, inplace, return_mask)
         if inplace:
