@@ -393,3 +393,15 @@ def test_strides_of_permuted_sliced_inputs_match_torch(fn, tfn):
 )
 def test_strides_of_odd_layouts_match_torch(x):
     assert fastdrop.dropout(x, 0.3).stride() == torch.nn.functional.dropout(x, 0.3).stride()
+
+
+def test_import_fastdrop_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, fastdrop, fastdrop.functional\n"
+        "fastdrop.dropout(np.ones(8, np.float32), 0.5)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
