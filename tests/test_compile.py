@@ -95,3 +95,20 @@ def test_custom_ops_are_registered_with_fake_kernels():
         (torch.randn(4, 20), None, [4, 1], "scale", [2.0], 0.5),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_two_identical_calls_are_not_merged(backend):
+    # Random ops must not be deduplicated by the compiler: each call draws its own key.
+    torch._dynamo.reset()
+
+    def f(x):
+        return torch.stack([fastdrop.dropout(x, 0.5), fastdrop.dropout(x, 0.5)])
+
+    x = torch.randn(1000, requires_grad=True)
+    torch.manual_seed(0)
+    out = torch.compile(f, fullgraph=True, backend=backend)(x)
+    torch.manual_seed(0)
+    ref = f(x)
+    assert not torch.equal(out[0], out[1])
+    assert torch.equal(out, ref)

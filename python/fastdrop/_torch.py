@@ -319,12 +319,16 @@ def _packed_len(mask_shape) -> int:
     return (n + 7) // 8
 
 
+# Each call draws a fresh key: without this tag the compiler merges two identical calls into one.
+_RANDOM = (torch.Tag.nondeterministic_seeded,)
+
+
 def _grad_scale(app_args, keep: float) -> float:
     """A kept element's gradient factor: the scale, or alpha dropout's `a` (its first arg)."""
     return 0.0 if keep == 0.0 else app_args[0]
 
 
-@torch.library.custom_op("fastdrop::bernoulli", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("fastdrop::bernoulli", mutates_args=(), device_types="cpu", tags=_RANDOM)
 def _bernoulli_op(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],
@@ -343,7 +347,7 @@ def _(x, residual, mask_shape, application, app_args, keep):
     return torch.empty_like(x), x.new_empty((_packed_len(mask_shape),), dtype=torch.uint8)
 
 
-@torch.library.custom_op("fastdrop::drop_block", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("fastdrop::drop_block", mutates_args=(), device_types="cpu", tags=_RANDOM)
 def _drop_block_op(
     x: torch.Tensor,
     gamma: float,
