@@ -252,6 +252,14 @@ def test_inplace_on_leaf_requiring_grad_is_torchs_error_and_writes_nothing():
     assert torch.equal(x.detach(), before)
 
 
+def test_inplace_on_view_of_leaf_is_torchs_error_and_writes_nothing():
+    leaf = torch.randn(10, requires_grad=True)
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="view of a leaf Variable"):
+        fastdrop.dropout(leaf[:5], 0.5, inplace=True)
+    assert torch.equal(leaf.detach(), before)
+
+
 def test_inplace_on_non_leaf_has_the_right_grad():
     x = torch.randn(50, dtype=torch.float64, requires_grad=True)
     h = x * 3

@@ -212,6 +212,20 @@ def mask_backward(mask: Mask, grad: torch.Tensor) -> torch.Tensor:
     return _mask_grad(mask, grad, None)
 
 
+def _check_inplace(x: torch.Tensor) -> None:
+    """torch's own errors for in-place on a leaf that requires grad (or a view of one), raised
+    here because autograd would raise them only after the kernel has written."""
+    if x.is_leaf:
+        raise RuntimeError(
+            "a leaf Variable that requires grad is being used in an in-place operation."
+        )
+    base = x._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise RuntimeError(
+            "a view of a leaf Variable that requires grad is being used in an in-place operation."
+        )
+
+
 def _run_host(x, spec, inplace, generator, return_mask, residual):
     _check_host_dtype(x)
     gen = generator if type(generator) is _core.Generator else _host_generator(generator)
@@ -219,11 +233,8 @@ def _run_host(x, spec, inplace, generator, return_mask, residual):
     needs_grad = grad_mode and (
         x.requires_grad or (residual is not None and residual.requires_grad)
     )
-    if inplace and grad_mode and x.requires_grad and x.is_leaf:
-        # torch's own words for it, raised before anything is written.
-        raise RuntimeError(
-            "a leaf Variable that requires grad is being used in an in-place operation."
-        )
+    if inplace and grad_mode and x.requires_grad:
+        _check_inplace(x)
     if needs_grad:
         if residual is None:
             call: List[Any] = [spec, gen, inplace]
