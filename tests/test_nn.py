@@ -231,3 +231,17 @@ def test_scheduler_rejects_torch_modules_and_bad_rates():
         )
     with pytest.raises(ValueError):
         fnn.DropRateScheduler(nn.Sequential(fnn.Dropout()), lambda s: 1.5)
+
+
+def test_fastdrop_nn_loads_on_attribute_access():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastdrop\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "m = torch.nn.Sequential(torch.nn.Dropout(0.1))\n"
+        "assert fastdrop.nn.replace_dropout(m) == {'0': 'torch.nn.modules.dropout.Dropout'}\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

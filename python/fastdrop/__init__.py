@@ -78,3 +78,12 @@ def simd_backend() -> str:
     """The generator's code path: ``"vaes"``, ``"aesni"`` or ``"portable"`` (set
     ``FASTDROP_SIMD=portable`` to force the portable one; results are bit-identical)."""
     return str(_core.simd_backend())
+
+
+def __getattr__(name: str):
+    # `fastdrop.nn` needs torch, so it loads on first use and `import fastdrop` stays torch-free.
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'fastdrop' has no attribute {name!r}")
