@@ -11,7 +11,7 @@ use numpy::npyffi::{objects::_PyArray_GET_ITEM_DATA, NPY_ARRAY_WRITEABLE};
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyCapsule, PyTuple};
 
 impl From<DropError> for PyErr {
     fn from(e: DropError) -> PyErr {
@@ -301,7 +301,144 @@ impl View {
     }
 }
 
-fn view(name: &str, arr: &Bound<'_, PyAny>, bf16_bits: bool) -> PyResult<View> {
+// --- DLPack ---------------------------------------------------------------------------------
+// The C structs of dlpack.h (v0.8 legacy and v1.x versioned), read from a producer's capsule.
+// Written out by hand: they are a dozen plain fields and no maintained crate offers just them
+// for PyO3 0.30. The capsule is borrowed, never consumed: it is not renamed, so the producer's
+// own destructor frees it, and the caller keeps the tensor alive for the whole call.
+
+#[repr(C)]
+struct DLDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+struct DLDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DLTensor {
+    data: *mut std::ffi::c_void,
+    device: DLDevice,
+    ndim: i32,
+    dtype: DLDataType,
+    shape: *const i64,
+    strides: *const i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DLManagedTensor {
+    dl_tensor: DLTensor,
+    manager_ctx: *mut std::ffi::c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+#[repr(C)]
+struct DLManagedTensorVersioned {
+    version: [u32; 2],
+    manager_ctx: *mut std::ffi::c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensorVersioned)>,
+    flags: u64,
+    dl_tensor: DLTensor,
+}
+
+const DL_CPU: i32 = 1;
+const DL_FLAG_READ_ONLY: u64 = 1;
+
+fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
+    // SAFETY: a capsule named "dltensor" / "dltensor_versioned" holds a live DLManagedTensor
+    // (Versioned) by the DLPack protocol; the producer keeps it valid until the capsule dies,
+    // and `cap` is borrowed for this whole call.
+    let (t, writeable) = unsafe {
+        if cap.is_valid_checked(Some(c"dltensor")) {
+            let m = cap.pointer_checked(Some(c"dltensor"))?.as_ptr() as *const DLManagedTensor;
+            (&(*m).dl_tensor, true)
+        } else if cap.is_valid_checked(Some(c"dltensor_versioned")) {
+            let m = cap.pointer_checked(Some(c"dltensor_versioned"))?.as_ptr()
+                as *const DLManagedTensorVersioned;
+            if (*m).version[0] != 1 {
+                return Err(PyTypeError::new_err(format!(
+                    "{name}: DLPack major version {} is not supported (1 is)",
+                    (*m).version[0]
+                )));
+            }
+            (&(*m).dl_tensor, (*m).flags & DL_FLAG_READ_ONLY == 0)
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "{name}: expected an unconsumed DLPack capsule named 'dltensor' or 'dltensor_versioned'"
+            )));
+        }
+    };
+    if t.device.device_type != DL_CPU {
+        return Err(PyTypeError::new_err(format!(
+            "{name}: DLPack tensor is on device type {} (id {}); only CPU memory is read here",
+            t.device.device_type, t.device.device_id
+        )));
+    }
+    let dtype = match (t.dtype.code, t.dtype.bits, t.dtype.lanes) {
+        (2, 16, 1) => Dtype::F16,
+        (2, 32, 1) => Dtype::F32,
+        (2, 64, 1) => Dtype::F64,
+        (4, 16, 1) => Dtype::BF16,
+        (c, b, l) => {
+            return Err(PyTypeError::new_err(format!(
+                "{name} must be a float16, bfloat16, float32 or float64 tensor, got DLPack dtype (code {c}, {b} bits, {l} lanes)"
+            )))
+        }
+    };
+    let ndim = usize::try_from(t.ndim).unwrap_or(usize::MAX);
+    if ndim > MAX_DIMS {
+        return Err(PyValueError::new_err(format!(
+            "{name} has {} dimensions; at most {MAX_DIMS} are supported",
+            t.ndim
+        )));
+    }
+    // SAFETY: DLPack guarantees `shape` (and `strides`, unless NULL) point to `ndim` int64s.
+    let (shape, elem_strides) = unsafe {
+        let shape: Vec<i64> = (0..ndim).map(|d| *t.shape.add(d)).collect();
+        let strides: Option<Vec<i64>> =
+            (!t.strides.is_null()).then(|| (0..ndim).map(|d| *t.strides.add(d)).collect());
+        (shape, strides)
+    };
+    if shape.iter().any(|&n| n < 0) {
+        return Err(PyValueError::new_err(format!(
+            "{name}: negative DLPack shape {shape:?}"
+        )));
+    }
+    let shape: Vec<usize> = shape.iter().map(|&n| n as usize).collect();
+    let itemsize = (t.dtype.bits / 8) as isize;
+    let strides: Vec<isize> = match elem_strides {
+        Some(s) => s.iter().map(|&e| e as isize * itemsize).collect(),
+        None => {
+            // NULL strides: compact row-major.
+            let mut acc = itemsize;
+            let mut out = vec![0isize; ndim];
+            for d in (0..ndim).rev() {
+                out[d] = acc;
+                acc *= shape[d] as isize;
+            }
+            out
+        }
+    };
+    let ptr = (t.data as *mut u8).wrapping_add(t.byte_offset as usize);
+    Ok(View {
+        ptr,
+        shape,
+        strides,
+        dtype,
+        writeable,
+    })
+}
+
+fn view(name: &str, arr: &Bound<'_, PyAny>) -> PyResult<View> {
+    if let Ok(cap) = arr.cast::<PyCapsule>() {
+        return dlpack_view(name, cap);
+    }
     let arr = arr.cast::<PyUntypedArray>().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name} must be a numpy.ndarray, got {}",
@@ -312,11 +449,10 @@ fn view(name: &str, arr: &Bound<'_, PyAny>, bf16_bits: bool) -> PyResult<View> {
     })?;
     let dt = arr.dtype();
     let (kind, size) = (dt.kind(), dt.itemsize());
-    let dtype = match (kind, size, bf16_bits) {
-        (b'f', 2, false) => Dtype::F16,
-        (b'f', 4, false) => Dtype::F32,
-        (b'f', 8, false) => Dtype::F64,
-        (b'u' | b'i', 2, true) => Dtype::BF16,
+    let dtype = match (kind, size) {
+        (b'f', 2) => Dtype::F16,
+        (b'f', 4) => Dtype::F32,
+        (b'f', 8) => Dtype::F64,
         _ => {
             return Err(PyTypeError::new_err(format!(
                 "{name} must be a float16, float32 or float64 array, got dtype {}",
@@ -492,7 +628,7 @@ fn check_prob(name: &str, p: f64) -> PyResult<()> {
 /// `out = application(mask, x) [+ residual]` with a fresh Bernoulli(keep) mask of `mask_shape`
 /// drawn from `generator`. Returns the mask when `store_mask`.
 #[pyfunction]
-#[pyo3(signature = (x, out, residual, mask_shape, application, keep, generator, store_mask, bf16_bits = false))]
+#[pyo3(signature = (x, out, residual, mask_shape, application, keep, generator, store_mask))]
 #[allow(clippy::too_many_arguments)]
 fn bernoulli_apply(
     py: Python<'_>,
@@ -504,13 +640,10 @@ fn bernoulli_apply(
     keep: f64,
     generator: &Generator,
     store_mask: bool,
-    bf16_bits: bool,
 ) -> PyResult<Option<MaskBits>> {
     check_prob("keep probability", keep)?;
-    let (xv, ov) = (view("input", x, bf16_bits)?, view("out", out, bf16_bits)?);
-    let rv = residual
-        .map(|r| view("residual", r, bf16_bits))
-        .transpose()?;
+    let (xv, ov) = (view("input", x)?, view("out", out)?);
+    let rv = residual.map(|r| view("residual", r)).transpose()?;
     let mut inputs = vec![&xv];
     inputs.extend(rv.as_ref());
     check_output(&ov, &inputs)?;
@@ -575,7 +708,7 @@ fn bernoulli_apply(
 /// kh x kw blocks. Kept pixels are scaled by numel / kept when `scale_by_keep` (and left as they
 /// are with noise); dropped ones become 0 or, `with_noise`, N(0, 1) noise. Returns the mask.
 #[pyfunction]
-#[pyo3(signature = (x, out, gamma, kh, kw, couple_channels, with_noise, scale_by_keep, generator, bf16_bits = false))]
+#[pyo3(signature = (x, out, gamma, kh, kw, couple_channels, with_noise, scale_by_keep, generator))]
 #[allow(clippy::too_many_arguments)]
 fn drop_block_apply(
     py: Python<'_>,
@@ -588,10 +721,9 @@ fn drop_block_apply(
     with_noise: bool,
     scale_by_keep: bool,
     generator: &Generator,
-    bf16_bits: bool,
 ) -> PyResult<(MaskBits, f64)> {
     check_prob("gamma (the block seed rate)", gamma)?;
-    let (xv, ov) = (view("input", x, bf16_bits)?, view("out", out, bf16_bits)?);
+    let (xv, ov) = (view("input", x)?, view("out", out)?);
     check_output(&ov, &[&xv])?;
     let [n, c, h, w] = xv.shape[..] else {
         return Err(PyValueError::new_err(format!(
@@ -650,7 +782,7 @@ fn drop_block_apply(
 /// `out = x * mask * scale [+ residual]`: the backward of every variant, and the forward replay
 /// of a saved mask.
 #[pyfunction]
-#[pyo3(signature = (mask, x, out, scale, residual = None, bf16_bits = false))]
+#[pyo3(signature = (mask, x, out, scale, residual = None))]
 fn mask_apply(
     py: Python<'_>,
     mask: &MaskBits,
@@ -658,12 +790,9 @@ fn mask_apply(
     out: &Bound<'_, PyAny>,
     scale: f64,
     residual: Option<&Bound<'_, PyAny>>,
-    bf16_bits: bool,
 ) -> PyResult<()> {
-    let (xv, ov) = (view("grad", x, bf16_bits)?, view("out", out, bf16_bits)?);
-    let rv = residual
-        .map(|r| view("residual", r, bf16_bits))
-        .transpose()?;
+    let (xv, ov) = (view("grad", x)?, view("out", out)?);
+    let rv = residual.map(|r| view("residual", r)).transpose()?;
     let mut inputs = vec![&xv];
     inputs.extend(rv.as_ref());
     check_output(&ov, &inputs)?;

@@ -59,19 +59,51 @@ def test_output_type_shape_dtype_device(dtype):
     assert y.device == x.device and y.data_ptr() != x.data_ptr()
 
 
-def test_input_is_read_not_copied(monkeypatch):
-    # The NumPy view handed to Rust must alias the tensor's memory.
+def test_input_is_read_through_dlpack_not_copied(monkeypatch):
+    # What reaches Rust is a DLPack capsule of the tensor's own memory, not a copy.
     from fastdrop import _torch
 
     seen = []
     real = _torch._host
-    monkeypatch.setattr(
-        _torch, "_host", lambda t: seen.append((t.data_ptr(), real(t))) or seen[-1][1]
-    )
+    monkeypatch.setattr(_torch, "_host", lambda t: seen.append(real(t)) or seen[-1])
     x = torch.randn(10, 10)
     fastdrop.dropout(x, 0.5)
-    ptr, arr = seen[0]
-    assert ptr == x.data_ptr() and arr.__array_interface__["data"][0] == x.data_ptr()
+    (capsule,) = seen
+    assert "dltensor" in repr(capsule)
+    # Rust borrowed the capsule without consuming it, so it still yields the same storage.
+    assert torch.from_dlpack(capsule).data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_core_reads_versioned_dlpack_capsules(dtype):
+    x = torch.randn(6, 5).to(dtype)
+    out = torch.empty_like(x)
+    g = fastdrop.Generator(3)
+    spec_y = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(3))
+    from fastdrop import _core
+
+    _core.bernoulli_apply(
+        x.__dlpack__(max_version=(1, 0)),
+        out.__dlpack__(max_version=(1, 0)),
+        None,
+        [6, 5],
+        ("scale", 2.0),
+        0.5,
+        g,
+        False,
+    )
+    torch.testing.assert_close(out, spec_y, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="DLPack dtype"):
+        _core.bernoulli_apply(
+            torch.ones(3, dtype=torch.int32).__dlpack__(),
+            out.__dlpack__(),
+            None,
+            [3],
+            ("scale", 2.0),
+            0.5,
+            g,
+            False,
+        )
 
 
 def test_non_float_tensor_is_a_type_error():

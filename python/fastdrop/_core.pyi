@@ -1,7 +1,8 @@
 """Type stubs for ``fastdrop._core``, the PyO3 extension (src/bindings.rs).
 
-The kernels take NumPy arrays: ``x``/``out``/``residual`` are float16, float32 or float64 arrays
-(or, with ``bf16_bits=True``, the uint16/int16 bits of bfloat16) of one shape and dtype; ``out``
+The kernels take NumPy arrays or CPU DLPack capsules (``torch.utils.dlpack.to_dlpack(t)``, how
+torch tensors arrive, bfloat16 included): ``x``/``out``/``residual`` are float16, float32 or
+float64 (or bfloat16 capsules) of one shape and dtype; ``out``
 may be ``x`` itself (in place) but must be writeable, without zero or overlapping strides, and
 must not overlap an input otherwise. Errors: ``TypeError`` for a wrong type or dtype,
 ``ValueError`` for a wrong value or shape, ``MemoryError`` when a mask cannot be allocated.
@@ -10,6 +11,9 @@ must not overlap an input otherwise. Errors: ``TypeError`` for a wrong type or d
 from typing import Any, Optional, Union
 
 import numpy as np
+
+# A NumPy array or a DLPack capsule ("dltensor" / "dltensor_versioned") of CPU memory.
+_Array = Union[np.ndarray, Any]
 
 _Application = Union[
     tuple[str, float],  # ("scale", s)  and  ("noise", s)
@@ -51,30 +55,27 @@ class MaskBits:
 # Returns the MaskBits when `store_mask`, else None. Typed Any because functional._apply binds
 # this and drop_block_apply's mask to one name; Optional[MaskBits] would need it narrowed there.
 def bernoulli_apply(
-    x: np.ndarray,
-    out: np.ndarray,
-    residual: Optional[np.ndarray],
+    x: _Array,
+    out: _Array,
+    residual: Optional[_Array],
     mask_shape: Union[list[int], tuple[int, ...]],
     application: _Application,
     keep: float,
     generator: Generator,
     store_mask: bool,
-    bf16_bits: bool = False,
 ) -> Any: ...
 
 # drop_block_apply(x, out, gamma: float, kh: int, kw: int, couple_channels: bool,
-#                  with_noise: bool, scale_by_keep: bool, generator: Generator,
-#                  bf16_bits: bool = False) -> (mask, scale)
-# The tail is *args because functional._apply passes `*spec.block, gen, bf16_bits`, and mypy
+#                  with_noise: bool, scale_by_keep: bool, generator: Generator) -> (mask, scale)
+# The tail is *args because functional._apply passes `*spec.block, gen`, and mypy
 # cannot match positional arguments that follow a star argument.
-def drop_block_apply(x: np.ndarray, out: np.ndarray, *args: Any) -> tuple[MaskBits, float]: ...
+def drop_block_apply(x: _Array, out: _Array, *args: Any) -> tuple[MaskBits, float]: ...
 def mask_apply(
     mask: MaskBits,
-    x: np.ndarray,
-    out: np.ndarray,
+    x: _Array,
+    out: _Array,
     scale: float,
-    residual: Optional[np.ndarray] = None,
-    bf16_bits: bool = False,
+    residual: Optional[_Array] = None,
 ) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -89,9 +89,7 @@ def _as_array(x: Any, name: str = "input") -> np.ndarray:
                 f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}"
             )
     if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
-        raise TypeError(
-            f"{name} must be a float16, float32 or float64 array, got dtype {x.dtype}"
-        )
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {x.dtype}")
     if not x.dtype.isnative:
         raise TypeError(
             f"{name} has non-native byte order ({x.dtype.str}); convert it with "
@@ -118,8 +116,14 @@ def _resolve_generator(generator: Any) -> _core.Generator:
 # --- the one path every variant takes ---------------------------------------------------------
 
 
-def _run(x: Any, spec: Optional[_Spec], inplace: bool, generator: Any, return_mask: bool,
-         residual: Any = None):
+def _run(
+    x: Any,
+    spec: Optional[_Spec],
+    inplace: bool,
+    generator: Any,
+    return_mask: bool,
+    residual: Any = None,
+):
     """Applies `spec` to `x` (plus `residual`), or returns `x` untouched when `spec` is None."""
     if is_torch_tensor(x) or is_torch_tensor(residual):
         from . import _torch
@@ -129,8 +133,7 @@ def _run(x: Any, spec: Optional[_Spec], inplace: bool, generator: Any, return_ma
     r = None if residual is None else _as_array(residual, "residual")
     if r is not None and (r.shape != a.shape or r.dtype != a.dtype):
         raise ValueError(
-            f"residual must match the input: got {r.shape} {r.dtype} for input "
-            f"{a.shape} {a.dtype}"
+            f"residual must match the input: got {r.shape} {r.dtype} for input {a.shape} {a.dtype}"
         )
     gen = _resolve_generator(generator)
     if spec is None:
@@ -144,20 +147,29 @@ def _run(x: Any, spec: Optional[_Spec], inplace: bool, generator: Any, return_ma
         out = np.empty_like(r)
     else:
         out = np.empty_like(a)
-    mask = _apply(a, out, r, spec, gen, return_mask)
+    mask = _apply(a, out, r, spec, gen, return_mask, a.shape)
     return (out, mask) if return_mask else out
 
 
-def _apply(a: np.ndarray, out: np.ndarray, r: Optional[np.ndarray], spec: _Spec,
-           gen: _core.Generator, want_mask: bool, bf16_bits: bool = False) -> Optional[Mask]:
-    """Runs `spec` from `a` (plus `r`) into `out` (which may be `a`) in Rust; the mask is
-    returned when wanted (block masks always, they carry their scale)."""
+def _apply(
+    a: Any,
+    out: Any,
+    r: Any,
+    spec: _Spec,
+    gen: _core.Generator,
+    want_mask: bool,
+    shape: tuple[int, ...],
+) -> Optional[Mask]:
+    """Runs `spec` from `a` (plus `r`) into `out` (which may be `a`) in Rust. The operands are
+    NumPy arrays or CPU DLPack capsules (torch tensors), of `shape`. The mask is returned when
+    wanted (block masks always: they carry their scale)."""
     if spec.block is not None:
-        bits, scale = _core.drop_block_apply(a, out, *spec.block, gen, bf16_bits)
-        return Mask(bits, scale if spec.grad_scale is None else spec.grad_scale, a.shape)
-    bits = _core.bernoulli_apply(a, out, r, spec.mask_shape, spec.application, spec.keep, gen,
-                                 want_mask, bf16_bits)
-    return Mask(bits, spec.grad_scale, a.shape) if want_mask else None
+        bits, scale = _core.drop_block_apply(a, out, *spec.block, gen)
+        return Mask(bits, scale if spec.grad_scale is None else spec.grad_scale, shape)
+    bits = _core.bernoulli_apply(
+        a, out, r, spec.mask_shape, spec.application, spec.keep, gen, want_mask
+    )
+    return Mask(bits, spec.grad_scale, shape) if want_mask else None
 
 
 # --- the variants -----------------------------------------------------------------------------
@@ -176,8 +188,15 @@ def _scale_spec(mask_shape: tuple, p: float) -> _Spec:
     return _Spec(mask_shape, ("scale", scale), 1.0 - p, scale)
 
 
-def dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False, *,
-            generator: Any = None, return_mask: bool = False):
+def dropout(
+    input: Any,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """Zeroes each element with probability ``p`` and scales the rest by ``1 / (1 - p)``.
 
     ``torch.nn.functional.dropout``'s maths: a kept element becomes ``x * s`` with
@@ -199,8 +218,13 @@ def dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = F
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask)
-    return _run(input, _scale_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
-                _check_bool(inplace, "inplace"), generator, return_mask)
+    return _run(
+        input,
+        _scale_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+        _check_bool(inplace, "inplace"),
+        generator,
+        return_mask,
+    )
 
 
 def _alpha_spec(mask_shape: tuple, p: float) -> _Spec:
@@ -210,8 +234,15 @@ def _alpha_spec(mask_shape: tuple, p: float) -> _Spec:
     return _Spec(mask_shape, ("affine", a, ALPHA * a * p, -ALPHA * a * (1.0 - p)), 1.0 - p, a)
 
 
-def alpha_dropout(input: Any, p: float = 0.5, training: bool = False, inplace: bool = False, *,
-                  generator: Any = None, return_mask: bool = False):
+def alpha_dropout(
+    input: Any,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """Alpha dropout (for SELU networks): keeps zero mean and unit variance.
 
     With ``alpha = 1.7580993408473766`` and ``a = 1 / sqrt((alpha^2 p + 1)(1 - p))``, a kept
@@ -221,12 +252,18 @@ def alpha_dropout(input: Any, p: float = 0.5, training: bool = False, inplace: b
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask)
-    return _run(input, _alpha_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
-                _check_bool(inplace, "inplace"), generator, return_mask)
+    return _run(
+        input,
+        _alpha_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+        _check_bool(inplace, "inplace"),
+        generator,
+        return_mask,
+    )
 
 
-def _feature_shape(name: str, input: Any, allowed: tuple[int, ...], unbatched: Optional[int],
-                   note: str) -> tuple[int, ...]:
+def _feature_shape(
+    name: str, input: Any, allowed: tuple[int, ...], unbatched: Optional[int], note: str
+) -> tuple[int, ...]:
     """The (N, C, 1, ...) channel mask shape, or (C, 1, ...) for an unbatched input."""
     nd = _ndim(input)
     if nd < 0:
@@ -242,56 +279,122 @@ def _feature_shape(name: str, input: Any, allowed: tuple[int, ...], unbatched: O
     return (shape[0], shape[1]) + (1,) * (nd - 2)
 
 
-def _channel(name: str, allowed, unbatched, note, input, p, training, inplace, generator,
-             return_mask, spec_for=_scale_spec):
+def _channel(
+    name: str,
+    allowed,
+    unbatched,
+    note,
+    input,
+    p,
+    training,
+    inplace,
+    generator,
+    return_mask,
+    spec_for=_scale_spec,
+):
     p = _check_prob(p)
     mask_shape = _feature_shape(name, input, allowed, unbatched, note)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask)
-    return _run(input, spec_for(mask_shape, p), _check_bool(inplace, "inplace"), generator,
-                return_mask)
+    return _run(
+        input, spec_for(mask_shape, p), _check_bool(inplace, "inplace"), generator, return_mask
+    )
 
 
-def dropout1d(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False, *,
-              generator: Any = None, return_mask: bool = False):
+def dropout1d(
+    input: Any,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """Zeroes whole channels of an (N, C, L) or unbatched (C, L) input with probability ``p``
     and scales the rest by ``1 / (1 - p)``. The mask has shape (N, C, 1): N*C bits."""
-    return _channel("dropout1d", (2, 3), 2,
-                    "dropout1d exists to provide channel-wise dropout on inputs with 1 spatial "
-                    "dimension, a channel dimension, and an optional batch dimension "
-                    "(i.e. 2D or 3D inputs).",
-                    input, p, training, inplace, generator, return_mask)
+    return _channel(
+        "dropout1d",
+        (2, 3),
+        2,
+        "dropout1d exists to provide channel-wise dropout on inputs with 1 spatial "
+        "dimension, a channel dimension, and an optional batch dimension "
+        "(i.e. 2D or 3D inputs).",
+        input,
+        p,
+        training,
+        inplace,
+        generator,
+        return_mask,
+    )
 
 
-def dropout2d(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False, *,
-              generator: Any = None, return_mask: bool = False):
+def dropout2d(
+    input: Any,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """Zeroes whole channels of an (N, C, H, W) or unbatched (C, H, W) input with probability
     ``p`` and scales the rest by ``1 / (1 - p)``.
 
     A 3-D input is unbatched (C, H, W), the meaning torch documents, not the deprecated
     (N, C, L) fallback; any other rank is a ``ShapeError`` (a ValueError and a RuntimeError).
     """
-    return _channel("dropout2d", (3, 4), 3,
-                    "dropout2d exists to provide channel-wise dropout on inputs with 2 spatial "
-                    "dimensions, a channel dimension, and an optional batch dimension "
-                    "(i.e. 3D or 4D inputs).",
-                    input, p, training, inplace, generator, return_mask)
+    return _channel(
+        "dropout2d",
+        (3, 4),
+        3,
+        "dropout2d exists to provide channel-wise dropout on inputs with 2 spatial "
+        "dimensions, a channel dimension, and an optional batch dimension "
+        "(i.e. 3D or 4D inputs).",
+        input,
+        p,
+        training,
+        inplace,
+        generator,
+        return_mask,
+    )
 
 
-def dropout3d(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False, *,
-              generator: Any = None, return_mask: bool = False):
+def dropout3d(
+    input: Any,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """Zeroes whole channels of an (N, C, D, H, W) or unbatched (C, D, H, W) input with
     probability ``p`` and scales the rest by ``1 / (1 - p)``."""
-    return _channel("dropout3d", (4, 5), 4,
-                    "dropout3d exists to provide channel-wise dropout on inputs with 3 spatial "
-                    "dimensions, a channel dimension, and an optional batch dimension "
-                    "(i.e. 4D or 5D inputs).",
-                    input, p, training, inplace, generator, return_mask)
+    return _channel(
+        "dropout3d",
+        (4, 5),
+        4,
+        "dropout3d exists to provide channel-wise dropout on inputs with 3 spatial "
+        "dimensions, a channel dimension, and an optional batch dimension "
+        "(i.e. 4D or 5D inputs).",
+        input,
+        p,
+        training,
+        inplace,
+        generator,
+        return_mask,
+    )
 
 
-def feature_alpha_dropout(input: Any, p: float = 0.5, training: bool = False,
-                          inplace: bool = False, *, generator: Any = None,
-                          return_mask: bool = False):
+def feature_alpha_dropout(
+    input: Any,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """Alpha dropout with one decision per (sample, channel): mask shape (N, C, 1, ..., 1).
     Needs at least 2 dimensions. Evaluation mode by default, as in torch."""
     p = _check_prob(p)
@@ -308,8 +411,13 @@ def feature_alpha_dropout(input: Any, p: float = 0.5, training: bool = False,
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask)
     shape = tuple(input.shape)
-    return _run(input, _alpha_spec((shape[0], shape[1]) + (1,) * (nd - 2), p),
-                _check_bool(inplace, "inplace"), generator, return_mask)
+    return _run(
+        input,
+        _alpha_spec((shape[0], shape[1]) + (1,) * (nd - 2), p),
+        _check_bool(inplace, "inplace"),
+        generator,
+        return_mask,
+    )
 
 
 def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> _Spec:
@@ -325,8 +433,15 @@ def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> _Spec:
     return _Spec((int(x.shape[0]),) + (1,) * (nd - 1), ("scale", scale), keep, scale)
 
 
-def drop_path(input: Any, drop_prob: float = 0.0, training: bool = False,
-              scale_by_keep: bool = True, *, generator: Any = None, return_mask: bool = False):
+def drop_path(
+    input: Any,
+    drop_prob: float = 0.0,
+    training: bool = False,
+    scale_by_keep: bool = True,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """Stochastic depth (timm's ``drop_path``): drops whole samples with probability
     ``drop_prob`` (one decision per sample, mask shape (N, 1, ..., 1)) and divides the kept ones
     by ``1 - drop_prob`` when ``scale_by_keep``. Evaluation mode by default, as in timm."""
@@ -338,10 +453,20 @@ def drop_path(input: Any, drop_prob: float = 0.0, training: bool = False,
     return _run(input, spec, False, generator, return_mask)
 
 
-def drop_block_2d(input: Any, drop_prob: float = 0.1, block_size: int = 7,
-                  gamma_scale: float = 1.0, with_noise: bool = False, inplace: bool = False,
-                  couple_channels: bool = True, scale_by_keep: bool = True, *,
-                  training: bool = True, generator: Any = None, return_mask: bool = False):
+def drop_block_2d(
+    input: Any,
+    drop_prob: float = 0.1,
+    block_size: int = 7,
+    gamma_scale: float = 1.0,
+    with_noise: bool = False,
+    inplace: bool = False,
+    couple_channels: bool = True,
+    scale_by_keep: bool = True,
+    *,
+    training: bool = True,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """DropBlock (timm's ``drop_block_2d``) on an (N, C, H, W) input.
 
     Block seeds are Bernoulli(gamma) at every position of an (N, 1, H, W) map (or (N, C, H, W)
@@ -370,8 +495,9 @@ def drop_block_2d(input: Any, drop_prob: float = 0.1, block_size: int = 7,
             f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
         )
     if nd != 4:
-        raise ShapeError(f"drop_block_2d: Expected 4D (N, C, H, W) input, but received a "
-                         f"{nd}D input")
+        raise ShapeError(
+            f"drop_block_2d: Expected 4D (N, C, H, W) input, but received a {nd}D input"
+        )
     n, c, h, w = (int(s) for s in input.shape)
     if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
         return _run(input, None, inplace, generator, return_mask)
@@ -382,28 +508,58 @@ def drop_block_2d(input: Any, drop_prob: float = 0.1, block_size: int = 7,
             f"drop_block_2d: gamma_scale * drop_prob gives a block seed rate of {gamma:.4g} "
             f"for {h}x{w} maps and {kh}x{kw} blocks; it must be at most 1"
         )
-    spec = _Spec((n, 1 if couple_channels else c, h, w), None, None, 1.0 if with_noise else None,
-                 block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep),
-                 args=dict(drop_prob=drop_prob, block_size=int(block_size),
-                           gamma_scale=float(gamma_scale), with_noise=with_noise,
-                           couple_channels=couple_channels, scale_by_keep=scale_by_keep))
+    spec = _Spec(
+        (n, 1 if couple_channels else c, h, w),
+        None,
+        None,
+        1.0 if with_noise else None,
+        block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep),
+        args=dict(
+            drop_prob=drop_prob,
+            block_size=int(block_size),
+            gamma_scale=float(gamma_scale),
+            with_noise=with_noise,
+            couple_channels=couple_channels,
+            scale_by_keep=scale_by_keep,
+        ),
+    )
     return _run(input, spec, _check_bool(inplace, "inplace"), generator, return_mask)
 
 
-def dropout_add(input: Any, residual: Any, p: float = 0.5, training: bool = True, *,
-                generator: Any = None, return_mask: bool = False):
+def dropout_add(
+    input: Any,
+    residual: Any,
+    p: float = 0.5,
+    training: bool = True,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """``residual + dropout(input, p, training)`` in one pass over memory, with the mask the
     unfused ``dropout`` call would draw from the same generator state, and its exact values."""
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, False, generator, return_mask, residual)
-    return _run(input, _scale_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
-                False, generator, return_mask, residual)
+    return _run(
+        input,
+        _scale_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+        False,
+        generator,
+        return_mask,
+        residual,
+    )
 
 
-def drop_path_add(x: Any, branch: Any, drop_prob: float = 0.0, training: bool = False,
-                  scale_by_keep: bool = True, *, generator: Any = None,
-                  return_mask: bool = False):
+def drop_path_add(
+    x: Any,
+    branch: Any,
+    drop_prob: float = 0.0,
+    training: bool = False,
+    scale_by_keep: bool = True,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+):
     """``x + drop_path(branch, ...)`` in one pass; a dropped sample's branch is never read."""
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
