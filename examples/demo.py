@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 import fastdrop
+import numpy as np
 
 
 def best_of(fn, repeats: int = 5) -> float:
@@ -21,8 +20,10 @@ def best_of(fn, repeats: int = 5) -> float:
 
 
 def main() -> None:
-    print(f"fastdrop {fastdrop.__version__}: generator path {fastdrop.simd_backend()}, "
-          f"{fastdrop.get_num_threads()} threads\n")
+    print(
+        f"fastdrop {fastdrop.__version__}: generator path {fastdrop.simd_backend()}, "
+        f"{fastdrop.get_num_threads()} threads\n"
+    )
 
     x = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
     g = fastdrop.Generator(seed=0)
@@ -33,8 +34,10 @@ def main() -> None:
 
     again = fastdrop.dropout(x, p=0.5, generator=fastdrop.Generator(seed=0))
     print("same seed, same mask:", bool(np.array_equal(y, again)))
-    print("dropout2d mask on (2, 3, 4, 4):",
-          fastdrop.dropout2d(np.ones((2, 3, 4, 4), np.float32), 0.5, return_mask=True)[1].shape)
+    print(
+        "dropout2d mask on (2, 3, 4, 4):",
+        fastdrop.dropout2d(np.ones((2, 3, 4, 4), np.float32), 0.5, return_mask=True)[1].shape,
+    )
 
     n = 1 << 24
     big = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
@@ -44,17 +47,21 @@ def main() -> None:
     rows = [
         ("np.copyto (the floor)", best_of(lambda: np.copyto(out, big))),
         ("fastdrop.dropout", best_of(lambda: fastdrop.dropout(big, 0.5))),
-        ("numpy x * (rand >= p) / (1 - p)",
-         best_of(lambda: big * (rng.random(n, dtype=np.float32) >= 0.5) / 0.5, 3)),
+        (
+            "numpy x * (rand >= p) / (1 - p)",
+            best_of(lambda: big * (rng.random(n, dtype=np.float32) >= 0.5) / 0.5, 3),
+        ),
     ]
     try:
         import torch
 
         t = torch.from_numpy(big)
-        rows.append(("torch F.dropout (CPU)",
-                     best_of(lambda: torch.nn.functional.dropout(t, 0.5), 3)))
-        rows.append(("fastdrop.dropout on a torch tensor",
-                     best_of(lambda: fastdrop.dropout(t, 0.5))))
+        rows.append(
+            ("torch F.dropout (CPU)", best_of(lambda: torch.nn.functional.dropout(t, 0.5), 3))
+        )
+        rows.append(
+            ("fastdrop.dropout on a torch tensor", best_of(lambda: fastdrop.dropout(t, 0.5)))
+        )
     except ImportError:
         print("(torch is not installed: skipping the torch rows)")
     print(f"\n{n:,} float32, p = 0.5, out of place:")

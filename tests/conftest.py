@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
+import fastdrop
 import numpy as np
 import pytest
-
-import fastdrop
 
 FLOATS = [np.float16, np.float32, np.float64]
 

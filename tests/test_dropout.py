@@ -5,11 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+import fastdrop
 import numpy as np
 import pytest
 from conftest import FLOATS, assert_binomial, expected_scaled
-
-import fastdrop
 from fastdrop import Generator
 
 
@@ -74,8 +73,7 @@ def test_inplace_writes_the_callers_buffer_and_out_of_place_never_does():
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
 def test_keep_rate_is_binomial(p):
     n = 1 << 20
-    _, mask = fastdrop.dropout(np.ones(n, np.float32), p, generator=Generator(11),
-                               return_mask=True)
+    _, mask = fastdrop.dropout(np.ones(n, np.float32), p, generator=Generator(11), return_mask=True)
     assert_binomial(mask.count_kept(), n, 1 - p)
 
 
@@ -83,8 +81,9 @@ def test_small_p_is_honoured_exactly():
     # p = 1e-4 on 4M elements, as the issue asks: rounding p to 1/256 or 1/65536 steps would
     # give 0 or 1/65536 (= 1.5e-5) and fail the bound.
     n = 1 << 22
-    _, mask = fastdrop.dropout(np.ones(n, np.float32), 1e-4, generator=Generator(5),
-                               return_mask=True)
+    _, mask = fastdrop.dropout(
+        np.ones(n, np.float32), 1e-4, generator=Generator(5), return_mask=True
+    )
     assert_binomial(n - mask.count_kept(), n, 1e-4, "dropped")
 
 
@@ -93,16 +92,16 @@ def test_p_resolution_is_finer_than_2_to_minus_24():
     # 2^-16 steps would drop 0 or 1024.
     n = 1 << 26
     p = 3 * 2.0**-22
-    _, mask = fastdrop.dropout(np.zeros(n, np.float16), p, generator=Generator(6),
-                               return_mask=True)
+    _, mask = fastdrop.dropout(np.zeros(n, np.float16), p, generator=Generator(6), return_mask=True)
     assert_binomial(n - mask.count_kept(), n, p, "dropped")
 
 
 @pytest.mark.parametrize("lag", [1, 2, 4, 31, 32, 33, 63, 64, 65, 128])
 def test_neighbouring_decisions_are_independent(lag):
     n = 1 << 20
-    _, mask = fastdrop.dropout(np.ones(n, np.float32), 0.5, generator=Generator(7),
-                               return_mask=True)
+    _, mask = fastdrop.dropout(
+        np.ones(n, np.float32), 0.5, generator=Generator(7), return_mask=True
+    )
     k = mask.numpy()
     both = int(np.count_nonzero(k[:-lag] & k[lag:]))
     assert_binomial(both, n - lag, 0.25, f"pairs at lag {lag}")
@@ -111,8 +110,9 @@ def test_neighbouring_decisions_are_independent(lag):
 def test_whole_words_are_independent():
     # Popcounts of consecutive 64-bit words must not be correlated.
     n = 1 << 22
-    _, mask = fastdrop.dropout(np.ones(n, np.float32), 0.5, generator=Generator(8),
-                               return_mask=True)
+    _, mask = fastdrop.dropout(
+        np.ones(n, np.float32), 0.5, generator=Generator(8), return_mask=True
+    )
     words = mask.numpy().reshape(-1, 64).sum(axis=1).astype(np.float64)
     r = np.corrcoef(words[:-1], words[1:])[0, 1]
     # Under independence r ~ N(0, 1/m).
@@ -182,8 +182,9 @@ def test_unaligned_input():
     assert not x.flags.aligned
     x[...] = 1.5
     y = fastdrop.dropout(x, 0.5, generator=Generator(14))
-    np.testing.assert_array_equal(y, fastdrop.dropout(np.full(1001, 1.5, np.float32), 0.5,
-                                                      generator=Generator(14)))
+    np.testing.assert_array_equal(
+        y, fastdrop.dropout(np.full(1001, 1.5, np.float32), 0.5, generator=Generator(14))
+    )
 
 
 def test_numpy_generator_is_accepted_and_reproducible():
@@ -239,8 +240,16 @@ def test_bad_p_is_a_value_error(p):
         fastdrop.dropout(np.ones(3, np.float32), p)
 
 
-@pytest.mark.parametrize("bad", [np.arange(4), np.ones(3, bool), np.ones(3, np.complex64),
-                                 np.array([1.0, None], dtype=object), np.ones(3, np.int8)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.arange(4),
+        np.ones(3, bool),
+        np.ones(3, np.complex64),
+        np.array([1.0, None], dtype=object),
+        np.ones(3, np.int8),
+    ],
+)
 def test_non_float_arrays_are_type_errors(bad):
     with pytest.raises(TypeError, match="float16, float32 or float64"):
         fastdrop.dropout(bad, 0.5)

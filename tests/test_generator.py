@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pickle
 
+import fastdrop
 import numpy as np
 import pytest
-
-import fastdrop
 from fastdrop import Generator
 
 X = np.ones(5000, np.float32)

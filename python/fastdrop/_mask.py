@@ -28,8 +28,9 @@ class Mask:
         self._input_shape = tuple(input_shape)
 
     @classmethod
-    def _full(cls, input_shape: tuple[int, ...], mask_shape: tuple[int, ...], keep: bool,
-              scale: float) -> Mask:
+    def _full(
+        cls, input_shape: tuple[int, ...], mask_shape: tuple[int, ...], keep: bool, scale: float
+    ) -> Mask:
         return cls(_core.MaskBits.filled(list(mask_shape), keep), scale, input_shape)
 
     @property
