@@ -1,5 +1,5 @@
 """Hardening (issue 6): refusals before any write, error messages that say what was received and
-what is expected (kept in sync with docs/errors.md), threads sharing one generator, the GIL,
+what is expected (kept in sync with the README's error table), threads sharing one generator, the GIL,
 per-thread `set_num_threads`, and the memory an out-of-place or in-place call may take."""
 
 from __future__ import annotations
@@ -188,11 +188,11 @@ def test_sizes_beyond_memory_are_errors_not_crashes():
     ], r.stdout + r.stderr[-2000:]
 
 
-# --- error messages: received and expected, as in docs/errors.md ------------------------------
+# --- error messages: received and expected, as in the README's error table ------------------------------
 
 S = np.ones((2, 3), np.float32)
 
-# (call, exception, the exact message); the table in docs/errors.md lists each message verbatim.
+# (call, exception, the exact message); the table in the README's error table lists each message verbatim.
 ERRORS = [
     (
         "fastdrop.dropout(x, 1.5)",
@@ -417,12 +417,12 @@ def test_error_messages_say_what_was_received_and_expected(shown, call, exc, mes
     assert str(e.value) == message
 
 
-def test_the_error_table_in_docs_lists_every_message():
-    table = (ROOT / "docs" / "errors.md").read_text()
+def test_the_error_table_in_the_readme_lists_every_message():
+    table = (ROOT / "README.md").read_text()
     for shown, _, exc, message in ERRORS:
         escaped = message.replace("|", "\\|")
         row = f"| `{shown}` | `{exc.__name__}` | {escaped} |"
-        assert row in table, f"docs/errors.md lacks the row:\n{row}"
+        assert row in table, f"README.md lacks the row:\n{row}"
 
 
 def test_shape_errors_are_value_and_runtime_errors():
