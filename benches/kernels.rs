@@ -1,2 +1,188 @@
-//! Kernel benchmarks: filled in by the speed work (issue 7); this keeps the manifest valid.
-fn main() {}
+//! Full kernels (mask generation fused with the application) per dtype, size and variant,
+//! against the floor measured in the same run: `copy_from_slice` of the same buffer.
+//! Throughput counts bytes read + written, so the GB/s of every row compare directly.
+//!
+//! `FASTDROP_SIMD=portable cargo bench --bench kernels` measures the portable loops.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fastdrop::kernel::{
+    apply_contiguous, apply_in_place, bernoulli_words, Application, Bits, Config, Element,
+};
+use fastdrop::rng::{threshold_for, Key};
+use half::f16;
+use std::hint::black_box;
+use std::time::Duration;
+
+const KEY: Key = Key {
+    seed: 42,
+    stream: 0,
+};
+const P: f64 = 0.1;
+
+/// Sizes in elements; 64M only with few samples (each pass moves half a GiB for f32).
+const SIZES: [(usize, &str); 3] = [(1 << 10, "1K"), (1 << 20, "1M"), (1 << 26, "64M")];
+
+fn fresh() -> Bits<'static> {
+    Bits::Fresh {
+        key: KEY,
+        first_block: 0,
+        threshold: threshold_for(1.0 - P),
+        store: None,
+    }
+}
+
+fn scale() -> Application {
+    Application::Scale {
+        scale: 1.0 / (1.0 - P),
+    }
+}
+
+fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn(f32) -> T) {
+    let size = std::mem::size_of::<T>() as u64;
+    let config = Config::current();
+    for &(n, label) in &SIZES {
+        let mut g = c.benchmark_group(format!("{name}/{label}"));
+        g.sample_size(10);
+        if n >= 1 << 26 {
+            g.warm_up_time(Duration::from_millis(300))
+                .measurement_time(Duration::from_secs(2));
+        } else {
+            g.warm_up_time(Duration::from_millis(200))
+                .measurement_time(Duration::from_millis(600));
+        }
+        let x: Vec<T> = (0..n)
+            .map(|i| from_f32((i % 1000) as f32 * 0.01 - 5.0))
+            .collect();
+        let r = x.clone();
+        let mut out = vec![T::default(); n];
+        // (N, C, L) views for the channel and sample masks.
+        let (batch, chans) = (64usize.min(n / 16), 16usize);
+        let shape = [batch, chans, n / (batch * chans)];
+        let channel_words = bernoulli_words(KEY, 0, threshold_for(1.0 - P), batch * chans);
+        let sample_words = bernoulli_words(KEY, 0, threshold_for(1.0 - P), batch);
+
+        g.throughput(Throughput::Bytes(2 * size * n as u64));
+        g.bench_function("memcpy", |b| b.iter(|| out.copy_from_slice(black_box(&x))));
+        g.bench_function("dropout", |b| {
+            b.iter(|| {
+                apply_contiguous(
+                    config,
+                    &[n],
+                    &[n],
+                    black_box(&x),
+                    &mut out,
+                    None,
+                    fresh(),
+                    &scale(),
+                )
+            })
+        });
+        let mut y = x.clone();
+        g.bench_function("dropout_inplace", |b| {
+            b.iter(|| {
+                apply_in_place(
+                    config,
+                    &[n],
+                    &[n],
+                    black_box(&mut y),
+                    None,
+                    fresh(),
+                    &scale(),
+                )
+            })
+        });
+        g.bench_function("alpha_dropout", |b| {
+            let app = Application::Affine {
+                a: 0.9,
+                shift: 0.1,
+                dropped: -1.2,
+            };
+            b.iter(|| {
+                apply_contiguous(
+                    config,
+                    &[n],
+                    &[n],
+                    black_box(&x),
+                    &mut out,
+                    None,
+                    fresh(),
+                    &app,
+                )
+            })
+        });
+        g.bench_function("channel", |b| {
+            let ms = [batch, chans, 1];
+            let n3 = shape.iter().product::<usize>();
+            b.iter(|| {
+                apply_contiguous(
+                    config,
+                    &shape,
+                    &ms,
+                    black_box(&x[..n3]),
+                    &mut out[..n3],
+                    None,
+                    Bits::Given(&channel_words),
+                    &scale(),
+                )
+            })
+        });
+        g.bench_function("sample", |b| {
+            let ms = [batch, 1, 1];
+            let n3 = shape.iter().product::<usize>();
+            b.iter(|| {
+                apply_contiguous(
+                    config,
+                    &shape,
+                    &ms,
+                    black_box(&x[..n3]),
+                    &mut out[..n3],
+                    None,
+                    Bits::Given(&sample_words),
+                    &scale(),
+                )
+            })
+        });
+        // The fused ops read two arrays: three streams like `np.add(a, b, out=c)`.
+        g.throughput(Throughput::Bytes(3 * size * n as u64));
+        g.bench_function("dropout_add", |b| {
+            b.iter(|| {
+                apply_contiguous(
+                    config,
+                    &[n],
+                    &[n],
+                    black_box(&x),
+                    &mut out,
+                    Some(&r),
+                    fresh(),
+                    &scale(),
+                )
+            })
+        });
+        g.bench_function("drop_path_add", |b| {
+            let ms = [batch, 1, 1];
+            let n3 = shape.iter().product::<usize>();
+            b.iter(|| {
+                apply_contiguous(
+                    config,
+                    &shape,
+                    &ms,
+                    black_box(&x[..n3]),
+                    &mut out[..n3],
+                    Some(&r[..n3]),
+                    Bits::Given(&sample_words),
+                    &scale(),
+                )
+            })
+        });
+        g.finish();
+    }
+}
+
+fn kernels(c: &mut Criterion) {
+    bench_dtype::<f32>(c, "f32", |v| v);
+    bench_dtype::<f16>(c, "f16", f16::from_f32);
+    bench_dtype::<f64>(c, "f64", f64::from);
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);

@@ -7,6 +7,7 @@ pub mod generator;
 pub mod kernel;
 pub mod mask;
 pub mod rng;
+pub mod simd;
 
 #[cfg(feature = "python")]
 mod bindings;

@@ -1,0 +1,466 @@
+//! AVX2 (+ F16C) loops for the kernel's hot case: a contiguous run with one keep bit per element
+//! (or one decision for the whole run) and a kept value `x * mul (+ add)`.
+//!
+//! They compute exactly what the portable loops in `kernel` compute, operation for operation
+//! (a multiply, then an add when there is one, never a fused multiply-add; 16-bit floats widened
+//! to f32 and rounded back to nearest-even), so the output bits never depend on the path.
+//! `kernel` chooses the path once per call; nothing here is reached without AVX2 and F16C.
+
+/// `x * mul`, then `+ add` when there is one (two roundings, as torch's `mul` then `add_`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Linear<F> {
+    pub mul: F,
+    pub add: Option<F>,
+}
+
+/// The keep decisions of a run.
+#[derive(Clone, Copy, Debug)]
+pub enum RunMask<'a> {
+    /// Element j's decision is bit `first + j` of `words` (bit b is bit b % 64 of word b / 64).
+    Bits { words: &'a [u64], first: usize },
+    /// One decision for every element.
+    All(bool),
+}
+
+/// The 64 bits starting at bit `first` of `words`, zeros past the end.
+#[inline(always)]
+pub fn word_at(words: &[u64], first: usize) -> u64 {
+    let (w, s) = (first / 64, first % 64);
+    let lo = words.get(w).copied().unwrap_or(0);
+    if s == 0 {
+        lo
+    } else {
+        (lo >> s) | (words.get(w + 1).copied().unwrap_or(0) << (64 - s))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::{apply_f16, apply_f32, apply_f64};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{word_at, Linear, RunMask};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Which decisions a loop sees, as a const parameter so each case gets its own loop.
+    const BITS: u8 = 0;
+    const KEEP_ALL: u8 = 1;
+    const DROP_ALL: u8 = 2;
+
+    /// Eight lanes of f32 arithmetic over an element type stored as f32 or f16.
+    trait Lanes8: Copy {
+        unsafe fn load(p: *const Self) -> __m256;
+        unsafe fn store<const STREAM: bool>(p: *mut Self, v: __m256);
+        /// Rounds to the element type and back (identity for f32).
+        unsafe fn round(v: __m256) -> __m256;
+    }
+
+    impl Lanes8 for f32 {
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store<const STREAM: bool>(p: *mut f32, v: __m256) {
+            if STREAM {
+                // Streams only to 16-byte aligned outputs (checked in `apply_lanes8`).
+                _mm_stream_ps(p, _mm256_castps256_ps128(v));
+                _mm_stream_ps(p.add(4), _mm256_extractf128_ps::<1>(v));
+            } else {
+                _mm256_storeu_ps(p, v)
+            }
+        }
+        #[inline(always)]
+        unsafe fn round(v: __m256) -> __m256 {
+            v
+        }
+    }
+
+    impl Lanes8 for f16 {
+        #[inline(always)]
+        unsafe fn load(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn store<const STREAM: bool>(p: *mut f16, v: __m256) {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            if STREAM {
+                _mm_stream_si128(p as *mut __m128i, h)
+            } else {
+                _mm_storeu_si128(p as *mut __m128i, h)
+            }
+        }
+        #[inline(always)]
+        unsafe fn round(v: __m256) -> __m256 {
+            _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+        }
+    }
+
+    /// One group of eight: `sel`'s lane sign bits are the keep decisions (for `BITS`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group8<T: Lanes8, const MODE: u8, const RES: bool, const STREAM: bool>(
+        mul: __m256,
+        add: Option<__m256>,
+        dropped: __m256,
+        sel: __m256,
+        src: *const T,
+        dst: *mut T,
+        res: *const T,
+    ) {
+        let v = if MODE == DROP_ALL {
+            dropped
+        } else {
+            let mut kept = _mm256_mul_ps(T::load(src), mul);
+            if let Some(a) = add {
+                kept = _mm256_add_ps(kept, a);
+            }
+            if MODE == KEEP_ALL {
+                kept
+            } else {
+                _mm256_blendv_ps(dropped, kept, sel)
+            }
+        };
+        if RES {
+            T::store::<STREAM>(dst, _mm256_add_ps(T::load(res), T::round(v)));
+        } else {
+            T::store::<STREAM>(dst, v);
+        }
+    }
+
+    /// Runs of 64 elements; the caller handles the tail.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn words8<T: Lanes8, const MODE: u8, const RES: bool, const STREAM: bool>(
+        lin: Linear<f32>,
+        dropped: __m256,
+        mask: RunMask,
+        src: *const T,
+        dst: *mut T,
+        res: *const T,
+        full: usize,
+    ) {
+        let mul = _mm256_set1_ps(lin.mul);
+        let add = lin.add.map(|a| _mm256_set1_ps(a));
+        // Lane i of group g moves bit 8g + i of a 32-bit half into its sign bit.
+        let shifts = [0, 1, 2, 3].map(|g| {
+            _mm256_setr_epi32(
+                31 - 8 * g,
+                30 - 8 * g,
+                29 - 8 * g,
+                28 - 8 * g,
+                27 - 8 * g,
+                26 - 8 * g,
+                25 - 8 * g,
+                24 - 8 * g,
+            )
+        });
+        for w in 0..full {
+            let word = match mask {
+                RunMask::Bits { words, first } if MODE == BITS => word_at(words, first + 64 * w),
+                _ => 0,
+            };
+            let halves = [
+                _mm256_set1_epi32(word as u32 as i32),
+                _mm256_set1_epi32((word >> 32) as u32 as i32),
+            ];
+            for g in 0..8 {
+                let e = 64 * w + 8 * g;
+                let sel = _mm256_castsi256_ps(_mm256_sllv_epi32(halves[g / 4], shifts[g % 4]));
+                group8::<T, MODE, RES, STREAM>(
+                    mul,
+                    add,
+                    dropped,
+                    sel,
+                    src.add(e),
+                    dst.add(e),
+                    if RES { res.add(e) } else { res },
+                );
+            }
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn apply_lanes8<T: Lanes8 + Default>(
+        lin: Linear<f32>,
+        dropped: f32,
+        mask: RunMask,
+        src: *const T,
+        dst: *mut T,
+        res: Option<*const T>,
+        len: usize,
+        stream: bool,
+    ) {
+        let dropped_v = _mm256_set1_ps(dropped);
+        let full = len / 64;
+        let stream = stream && (dst as usize).is_multiple_of(16) && full > 0;
+        let r = res.unwrap_or(std::ptr::null());
+        macro_rules! go {
+            ($mode:expr) => {
+                match (res.is_some(), stream) {
+                    (false, false) => words8::<T, { $mode }, false, false>(
+                        lin, dropped_v, mask, src, dst, r, full,
+                    ),
+                    (false, true) => {
+                        words8::<T, { $mode }, false, true>(lin, dropped_v, mask, src, dst, r, full)
+                    }
+                    (true, false) => {
+                        words8::<T, { $mode }, true, false>(lin, dropped_v, mask, src, dst, r, full)
+                    }
+                    (true, true) => {
+                        words8::<T, { $mode }, true, true>(lin, dropped_v, mask, src, dst, r, full)
+                    }
+                }
+            };
+        }
+        match mask {
+            RunMask::Bits { .. } => go!(BITS),
+            RunMask::All(true) => go!(KEEP_ALL),
+            RunMask::All(false) => go!(DROP_ALL),
+        }
+        if stream {
+            // Non-temporal stores are weakly ordered: make them visible before the chunk is
+            // reported done.
+            _mm_sfence();
+        }
+        let done = 64 * full;
+        let rest = len - done;
+        if rest > 0 {
+            // The tail goes through the same loop on a stack copy, so it gets the same bits.
+            let (mut s, mut d, mut q) =
+                ([T::default(); 64], [T::default(); 64], [T::default(); 64]);
+            if !matches!(mask, RunMask::All(false)) {
+                std::ptr::copy_nonoverlapping(src.add(done), s.as_mut_ptr(), rest);
+            }
+            if let Some(rp) = res {
+                std::ptr::copy_nonoverlapping(rp.add(done), q.as_mut_ptr(), rest);
+            }
+            let tail_mask = match mask {
+                RunMask::Bits { words, first } => RunMask::Bits {
+                    words,
+                    first: first + done,
+                },
+                m => m,
+            };
+            let rq = res.map(|_| q.as_ptr());
+            let r = rq.unwrap_or(std::ptr::null());
+            let (sp, dp) = (s.as_ptr(), d.as_mut_ptr());
+            match (tail_mask, rq.is_some()) {
+                (RunMask::Bits { .. }, false) => {
+                    words8::<T, BITS, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                }
+                (RunMask::Bits { .. }, true) => {
+                    words8::<T, BITS, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                }
+                (RunMask::All(true), false) => {
+                    words8::<T, KEEP_ALL, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                }
+                (RunMask::All(true), true) => {
+                    words8::<T, KEEP_ALL, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                }
+                (RunMask::All(false), false) => {
+                    words8::<T, DROP_ALL, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                }
+                (RunMask::All(false), true) => {
+                    words8::<T, DROP_ALL, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                }
+            }
+            std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(done), rest);
+        }
+    }
+
+    /// `dst[j] = keep(j) ? src[j] * mul (+ add) : dropped`, then `res[j] +` that when given, for
+    /// j < len, in f32.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C; `src`, `dst` and `res` must be valid for `len` elements
+    /// (`dst` may equal `src`, but no other overlap); `Bits` must cover bits `first..first + len`.
+    #[target_feature(enable = "avx2,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn apply_f32(
+        lin: Linear<f32>,
+        dropped: f32,
+        mask: RunMask,
+        src: *const f32,
+        dst: *mut f32,
+        res: Option<*const f32>,
+        len: usize,
+        stream: bool,
+    ) {
+        apply_lanes8::<f32>(lin, dropped, mask, src, dst, res, len, stream)
+    }
+
+    /// [`apply_f32`] for f16 storage: widened to f32, computed, rounded to nearest-even; with a
+    /// residual the masked value is rounded to f16 before the add, as the unfused pair would.
+    ///
+    /// # Safety
+    /// As [`apply_f32`].
+    #[target_feature(enable = "avx2,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn apply_f16(
+        lin: Linear<f32>,
+        dropped: f16,
+        mask: RunMask,
+        src: *const f16,
+        dst: *mut f16,
+        res: Option<*const f16>,
+        len: usize,
+        stream: bool,
+    ) {
+        apply_lanes8::<f16>(lin, dropped.to_f32(), mask, src, dst, res, len, stream)
+    }
+
+    /// One group of four f64.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group4<const MODE: u8, const RES: bool, const STREAM: bool>(
+        mul: __m256d,
+        add: Option<__m256d>,
+        dropped: __m256d,
+        sel: __m256d,
+        src: *const f64,
+        dst: *mut f64,
+        res: *const f64,
+    ) {
+        let v = if MODE == DROP_ALL {
+            dropped
+        } else {
+            let mut kept = _mm256_mul_pd(_mm256_loadu_pd(src), mul);
+            if let Some(a) = add {
+                kept = _mm256_add_pd(kept, a);
+            }
+            if MODE == KEEP_ALL {
+                kept
+            } else {
+                _mm256_blendv_pd(dropped, kept, sel)
+            }
+        };
+        let v = if RES {
+            _mm256_add_pd(_mm256_loadu_pd(res), v)
+        } else {
+            v
+        };
+        if STREAM {
+            _mm_stream_pd(dst, _mm256_castpd256_pd128(v));
+            _mm_stream_pd(dst.add(2), _mm256_extractf128_pd::<1>(v));
+        } else {
+            _mm256_storeu_pd(dst, v);
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn words4<const MODE: u8, const RES: bool, const STREAM: bool>(
+        lin: Linear<f64>,
+        dropped: __m256d,
+        mask: RunMask,
+        src: *const f64,
+        dst: *mut f64,
+        res: *const f64,
+        full: usize,
+    ) {
+        let mul = _mm256_set1_pd(lin.mul);
+        let add = lin.add.map(|a| _mm256_set1_pd(a));
+        // Lane i moves bit i of the (shifted) word into its sign bit.
+        let shifts = _mm256_setr_epi64x(63, 62, 61, 60);
+        for w in 0..full {
+            let word = match mask {
+                RunMask::Bits { words, first } if MODE == BITS => word_at(words, first + 64 * w),
+                _ => 0,
+            };
+            let mut bits = _mm256_set1_epi64x(word as i64);
+            for g in 0..16 {
+                let e = 64 * w + 4 * g;
+                let sel = _mm256_castsi256_pd(_mm256_sllv_epi64(bits, shifts));
+                bits = _mm256_srli_epi64::<4>(bits);
+                group4::<MODE, RES, STREAM>(
+                    mul,
+                    add,
+                    dropped,
+                    sel,
+                    src.add(e),
+                    dst.add(e),
+                    if RES { res.add(e) } else { res },
+                );
+            }
+        }
+    }
+
+    /// [`apply_f32`] for f64.
+    ///
+    /// # Safety
+    /// As [`apply_f32`].
+    #[target_feature(enable = "avx2,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn apply_f64(
+        lin: Linear<f64>,
+        dropped: f64,
+        mask: RunMask,
+        src: *const f64,
+        dst: *mut f64,
+        res: Option<*const f64>,
+        len: usize,
+        stream: bool,
+    ) {
+        let dropped_v = _mm256_set1_pd(dropped);
+        let full = len / 64;
+        let stream = stream && (dst as usize).is_multiple_of(16) && full > 0;
+        let r = res.unwrap_or(std::ptr::null());
+        macro_rules! go {
+            ($mode:expr, $mask:expr, $src:expr, $dst:expr, $r:expr, $res:expr, $stream:expr, $n:expr) => {
+                match ($res, $stream) {
+                    (false, false) => {
+                        words4::<{ $mode }, false, false>(lin, dropped_v, $mask, $src, $dst, $r, $n)
+                    }
+                    (false, true) => {
+                        words4::<{ $mode }, false, true>(lin, dropped_v, $mask, $src, $dst, $r, $n)
+                    }
+                    (true, false) => {
+                        words4::<{ $mode }, true, false>(lin, dropped_v, $mask, $src, $dst, $r, $n)
+                    }
+                    (true, true) => {
+                        words4::<{ $mode }, true, true>(lin, dropped_v, $mask, $src, $dst, $r, $n)
+                    }
+                }
+            };
+        }
+        match mask {
+            RunMask::Bits { .. } => go!(BITS, mask, src, dst, r, res.is_some(), stream, full),
+            RunMask::All(true) => go!(KEEP_ALL, mask, src, dst, r, res.is_some(), stream, full),
+            RunMask::All(false) => go!(DROP_ALL, mask, src, dst, r, res.is_some(), stream, full),
+        }
+        if stream {
+            // See `apply_lanes8`.
+            _mm_sfence();
+        }
+        let done = 64 * full;
+        let rest = len - done;
+        if rest > 0 {
+            let (mut s, mut d, mut q) = ([0f64; 64], [0f64; 64], [0f64; 64]);
+            if !matches!(mask, RunMask::All(false)) {
+                std::ptr::copy_nonoverlapping(src.add(done), s.as_mut_ptr(), rest);
+            }
+            if let Some(rp) = res {
+                std::ptr::copy_nonoverlapping(rp.add(done), q.as_mut_ptr(), rest);
+            }
+            let tail_mask = match mask {
+                RunMask::Bits { words, first } => RunMask::Bits {
+                    words,
+                    first: first + done,
+                },
+                m => m,
+            };
+            let (sp, dp, qp) = (s.as_ptr(), d.as_mut_ptr(), q.as_ptr());
+            match tail_mask {
+                RunMask::Bits { .. } => go!(BITS, tail_mask, sp, dp, qp, res.is_some(), false, 1),
+                RunMask::All(true) => go!(KEEP_ALL, tail_mask, sp, dp, qp, res.is_some(), false, 1),
+                RunMask::All(false) => {
+                    go!(DROP_ALL, tail_mask, sp, dp, qp, res.is_some(), false, 1)
+                }
+            }
+            std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(done), rest);
+        }
+    }
+}
