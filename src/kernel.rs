@@ -543,20 +543,32 @@ impl Plan {
             idx[d] = rem % self.shape[d];
             rem /= self.shape[d];
         }
+        // Offsets follow the index incrementally: short rows (a channel mask over small
+        // planes) would otherwise pay a product per dimension per row.
+        let st = &self.strides;
+        let mut off = [0isize; 4];
+        for (k, o) in off.iter_mut().enumerate() {
+            *o = (0..nd).map(|d| idx[d] as isize * st[k][d]).sum();
+        }
         let mut pos = start;
         while pos < end {
             let len = (inner - idx[nd - 1]).min(end - pos);
-            let mut off = [0isize; 4];
-            for (k, o) in off.iter_mut().enumerate() {
-                *o = (0..nd).map(|d| idx[d] as isize * self.strides[k][d]).sum();
-            }
             seg([off[0], off[1], off[2], 0], off[3], len);
             pos += len;
+            for (k, o) in off.iter_mut().enumerate() {
+                *o -= idx[nd - 1] as isize * st[k][nd - 1];
+            }
             idx[nd - 1] = 0;
             for d in (0..nd - 1).rev() {
                 idx[d] += 1;
+                for (k, o) in off.iter_mut().enumerate() {
+                    *o += st[k][d];
+                }
                 if idx[d] < self.shape[d] {
                     break;
+                }
+                for (k, o) in off.iter_mut().enumerate() {
+                    *o -= self.shape[d] as isize * st[k][d];
                 }
                 idx[d] = 0;
             }
@@ -622,7 +634,8 @@ unsafe fn apply_range<T: Element, R: Rule<T>>(
         let res = plan.res.map(|r| r.offset(off[2]));
         let m0 = (mbit as usize).wrapping_sub(base);
         let contiguous = s_in == size && d_in == size && (res.is_none() || r_in == size);
-        if let Some(f) = fast.filter(|_| contiguous && (m_in == 0 || m_in == 1)) {
+        // Runs shorter than a mask word are not worth the vector loop's set-up and tail copy.
+        if let Some(f) = fast.filter(|_| contiguous && (m_in == 0 || m_in == 1) && len >= 64) {
             let mask = if m_in == 0 {
                 RunMask::All(bit(words, m0))
             } else {
