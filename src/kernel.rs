@@ -20,7 +20,7 @@ pub const CHUNK: usize = 1 << 15;
 /// Elements whose keep bits are drawn just before they are applied: small enough that the
 /// generator's arithmetic overlaps the memory traffic of the loads and stores around it instead
 /// of leaving the memory system idle while a whole chunk's bits are drawn.
-const SUB: usize = 2048;
+const SUB: usize = 1024;
 /// Below this many elements a call runs on the calling thread: waking the pool costs more.
 pub const PARALLEL_MIN: usize = 1 << 17;
 /// Out-of-place outputs at least this large (bytes) are written with non-temporal stores: they
@@ -1029,24 +1029,22 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(
             threshold,
             store: None,
         } => for_each_chunk(config.threads, n, chunks, |c| {
-            let mut local = [0u64; CHUNK / 64];
-            let end = ((c + 1) * CHUNK).min(n);
-            draw_and_apply(
-                key,
-                first_block,
-                threshold,
-                c * CHUNK,
-                end,
-                &mut local[..words_for(end - c * CHUNK)],
-                &range,
-            )
+            // Bits that are not kept need only one sub-range's worth of room.
+            let mut local = [0u64; SUB / 64];
+            for s in (c * CHUNK..((c + 1) * CHUNK).min(n)).step_by(SUB) {
+                let e = (s + SUB).min(n);
+                let w = &mut local[..words_for(e - s)];
+                rng::keep_words(key, first_block.wrapping_add((s / 4) as u64), threshold, w);
+                range(s, e, w, s);
+            }
         }),
     }
 }
 
 /// Draws the keep bits of elements [start, end) into `words` (bit i - start for element i; start
 /// a multiple of 64) and applies them, `SUB` elements at a time. Element i's decision is word
-/// i % 4 of block `first_block + i / 4` however the range is cut.
+/// i % 4 of block `first_block + i / 4` however the range is cut (the mask-free path above cuts
+/// it the same way).
 fn draw_and_apply(
     key: Key,
     first_block: u64,

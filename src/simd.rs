@@ -144,18 +144,14 @@ mod x86 {
         let mul = _mm256_set1_ps(lin.mul);
         let add = lin.add.map(|a| _mm256_set1_ps(a));
         // Lane i of group g moves bit 8g + i of a 32-bit half into its sign bit.
-        let shifts = [0, 1, 2, 3].map(|g| {
-            _mm256_setr_epi32(
-                31 - 8 * g,
-                30 - 8 * g,
-                29 - 8 * g,
-                28 - 8 * g,
-                27 - 8 * g,
-                26 - 8 * g,
-                25 - 8 * g,
-                24 - 8 * g,
-            )
-        });
+        // Lane i of group g moves bit 8g + i of a 32-bit half into its sign bit. Written out:
+        // a closure here would not inherit the caller's target features and stay uninlined.
+        let shifts = [
+            _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
+            _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+            _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
+            _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+        ];
         for w in 0..full {
             let word = match mask {
                 RunMask::Bits { words, first } if MODE == BITS => word_at(words, first + 64 * w),
