@@ -62,6 +62,9 @@ class _Spec:
 
 
 def _check_prob(p: Any, name: str = "dropout probability") -> float:
+    if type(p) is float and 0.0 <= p <= 1.0:
+        # The common case, without the ABC isinstance below (half a microsecond a call).
+        return p
     if isinstance(p, (str, bytes)) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(p).__name__}")
     p = float(p)
