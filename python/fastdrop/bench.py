@@ -3,8 +3,10 @@
 For every variant and size the same data goes through each implementation; the table gives
 throughput in GB/s (bytes read + written, so every row is comparable) and two ratios: fastdrop's
 time over the floor's (``np.copyto`` into a preallocated array; ``np.multiply(x, c, out=x)`` for
-the in-place variant; ``np.add(a, b, out=c)`` for the fused ones), and torch's time over
-fastdrop's. Timings are medians of several runs after a warm-up, from ``time.perf_counter``.
+the in-place variant; ``np.add(a, b, out=c)`` for the fused ones), the same over the
+allocating floor (``np.copy(x)``, ``np.add(a, b)``: an out-of-place call pays for fresh output
+pages as these do), and torch's time over fastdrop's. Timings are medians of several runs after a
+warm-up, from ``time.perf_counter``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ IMPLS = {
     "numpy": "numpy naive",
     "unfused": "fastdrop+np.add",
     "floor": "floor",
+    "alloc_floor": "alloc floor",
 }
 
 
@@ -172,6 +175,7 @@ def _cases(variant: str, n: int, dtype: np.dtype, rng: np.random.Generator):
     if variant in FUSED:
         floor_name = "np.add(a, b, out=c)"
         fns["floor"] = lambda: np.add(x, r, out=out)
+        fns["alloc_floor"] = lambda: np.add(x, r)
         moved = 3 * size
     elif variant == "dropout_inplace":
         floor_name = "np.multiply(x, c, out=x)"
@@ -181,6 +185,7 @@ def _cases(variant: str, n: int, dtype: np.dtype, rng: np.random.Generator):
     else:
         floor_name = "np.copyto"
         fns["floor"] = lambda: np.copyto(out, x)
+        fns["alloc_floor"] = lambda: np.copy(x)
         moved = 2 * size
     _torch_cases(variant, x, r, fns)
     return x, fns, floor_name, moved
@@ -275,14 +280,16 @@ def _fmt_gbps(v: Optional[float]) -> str:
 
 def table(result: Dict[str, Any]) -> str:
     """One table per (dtype, variant): rows are sizes, columns GB/s per implementation, then
-    fastdrop/floor (time ratio, lower is better) and torch/fastdrop (speed-up)."""
+    fastdrop/floor and fastdrop/allocating floor (time ratios, lower is better) and
+    torch/fastdrop (speed-up)."""
     m = result["machine"]
     lines = [
         f"fastdrop {m['fastdrop']} on {m['cpu']} ({m['cores']} cores), generator path "
         f"{m['simd_backend']}, {m['threads']} threads"
         + (f"; torch {m['torch']}" if "torch" in m else "; torch not installed"),
         f"p = {result['p']}; GB/s = (bytes read + written) / median time; "
-        f"x floor = fastdrop time / floor time; vs torch = torch time / fastdrop time",
+        "x floor, x alloc = fastdrop time / (allocating) floor time; "
+        "vs torch = torch time / fastdrop time",
     ]
     cells: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
     for rec in result["records"]:
@@ -299,12 +306,14 @@ def table(result: Dict[str, Any]) -> str:
             lines.append("")
             lines.append(f"{variant} ({dtype}; floor: {floor})")
             head = f"{'size':>6} " + " ".join(f"{IMPLS[i]:>15}" for i in present)
-            lines.append(head + f" {'x floor':>8} {'vs torch':>9}")
+            lines.append(head + f" {'x floor':>8} {'x alloc':>8} {'vs torch':>9}")
         gb = " ".join(f"{_fmt_gbps(row[i]['gbps'] if i in row else None):>15}" for i in present)
         fd = row["fastdrop"]["seconds"]
         ratio = fd / row["floor"]["seconds"]
+        alloc = row.get("alloc_floor")
+        xa = f"{fd / alloc['seconds']:7.2f}x" if alloc else f"{'-':>8}"
         vs = f"{row['torch']['seconds'] / fd:8.1f}x" if "torch" in row else f"{'-':>9}"
-        lines.append(f"{label(size):>6} {gb} {ratio:7.2f}x {vs}")
+        lines.append(f"{label(size):>6} {gb} {ratio:7.2f}x {xa} {vs}")
     if "fastdrop_torch" not in present and "torch" in m:
         lines.append("")
         lines.append("fastdrop(torch): skipped, fastdrop._torch is not available")
