@@ -566,6 +566,32 @@ fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
 }
 
 /// Runs the kernel for the views' dtype with the GIL released.
+/// Outputs this large are worth backing with transparent huge pages.
+const HUGE_PAGE_MIN: usize = 4 << 20;
+
+/// Asks the OS to back a fresh output with transparent huge pages before the kernel's first
+/// write faults it in. NumPy advises its own large allocations this way, torch's CPU allocator
+/// does not: with 4 KiB pages, faulting in a 256 MiB tensor costs about three times the copy.
+/// Only the whole 2 MiB pages inside the output's extent are advised; it is a hint, and an
+/// error (e.g. THP disabled) changes nothing.
+fn advise_huge_pages(out: &View) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (lo, hi) = out.extent();
+        let (start, end) = (lo.next_multiple_of(HUGE), hi - hi % HUGE);
+        if hi - lo >= HUGE_PAGE_MIN && end > start {
+            // SAFETY: [start, end) lies inside the output's own extent; MADV_HUGEPAGE only
+            // changes how the kernel backs those pages, never their contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (out, HUGE_PAGE_MIN);
+}
+
 fn run_kernel(
     py: Python<'_>,
     x: &View,
@@ -585,6 +611,9 @@ fn run_kernel(
     }
     // SAFETY: the views point into arrays this call keeps alive; raw pointers are only carried.
     unsafe impl Send for Job<'_> {}
+    if !x.same_view(out) {
+        advise_huge_pages(out);
+    }
     let job = Job {
         x,
         out,
