@@ -11,7 +11,7 @@ use numpy::npyffi::{objects::_PyArray_GET_ITEM_DATA, NPY_ARRAY_WRITEABLE};
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyCapsule, PyTuple};
+use pyo3::types::{PyBytes, PyCapsule, PyString, PyTuple};
 
 impl From<DropError> for PyErr {
     fn from(e: DropError) -> PyErr {
@@ -545,9 +545,10 @@ fn check_mask_shape(shape: &[usize], mask_shape: &[usize]) -> PyResult<()> {
 }
 
 fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
-    let kind: String = app.get_item(0)?.extract()?;
+    let kind = app.get_item(0)?;
+    let kind = kind.cast::<PyString>()?.to_cow()?;
     let f = |i: usize| -> PyResult<f64> { app.get_item(i)?.extract() };
-    match kind.as_str() {
+    match kind.as_ref() {
         "scale" => Ok(Application::Scale { scale: f(1)? }),
         "affine" => Ok(Application::Affine {
             a: f(1)?,
@@ -566,6 +567,9 @@ fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
 }
 
 /// Runs the kernel for the views' dtype with the GIL released.
+/// Below this many elements the kernel takes less time than releasing and retaking the GIL.
+const RELEASE_GIL_MIN: usize = 1 << 14;
+
 /// Outputs this large are worth backing with transparent huge pages.
 const HUGE_PAGE_MIN: usize = 4 << 20;
 
@@ -622,7 +626,7 @@ fn run_kernel(
         bits,
         app,
     };
-    py.detach(move || {
+    let work = move || {
         let job = job;
         let (shape, ms) = (&job.x.shape, job.mask_shape);
         let (src, dst, res) = (
@@ -642,7 +646,12 @@ fn run_kernel(
                 Dtype::F64 => kernel::run::<f64>(shape, ms, src, dst, res, job.bits, &job.app),
             }
         }
-    });
+    };
+    if x.shape.iter().product::<usize>() >= RELEASE_GIL_MIN {
+        py.detach(work)
+    } else {
+        work()
+    }
 }
 
 fn check_prob(name: &str, p: f64) -> PyResult<()> {

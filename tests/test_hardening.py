@@ -1,6 +1,6 @@
 """Hardening (issue 6): refusals before any write, error messages that say what was received and
-what is expected (kept in sync with the README's error table), threads sharing one generator, the GIL,
-per-thread `set_num_threads`, and the memory an out-of-place or in-place call may take."""
+what is expected (kept in sync with the README's error table), threads sharing one generator,
+the GIL, per-thread `set_num_threads`, and the memory an out-of-place or in-place call may take."""
 
 from __future__ import annotations
 
@@ -188,11 +188,11 @@ def test_sizes_beyond_memory_are_errors_not_crashes():
     ], r.stdout + r.stderr[-2000:]
 
 
-# --- error messages: received and expected, as in the README's error table ------------------------------
+# --- error messages: received and expected, as in the README's error table -----------------
 
 S = np.ones((2, 3), np.float32)
 
-# (call, exception, the exact message); the table in the README's error table lists each message verbatim.
+# (call, exception, the exact message); the README's error table lists each message verbatim.
 ERRORS = [
     (
         "fastdrop.dropout(x, 1.5)",

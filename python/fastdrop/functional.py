@@ -9,6 +9,7 @@ path for the input's type. The arithmetic lives in Rust (`fastdrop._core`).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Optional
@@ -45,7 +46,8 @@ class ShapeError(ValueError, RuntimeError):
 class _Spec:
     """What a call does: its mask shape, application, keep probability and backward scale, or
     the parameters of a block mask (``block`` is not None). ``args`` keeps a block call's own
-    arguments: torch's path for tensors off the CPU hands them to timm's algorithm unchanged."""
+    arguments: torch's path for tensors off the CPU hands them to timm's algorithm unchanged.
+    Specs are never mutated, so the common ones are cached per (mask shape, p)."""
 
     __slots__ = ("mask_shape", "application", "keep", "grad_scale", "block", "args")
 
@@ -79,8 +81,13 @@ def _check_bool(v: Any, name: str) -> bool:
     return bool(v)
 
 
+_NATIVE_FLOATS = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+
+
 def _as_array(x: Any, name: str = "input") -> np.ndarray:
     """The NumPy view of `x`: an ndarray as is, another CPU DLPack producer through DLPack."""
+    if type(x) is np.ndarray and x.dtype in _NATIVE_FLOATS:
+        return x  # the common case, in one set lookup
     if not isinstance(x, np.ndarray):
         if hasattr(x, "__dlpack__") and not isinstance(x, np.generic):
             try:
@@ -116,6 +123,20 @@ def _resolve_generator(generator: Any) -> _core.Generator:
     )
 
 
+def _torch_module():
+    """`fastdrop._torch`, imported on first use (it imports torch); cached, as an import
+    statement costs a microsecond a call."""
+    global _TORCH
+    if _TORCH is None:
+        from . import _torch
+
+        _TORCH = _torch
+    return _TORCH
+
+
+_TORCH: Any = None
+
+
 # --- the one path every variant takes ---------------------------------------------------------
 
 
@@ -128,10 +149,8 @@ def _run(
     residual: Any = None,
 ):
     """Applies `spec` to `x` (plus `residual`), or returns `x` untouched when `spec` is None."""
-    if is_torch_tensor(x) or is_torch_tensor(residual):
-        from . import _torch
-
-        return _torch.run(x, spec, inplace, generator, return_mask, residual)
+    if is_torch_tensor(x) or (residual is not None and is_torch_tensor(residual)):
+        return _torch_module().run(x, spec, inplace, generator, return_mask, residual)
     a = _as_array(x)
     r = None if residual is None else _as_array(residual, "residual")
     if r is not None and (r.shape != a.shape or r.dtype != a.dtype):
@@ -186,6 +205,7 @@ def _ndim(x: Any) -> int:
     return len(x.shape) if hasattr(x, "shape") else -1
 
 
+@functools.lru_cache(maxsize=256)
 def _scale_spec(mask_shape: tuple, p: float) -> _Spec:
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     return _Spec(mask_shape, ("scale", scale), 1.0 - p, scale)
@@ -223,13 +243,14 @@ def dropout(
         return _run(input, None, inplace, generator, return_mask)
     return _run(
         input,
-        _scale_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+        _scale_spec(getattr(input, "shape", ()), p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _alpha_spec(mask_shape: tuple, p: float) -> _Spec:
     if p == 1.0:
         return _Spec(mask_shape, ("scale", 0.0), 0.0, 0.0)
@@ -257,7 +278,7 @@ def alpha_dropout(
         return _run(input, None, inplace, generator, return_mask)
     return _run(
         input,
-        _alpha_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+        _alpha_spec(getattr(input, "shape", ()), p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
@@ -545,7 +566,7 @@ def dropout_add(
         return _run(input, None, False, generator, return_mask, residual)
     return _run(
         input,
-        _scale_spec(tuple(input.shape) if hasattr(input, "shape") else (), p),
+        _scale_spec(getattr(input, "shape", ()), p),
         False,
         generator,
         return_mask,
