@@ -9,7 +9,6 @@ path for the input's type. The arithmetic lives in Rust (`fastdrop._core`).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Any, Optional
@@ -205,7 +204,26 @@ def _ndim(x: Any) -> int:
     return len(x.shape) if hasattr(x, "shape") else -1
 
 
-@functools.lru_cache(maxsize=256)
+_SPECS: dict = {}
+
+
+def _cached(build):
+    """Caches a spec builder per arguments (specs are never mutated). A plain bounded dict
+    rather than functools.lru_cache, which torch.compile warns about when it traces a call."""
+
+    def cached(mask_shape: tuple, p: float) -> _Spec:
+        key = (build, mask_shape, p)
+        spec = _SPECS.get(key)
+        if spec is None:
+            spec = build(mask_shape, p)
+            if len(_SPECS) < 1024:
+                _SPECS[key] = spec
+        return spec
+
+    return cached
+
+
+@_cached
 def _scale_spec(mask_shape: tuple, p: float) -> _Spec:
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     return _Spec(mask_shape, ("scale", scale), 1.0 - p, scale)
@@ -250,7 +268,7 @@ def dropout(
     )
 
 
-@functools.lru_cache(maxsize=256)
+@_cached
 def _alpha_spec(mask_shape: tuple, p: float) -> _Spec:
     if p == 1.0:
         return _Spec(mask_shape, ("scale", 0.0), 0.0, 0.0)
