@@ -303,43 +303,36 @@ def alpha_dropout(
     )
 
 
-def _feature_shape(
-    name: str, input: Any, allowed: tuple[int, ...], unbatched: Optional[int], note: str
-) -> tuple[int, ...]:
-    """The (N, C, 1, ...) channel mask shape, or (C, 1, ...) for an unbatched input."""
+def _channel_mask_shape(name: str, spatial: int, input: Any) -> tuple[int, ...]:
+    """The (N, C, 1, ...) mask shape of channel dropout over `spatial` dimensions, or (C, 1, ...)
+    for an unbatched input; any other rank is a ShapeError in torch's words."""
     nd = _ndim(input)
     if nd < 0:
         raise TypeError(
             f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
         )
-    if nd not in allowed:
-        want = " or ".join(f"{d}D" for d in allowed)
-        raise ShapeError(f"{name}: Expected {want} input, but received a {nd}D input. {note}")
+    if nd not in (spatial + 1, spatial + 2):
+        dims = "dimension" if spatial == 1 else "dimensions"
+        ranks = f"{spatial + 1}D or {spatial + 2}D"
+        raise ShapeError(
+            f"{name}: Expected {ranks} input, but received a {nd}D input. {name} exists to "
+            f"provide channel-wise dropout on inputs with {spatial} spatial {dims}, a channel "
+            f"dimension, and an optional batch dimension (i.e. {ranks} inputs)."
+        )
     shape = tuple(input.shape)
-    if nd == unbatched:
+    if nd == spatial + 1:
         return (shape[0],) + (1,) * (nd - 1)
     return (shape[0], shape[1]) + (1,) * (nd - 2)
 
 
-def _channel(
-    name: str,
-    allowed,
-    unbatched,
-    note,
-    input,
-    p,
-    training,
-    inplace,
-    generator,
-    return_mask,
-    spec_for=_scale_spec,
-):
+def _channel(spatial: int, input, p, training, inplace, generator, return_mask):
+    """dropout1d/2d/3d: one decision per (sample, channel) over `spatial` dimensions."""
     p = _check_prob(p)
-    mask_shape = _feature_shape(name, input, allowed, unbatched, note)
+    mask_shape = _channel_mask_shape(f"dropout{spatial}d", spatial, input)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask)
     return _run(
-        input, spec_for(mask_shape, p), _check_bool(inplace, "inplace"), generator, return_mask
+        input, _scale_spec(mask_shape, p), _check_bool(inplace, "inplace"), generator, return_mask
     )
 
 
@@ -354,20 +347,7 @@ def dropout1d(
 ):
     """Zeroes whole channels of an (N, C, L) or unbatched (C, L) input with probability ``p``
     and scales the rest by ``1 / (1 - p)``. The mask has shape (N, C, 1): N*C bits."""
-    return _channel(
-        "dropout1d",
-        (2, 3),
-        2,
-        "dropout1d exists to provide channel-wise dropout on inputs with 1 spatial "
-        "dimension, a channel dimension, and an optional batch dimension "
-        "(i.e. 2D or 3D inputs).",
-        input,
-        p,
-        training,
-        inplace,
-        generator,
-        return_mask,
-    )
+    return _channel(1, input, p, training, inplace, generator, return_mask)
 
 
 def dropout2d(
@@ -385,20 +365,7 @@ def dropout2d(
     A 3-D input is unbatched (C, H, W), the meaning torch documents, not the deprecated
     (N, C, L) fallback; any other rank is a ``ShapeError`` (a ValueError and a RuntimeError).
     """
-    return _channel(
-        "dropout2d",
-        (3, 4),
-        3,
-        "dropout2d exists to provide channel-wise dropout on inputs with 2 spatial "
-        "dimensions, a channel dimension, and an optional batch dimension "
-        "(i.e. 3D or 4D inputs).",
-        input,
-        p,
-        training,
-        inplace,
-        generator,
-        return_mask,
-    )
+    return _channel(2, input, p, training, inplace, generator, return_mask)
 
 
 def dropout3d(
@@ -412,20 +379,7 @@ def dropout3d(
 ):
     """Zeroes whole channels of an (N, C, D, H, W) or unbatched (C, D, H, W) input with
     probability ``p`` and scales the rest by ``1 / (1 - p)``."""
-    return _channel(
-        "dropout3d",
-        (4, 5),
-        4,
-        "dropout3d exists to provide channel-wise dropout on inputs with 3 spatial "
-        "dimensions, a channel dimension, and an optional batch dimension "
-        "(i.e. 4D or 5D inputs).",
-        input,
-        p,
-        training,
-        inplace,
-        generator,
-        return_mask,
-    )
+    return _channel(3, input, p, training, inplace, generator, return_mask)
 
 
 def feature_alpha_dropout(
