@@ -340,3 +340,52 @@ def test_threads_sharing_a_generator_never_get_the_same_bits():
     for t in threads:
         t.join()
     assert len(set(results)) == 400
+
+
+# --- out= -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_out_receives_the_same_result_as_a_fresh_array(dtype):
+    x = randn((33, 17), dtype) + dtype(2)
+    buf = np.full_like(x, 7)
+    ref = fastdrop.dropout(x, 0.3, generator=Generator(21))
+    y = fastdrop.dropout(x, 0.3, generator=Generator(21), out=buf)
+    assert y is buf
+    np.testing.assert_array_equal(buf, ref)
+    # Every variant takes it, the fused ones too.
+    r = randn((33, 17), dtype, seed=3)
+    fused = np.empty_like(x)
+    fastdrop.dropout_add(x, r, 0.3, generator=Generator(22), out=fused)
+    np.testing.assert_array_equal(fused, fastdrop.dropout_add(x, r, 0.3, generator=Generator(22)))
+    # Identity calls still fill it.
+    ident = np.empty_like(x)
+    assert fastdrop.dropout(x, 0.3, training=False, out=ident) is ident
+    np.testing.assert_array_equal(ident, x)
+
+
+def test_out_errors_come_before_any_write():
+    x = randn((4, 5))
+    for bad, exc, match in [
+        (np.empty((5, 4), np.float32), ValueError, "shape and dtype"),
+        (np.empty((4, 5), np.float64), ValueError, "shape and dtype"),
+        ([0.0] * 20, TypeError, "numpy.ndarray"),
+    ]:
+        with pytest.raises(exc, match=match):
+            fastdrop.dropout(x, 0.5, out=bad)
+    ro = np.zeros_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fastdrop.dropout(x, 0.5, out=ro)
+    with pytest.raises(ValueError, match="not both"):
+        fastdrop.dropout(x, 0.5, inplace=True, out=np.empty_like(x))
+    before = x.copy()
+    with pytest.raises(ValueError, match="overlaps"):
+        fastdrop.dropout(x, 0.5, out=x[::-1])  # overlaps x without being x
+    np.testing.assert_array_equal(x, before)
+
+
+def test_out_is_refused_for_torch_tensors():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="out="):
+        fastdrop.dropout(torch.ones(3), 0.5, out=np.empty(3, np.float32))

@@ -41,6 +41,7 @@ QUICK_SIZES = (1 << 10, 1 << 16, 1 << 20)
 #: Implementations in table order: name -> column heading.
 IMPLS = {
     "fastdrop": "fastdrop",
+    "fastdrop_out": "fastdrop(out=)",
     "fastdrop_torch": "fastdrop(torch)",
     "torch": "torch",
     "numpy": "numpy naive",
@@ -141,6 +142,7 @@ def _cases(variant: str, n: int, dtype: np.dtype, rng: np.random.Generator):
     x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
     r = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
     out = np.empty_like(x)
+    buf = np.empty_like(x)  # fastdrop's preallocated output (out=): no fresh pages to fault in
     size = x.size * x.itemsize
     fns: Dict[str, Callable[[], Any]] = {}
     path_mask = (shape[0],) + (1,) * (len(shape) - 1)
@@ -149,25 +151,31 @@ def _cases(variant: str, n: int, dtype: np.dtype, rng: np.random.Generator):
     a = 1.0 / math.sqrt((ALPHA * ALPHA * P + 1.0) * keep)
     if variant == "dropout":
         fns["fastdrop"] = lambda: fastdrop.dropout(x, P)
+        fns["fastdrop_out"] = lambda: fastdrop.dropout(x, P, out=buf)
         fns["numpy"] = lambda: x * (rng.random(shape) >= P) / keep
     elif variant == "dropout_inplace":
         fns["fastdrop"] = lambda: fastdrop.dropout(x, P, inplace=True)
         fns["numpy"] = lambda: np.multiply(x, (rng.random(shape) >= P) * s, out=x, casting="unsafe")
     elif variant == "dropout2d":
         fns["fastdrop"] = lambda: fastdrop.dropout2d(x, P)
+        fns["fastdrop_out"] = lambda: fastdrop.dropout2d(x, P, out=buf)
         fns["numpy"] = lambda: x * (rng.random(chan_mask) >= P) / keep
     elif variant == "drop_path":
         fns["fastdrop"] = lambda: fastdrop.drop_path(x, P, True)
+        fns["fastdrop_out"] = lambda: fastdrop.drop_path(x, P, True, out=buf)
         fns["numpy"] = lambda: x * (rng.random(path_mask) >= P) / keep
     elif variant == "alpha_dropout":
         fns["fastdrop"] = lambda: fastdrop.alpha_dropout(x, P, True)
+        fns["fastdrop_out"] = lambda: fastdrop.alpha_dropout(x, P, True, out=buf)
         fns["numpy"] = lambda: a * np.where(rng.random(shape) >= P, x, -ALPHA) + ALPHA * a * P
     elif variant == "dropout_add":
         fns["fastdrop"] = lambda: fastdrop.dropout_add(x, r, P)
+        fns["fastdrop_out"] = lambda: fastdrop.dropout_add(x, r, P, out=buf)
         fns["unfused"] = lambda: np.add(r, fastdrop.dropout(x, P))
         fns["numpy"] = lambda: r + x * (rng.random(shape) >= P) / keep
     elif variant == "drop_path_add":
         fns["fastdrop"] = lambda: fastdrop.drop_path_add(r, x, P, True)
+        fns["fastdrop_out"] = lambda: fastdrop.drop_path_add(r, x, P, True, out=buf)
         fns["unfused"] = lambda: np.add(r, fastdrop.drop_path(x, P, True))
         fns["numpy"] = lambda: r + x * (rng.random(path_mask) >= P) / keep
     else:
@@ -289,6 +297,7 @@ def table(result: Dict[str, Any]) -> str:
         + (f"; torch {m['torch']}" if "torch" in m else "; torch not installed"),
         f"p = {result['p']}; GB/s = (bytes read + written) / median time; "
         "x floor, x alloc = fastdrop time / (allocating) floor time; "
+        "out= x floor = the same with a preallocated out=; "
         "vs torch = torch time / fastdrop time",
     ]
     cells: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
@@ -306,14 +315,18 @@ def table(result: Dict[str, Any]) -> str:
             lines.append("")
             lines.append(f"{variant} ({dtype}; floor: {floor})")
             head = f"{'size':>6} " + " ".join(f"{IMPLS[i]:>15}" for i in present)
-            lines.append(head + f" {'x floor':>8} {'x alloc':>8} {'vs torch':>9}")
+            lines.append(
+                head + f" {'x floor':>8} {'x alloc':>8} {'out= x floor':>12} {'vs torch':>9}"
+            )
         gb = " ".join(f"{_fmt_gbps(row[i]['gbps'] if i in row else None):>15}" for i in present)
         fd = row["fastdrop"]["seconds"]
         ratio = fd / row["floor"]["seconds"]
         alloc = row.get("alloc_floor")
         xa = f"{fd / alloc['seconds']:7.2f}x" if alloc else f"{'-':>8}"
         vs = f"{row['torch']['seconds'] / fd:8.1f}x" if "torch" in row else f"{'-':>9}"
-        lines.append(f"{label(size):>6} {gb} {ratio:7.2f}x {xa} {vs}")
+        fo = row.get("fastdrop_out")
+        xo = f"{fo['seconds'] / row['floor']['seconds']:11.2f}x" if fo else f"{'-':>12}"
+        lines.append(f"{label(size):>6} {gb} {ratio:7.2f}x {xa} {xo} {vs}")
     if "fastdrop_torch" not in present and "torch" in m:
         lines.append("")
         lines.append("fastdrop(torch): skipped, fastdrop._torch is not available")

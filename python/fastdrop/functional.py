@@ -146,9 +146,16 @@ def _run(
     generator: Any,
     return_mask: bool,
     residual: Any = None,
+    out: Any = None,
 ):
-    """Applies `spec` to `x` (plus `residual`), or returns `x` untouched when `spec` is None."""
+    """Applies `spec` to `x` (plus `residual`), or returns `x` untouched when `spec` is None;
+    into `out` when given (NumPy only)."""
     if is_torch_tensor(x) or (residual is not None and is_torch_tensor(residual)):
+        if out is not None:
+            raise TypeError(
+                "out= takes a NumPy array and is not supported for torch tensors, as torch's "
+                "dropout has none; use inplace=True or the returned tensor"
+            )
         return _torch_module().run(x, spec, inplace, generator, return_mask, residual)
     a = _as_array(x)
     r = None if residual is None else _as_array(residual, "residual")
@@ -156,20 +163,40 @@ def _run(
         raise ValueError(
             f"residual must match the input: got {r.shape} {r.dtype} for input {a.shape} {a.dtype}"
         )
+    if out is not None:
+        _check_out(out, a, inplace)
     gen = _resolve_generator(generator)
     if spec is None:
-        out = a if r is None else a + r
-        return (out, Mask._full(a.shape, a.shape, True, 1.0)) if return_mask else out
+        if out is not None:
+            if r is None:
+                np.copyto(out, a)
+            else:
+                np.add(a, r, out=out)
+            result = out
+        else:
+            result = a if r is None else a + r
+        return (result, Mask._full(a.shape, a.shape, True, 1.0)) if return_mask else result
     if inplace and not a.flags.writeable:
         raise ValueError("inplace=True needs a writeable array, but the input is read-only")
-    if inplace:
-        out = a
-    elif r is not None:
-        out = np.empty_like(r)
-    else:
-        out = np.empty_like(a)
+    if out is None:
+        out = a if inplace else np.empty_like(a if r is None else r)
     mask = _apply(a, out, r, spec, gen, return_mask, a.shape)
     return (out, mask) if return_mask else out
+
+
+def _check_out(out: Any, a: np.ndarray, inplace: bool) -> None:
+    """`out=` must be a writeable array of the input's shape and dtype, and not with inplace."""
+    if inplace:
+        raise ValueError("pass either inplace=True or out=, not both")
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != a.shape or out.dtype != a.dtype:
+        raise ValueError(
+            f"out must have the input's shape and dtype {a.shape} {a.dtype}, got "
+            f"{out.shape} {out.dtype}"
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array")
 
 
 def _apply(
@@ -237,6 +264,7 @@ def dropout(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """Zeroes each element with probability ``p`` and scales the rest by ``1 / (1 - p)``.
 
@@ -252,19 +280,22 @@ def dropout(
         generator: a ``fastdrop.Generator`` (default: ``fastdrop.default_generator``), a
             ``numpy.random.Generator`` or, for torch input, a ``torch.Generator``.
         return_mask: also return the ``Mask`` (for ``mask.backward(grad)``).
+        out: a preallocated NumPy array of the input's shape and dtype to write the result
+            into (and return); every function takes it. Not for torch tensors.
 
     Returns:
         The result (same shape and dtype), or ``(result, mask)`` with ``return_mask=True``.
     """
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask)
+        return _run(input, None, inplace, generator, return_mask, out=out)
     return _run(
         input,
         _scale_spec(getattr(input, "shape", ()), p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
+        out=out,
     )
 
 
@@ -284,6 +315,7 @@ def alpha_dropout(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """Alpha dropout (for SELU networks): keeps zero mean and unit variance.
 
@@ -293,13 +325,14 @@ def alpha_dropout(
     """
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask)
+        return _run(input, None, inplace, generator, return_mask, out=out)
     return _run(
         input,
         _alpha_spec(getattr(input, "shape", ()), p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
+        out=out,
     )
 
 
@@ -325,14 +358,19 @@ def _channel_mask_shape(name: str, spatial: int, input: Any) -> tuple[int, ...]:
     return (shape[0], shape[1]) + (1,) * (nd - 2)
 
 
-def _channel(spatial: int, input, p, training, inplace, generator, return_mask):
+def _channel(spatial: int, input, p, training, inplace, generator, return_mask, out):
     """dropout1d/2d/3d: one decision per (sample, channel) over `spatial` dimensions."""
     p = _check_prob(p)
     mask_shape = _channel_mask_shape(f"dropout{spatial}d", spatial, input)
     if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask)
+        return _run(input, None, inplace, generator, return_mask, out=out)
     return _run(
-        input, _scale_spec(mask_shape, p), _check_bool(inplace, "inplace"), generator, return_mask
+        input,
+        _scale_spec(mask_shape, p),
+        _check_bool(inplace, "inplace"),
+        generator,
+        return_mask,
+        out=out,
     )
 
 
@@ -344,10 +382,11 @@ def dropout1d(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """Zeroes whole channels of an (N, C, L) or unbatched (C, L) input with probability ``p``
     and scales the rest by ``1 / (1 - p)``. The mask has shape (N, C, 1): N*C bits."""
-    return _channel(1, input, p, training, inplace, generator, return_mask)
+    return _channel(1, input, p, training, inplace, generator, return_mask, out)
 
 
 def dropout2d(
@@ -358,6 +397,7 @@ def dropout2d(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """Zeroes whole channels of an (N, C, H, W) or unbatched (C, H, W) input with probability
     ``p`` and scales the rest by ``1 / (1 - p)``.
@@ -365,7 +405,7 @@ def dropout2d(
     A 3-D input is unbatched (C, H, W), the meaning torch documents, not the deprecated
     (N, C, L) fallback; any other rank is a ``ShapeError`` (a ValueError and a RuntimeError).
     """
-    return _channel(2, input, p, training, inplace, generator, return_mask)
+    return _channel(2, input, p, training, inplace, generator, return_mask, out)
 
 
 def dropout3d(
@@ -376,10 +416,11 @@ def dropout3d(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """Zeroes whole channels of an (N, C, D, H, W) or unbatched (C, D, H, W) input with
     probability ``p`` and scales the rest by ``1 / (1 - p)``."""
-    return _channel(3, input, p, training, inplace, generator, return_mask)
+    return _channel(3, input, p, training, inplace, generator, return_mask, out)
 
 
 def feature_alpha_dropout(
@@ -390,6 +431,7 @@ def feature_alpha_dropout(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """Alpha dropout with one decision per (sample, channel): mask shape (N, C, 1, ..., 1).
     Needs at least 2 dimensions. Evaluation mode by default, as in torch."""
@@ -405,7 +447,7 @@ def feature_alpha_dropout(
             f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
         )
     if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask)
+        return _run(input, None, inplace, generator, return_mask, out=out)
     shape = tuple(input.shape)
     return _run(
         input,
@@ -413,6 +455,7 @@ def feature_alpha_dropout(
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
+        out=out,
     )
 
 
@@ -437,6 +480,7 @@ def drop_path(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """Stochastic depth (timm's ``drop_path``): drops whole samples with probability
     ``drop_prob`` (one decision per sample, mask shape (N, 1, ..., 1)) and divides the kept ones
@@ -445,8 +489,8 @@ def drop_path(
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     spec = _path_spec(input, drop_prob, scale_by_keep)
     if not _check_bool(training, "training") or drop_prob == 0.0:
-        return _run(input, None, False, generator, return_mask)
-    return _run(input, spec, False, generator, return_mask)
+        return _run(input, None, False, generator, return_mask, out=out)
+    return _run(input, spec, False, generator, return_mask, out=out)
 
 
 def drop_block_2d(
@@ -462,6 +506,7 @@ def drop_block_2d(
     training: bool = True,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """DropBlock (timm's ``drop_block_2d``) on an (N, C, H, W) input.
 
@@ -496,7 +541,7 @@ def drop_block_2d(
         )
     n, c, h, w = (int(s) for s in input.shape)
     if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
-        return _run(input, None, inplace, generator, return_mask)
+        return _run(input, None, inplace, generator, return_mask, out=out)
     kh, kw = min(block_size, h), min(block_size, w)
     gamma = float(gamma_scale) * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
     if gamma > 1.0:
@@ -519,7 +564,7 @@ def drop_block_2d(
             scale_by_keep=scale_by_keep,
         ),
     )
-    return _run(input, spec, _check_bool(inplace, "inplace"), generator, return_mask)
+    return _run(input, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
 
 
 def dropout_add(
@@ -530,12 +575,13 @@ def dropout_add(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """``residual + dropout(input, p, training)`` in one pass over memory, with the mask the
     unfused ``dropout`` call would draw from the same generator state, and its exact values."""
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, False, generator, return_mask, residual)
+        return _run(input, None, False, generator, return_mask, residual, out=out)
     return _run(
         input,
         _scale_spec(getattr(input, "shape", ()), p),
@@ -543,6 +589,7 @@ def dropout_add(
         generator,
         return_mask,
         residual,
+        out=out,
     )
 
 
@@ -555,11 +602,12 @@ def drop_path_add(
     *,
     generator: Any = None,
     return_mask: bool = False,
+    out: Any = None,
 ):
     """``x + drop_path(branch, ...)`` in one pass; a dropped sample's branch is never read."""
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     spec = _path_spec(branch, drop_prob, scale_by_keep)
     if not _check_bool(training, "training") or drop_prob == 0.0:
-        return _run(branch, None, False, generator, return_mask, x)
-    return _run(branch, spec, False, generator, return_mask, x)
+        return _run(branch, None, False, generator, return_mask, x, out=out)
+    return _run(branch, spec, False, generator, return_mask, x, out=out)
