@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.fastdrop-stamps
 
-.PHONY: demo test test-rust test-python bench bench-rust bench-python lint fuzz build venv clean
+.PHONY: demo test test-rust test-python bench bench-rust bench-python lint valgrind fuzz build venv clean
 
 $(STAMP)/venv:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ lint: $(STAMP)/test
 	$(VENV)/bin/ruff check python tests examples
 	$(VENV)/bin/ruff format --check python tests examples
 	$(VENV)/bin/mypy
+
+# The Rust unit tests under valgrind's memcheck: no invalid read or write in the kernels.
+valgrind:
+	cargo test --release --lib --no-run
+	valgrind --error-exitcode=1 -q $$(cargo test --release --lib --no-run --message-format=json 2>/dev/null \
+		| grep -o '"executable":"[^"]*"' | head -1 | cut -d'"' -f4) --test-threads=2
 
 clean:
 	rm -rf target $(VENV)
