@@ -16,11 +16,11 @@ $(STAMP)/venv:
 
 # Build and run: numpy, maturin. Tests add torch (the CPU-capable PyPI build), timm,
 # scikit-learn, hypothesis and the linters.
-$(STAMP)/base: $(STAMP)/venv
+$(STAMP)/base: $(STAMP)/venv Makefile
 	$(PIP) install -q "numpy>=1.23" "maturin>=1.9,<2"
 	touch $@
 
-$(STAMP)/test: $(STAMP)/base
+$(STAMP)/test: $(STAMP)/base Makefile
 	$(PIP) install -q torch timm scikit-learn matplotlib "pytest>=7" pytest-timeout hypothesis ruff mypy expecttest
 	touch $@
 
