@@ -780,3 +780,23 @@ def test_drop_path_and_drop_block_argument_errors():
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
             call()
+
+
+def test_an_untouched_call_returns_an_all_kept_mask_of_the_variants_shape():
+    x = np.ones((2, 3, 4, 5), np.float32)
+    cases = {
+        "dropout": (lambda **k: fastdrop.dropout(x, 0.5, False, **k), x.shape),
+        "dropout2d": (lambda **k: fastdrop.dropout2d(x, 0.5, False, **k), (2, 3, 1, 1)),
+        "feature_alpha": (lambda **k: fastdrop.feature_alpha_dropout(x, 0.5, **k), (2, 3, 1, 1)),
+        "drop_path": (lambda **k: fastdrop.drop_path(x, 0.5, **k), (2, 1, 1, 1)),
+        "drop_block": (lambda **k: fastdrop.drop_block_2d(x, 0.0, 3, **k), (2, 1, 4, 5)),
+        "drop_path_add": (lambda **k: fastdrop.drop_path_add(x, x, 0.5, **k), (2, 1, 1, 1)),
+    }
+    for name, (call, shape) in cases.items():
+        y, mask = call(return_mask=True)
+        assert mask.shape == shape, name
+        assert mask.numpy().all() and mask.scale == 1.0, name
+        np.testing.assert_array_equal(mask.backward(np.full_like(x, 3)), np.full_like(x, 3))
+    torch = pytest.importorskip("torch")
+    _, mask = fastdrop.dropout2d(torch.ones(2, 3, 4, 5), 0.5, training=False, return_mask=True)
+    assert mask.shape == (2, 3, 1, 1)

@@ -474,6 +474,7 @@ def run(
     generator: Any,
     return_mask: bool,
     residual: Any = None,
+    kept_shape: Optional[tuple] = None,
 ):
     """`functional._run` for torch tensors: same arguments, tensors out."""
     if not isinstance(x, torch.Tensor) or (
@@ -494,6 +495,6 @@ def run(
     if spec is None:
         out = x if residual is None else x + residual
         if return_mask:
-            return out, Mask._full(tuple(x.shape), tuple(x.shape), True, 1.0)
+            return out, Mask._full(tuple(x.shape), kept_shape or tuple(x.shape), True, 1.0)
         return out
     return _run_host(x, spec, inplace, generator, return_mask, residual)

@@ -147,16 +147,18 @@ def _run(
     return_mask: bool,
     residual: Any = None,
     out: Any = None,
+    kept_shape: Optional[tuple] = None,
 ):
     """Applies `spec` to `x` (plus `residual`), or returns `x` untouched when `spec` is None;
-    into `out` when given (NumPy only)."""
+    into `out` when given (NumPy only). An untouched call's mask keeps everything and has the
+    variant's mask shape, `kept_shape` (default: the input's)."""
     if is_torch_tensor(x) or (residual is not None and is_torch_tensor(residual)):
         if out is not None:
             raise TypeError(
                 "out= takes a NumPy array and is not supported for torch tensors, as torch's "
                 "dropout has none; use inplace=True or the returned tensor"
             )
-        return _torch_module().run(x, spec, inplace, generator, return_mask, residual)
+        return _torch_module().run(x, spec, inplace, generator, return_mask, residual, kept_shape)
     a = _as_array(x)
     r = None if residual is None else _as_array(residual, "residual")
     if r is not None and (r.shape != a.shape or r.dtype != a.dtype):
@@ -175,7 +177,9 @@ def _run(
             result = out
         else:
             result = a if r is None else a + r
-        return (result, Mask._full(a.shape, a.shape, True, 1.0)) if return_mask else result
+        if not return_mask:
+            return result
+        return result, Mask._full(a.shape, kept_shape or a.shape, True, 1.0)
     if inplace and not a.flags.writeable:
         raise ValueError("inplace=True needs a writeable array, but the input is read-only")
     if out is None:
@@ -363,7 +367,7 @@ def _channel(spatial: int, input, p, training, inplace, generator, return_mask, 
     p = _check_prob(p)
     mask_shape = _channel_mask_shape(f"dropout{spatial}d", spatial, input)
     if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask, out=out)
+        return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
     return _run(
         input,
         _scale_spec(mask_shape, p),
@@ -446,9 +450,10 @@ def feature_alpha_dropout(
         raise TypeError(
             f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
         )
-    if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask, out=out)
     shape = tuple(input.shape)
+    mask_shape = (shape[0], shape[1]) + (1,) * (nd - 2)
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
     return _run(
         input,
         _alpha_spec((shape[0], shape[1]) + (1,) * (nd - 2), p),
@@ -489,7 +494,7 @@ def drop_path(
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     spec = _path_spec(input, drop_prob, scale_by_keep)
     if not _check_bool(training, "training") or drop_prob == 0.0:
-        return _run(input, None, False, generator, return_mask, out=out)
+        return _run(input, None, False, generator, return_mask, out=out, kept_shape=spec.mask_shape)
     return _run(input, spec, False, generator, return_mask, out=out)
 
 
@@ -541,7 +546,8 @@ def drop_block_2d(
         )
     n, c, h, w = (int(s) for s in input.shape)
     if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
-        return _run(input, None, inplace, generator, return_mask, out=out)
+        kept = (n, 1 if couple_channels else c, h, w)
+        return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=kept)
     kh, kw = min(block_size, h), min(block_size, w)
     gamma = float(gamma_scale) * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
     if gamma > 1.0:
@@ -609,5 +615,7 @@ def drop_path_add(
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     spec = _path_spec(branch, drop_prob, scale_by_keep)
     if not _check_bool(training, "training") or drop_prob == 0.0:
-        return _run(branch, None, False, generator, return_mask, x, out=out)
+        return _run(
+            branch, None, False, generator, return_mask, x, out=out, kept_shape=spec.mask_shape
+        )
     return _run(branch, spec, False, generator, return_mask, x, out=out)
