@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -15,13 +14,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     import fastdrop
     import fastdrop.nn as fnn
     import torch.distributed as dist
@@ -30,8 +23,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     fastdrop.set_num_threads(1)
+    # A file store in the test's own directory: no port to pick, so no race for one.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD
     )
     try:
         # The same seed on every rank, split per rank: ranks draw different masks.
@@ -96,7 +90,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_ddp_gloo_two_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result == {
