@@ -274,10 +274,8 @@ def drop_block_2d(
         return x
 
     B, C, H, W = x.shape
-    kh, kw = min(block_size, H), min(block_size, W)
-    gamma = (
-        float(gamma_scale * drop_prob * H * W) / float(kh * kw) / float((H - kh + 1) * (W - kw + 1))
-    )
+    kh, kw = drop_block_kernel(H, W, block_size)
+    gamma = drop_block_gamma(H, W, block_size, drop_prob, gamma_scale)
     if gamma > 1.0:
         raise ValueError(
             f"seed probability gamma = {gamma!r} > 1 (drop_prob={drop_prob}, "
