@@ -445,3 +445,9 @@ def test_import_fastdrop_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_mask_backward_refuses_a_tensor_of_another_shape():
+    _, mask = fastdrop.dropout(torch.ones(2, 3), 0.5, return_mask=True)
+    with pytest.raises(ValueError, match=r"grad_output has shape \(3, 3\).*\(2, 3\)"):
+        mask.backward(torch.ones(3, 3))

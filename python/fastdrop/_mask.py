@@ -70,20 +70,23 @@ class Mask:
         """
         from ._dispatch import is_torch_tensor
 
-        if is_torch_tensor(grad_output):
+        on_torch = is_torch_tensor(grad_output)
+        if not on_torch:
+            from .functional import _as_array
+
+            grad_output = _as_array(grad_output, "grad_output")
+        shape = tuple(grad_output.shape)
+        if shape != self._input_shape:
+            raise ValueError(
+                f"grad_output has shape {shape}, but the mask was drawn for an input of "
+                f"shape {self._input_shape}"
+            )
+        if on_torch:
             from . import _torch
 
             return _torch.mask_backward(self, grad_output)
-        from .functional import _as_array
-
-        grad = _as_array(grad_output, "grad_output")
-        if grad.shape != self._input_shape:
-            raise ValueError(
-                f"grad_output has shape {grad.shape}, but the mask was drawn for an input of "
-                f"shape {self._input_shape}"
-            )
-        out = np.empty_like(grad)
-        _core.mask_apply(self._bits, grad, out, self._scale)
+        out = np.empty_like(grad_output)
+        _core.mask_apply(self._bits, grad_output, out, self._scale)
         return out
 
     def __repr__(self) -> str:

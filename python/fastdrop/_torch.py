@@ -127,12 +127,8 @@ def _forward(x, residual, spec, gen, inplace, want_mask):
 
 
 def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]]):
-    """`grad * mask * scale` into a tensor with `strides` (the forward output's) or grad's."""
-    if tuple(grad.shape) != mask.input_shape:
-        raise ValueError(
-            f"grad_output has shape {tuple(grad.shape)}, but the mask was drawn for an input "
-            f"of shape {mask.input_shape}"
-        )
+    """`grad * mask * scale` into a tensor with `strides` (the forward output's) or grad's.
+    `grad` has the mask's input shape: autograd guarantees it, `Mask.backward` checks it."""
     if grad.device.type != "cpu":
         keep = torch.from_numpy(mask.numpy()).to(grad.device)
         return torch.where(
