@@ -5,7 +5,7 @@
 //! (key, offset at the call, logical index), and two calls never share bits, even when several
 //! threads share one generator.
 
-use crate::rng::Key;
+use crate::rng::{self, Key};
 use std::sync::Mutex;
 
 /// (key, next free block). A mutex rather than atomics because `set_state` replaces both at once
@@ -63,9 +63,10 @@ pub fn fork_stream(stream: u64, index: u64) -> u64 {
     mix(stream ^ mix(index.wrapping_add(1)))
 }
 
-/// Counter blocks that `n` keep decisions use: whole 64-decision words of four words a block.
+/// Counter blocks that `n` keep decisions use: whole bit-sliced groups of 256 decisions, 64
+/// blocks each (see `rng::keep_words`).
 pub fn blocks_for_decisions(n: usize) -> u64 {
-    (n as u64).div_ceil(64) * 16
+    (n as u64).div_ceil(rng::GROUP as u64) * rng::BLOCKS_PER_GROUP
 }
 
 /// Counter blocks that `n` normal deviates use (two 32-bit words each, two deviates a block).
@@ -81,10 +82,10 @@ mod tests {
     fn reservations_are_disjoint_and_sized_by_the_mask() {
         let g = GeneratorState::new(1, 0, 10);
         assert_eq!(g.reserve(blocks_for_decisions(1)).1, 10);
-        assert_eq!(g.offset(), 26);
-        assert_eq!(g.reserve(blocks_for_decisions(0)).1, 26);
-        assert_eq!(g.reserve(blocks_for_decisions(65)).1, 26);
-        assert_eq!(g.offset(), 58);
+        assert_eq!(g.offset(), 74);
+        assert_eq!(g.reserve(blocks_for_decisions(0)).1, 74);
+        assert_eq!(g.reserve(blocks_for_decisions(257)).1, 74);
+        assert_eq!(g.offset(), 202);
     }
 
     #[test]

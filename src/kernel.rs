@@ -14,13 +14,17 @@ use std::ops::{Add, Mul};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Elements per parallel work item. A multiple of 64 so that every chunk starts on a mask word,
-/// and small enough that a chunk's bits (512 words) stay in L1.
+/// Elements per parallel work item. A multiple of the generator's 256-decision group, so that
+/// every chunk starts on a mask word and a group, and small enough that a chunk's bits
+/// (512 words) stay in L1.
 pub const CHUNK: usize = 1 << 15;
 /// Elements whose keep bits are drawn just before they are applied: small enough that the
 /// generator's arithmetic overlaps the memory traffic of the loads and stores around it instead
-/// of leaving the memory system idle while a whole chunk's bits are drawn.
-const SUB: usize = 1024;
+/// of leaving the memory system idle while a whole chunk's bits are drawn, and a whole number of
+/// the generator's windows (16 groups of 256 decisions), whose last planes fill SIMD batches
+/// only when several groups are still open together.
+const SUB: usize = 4096;
+const _: () = assert!(SUB.is_multiple_of(rng::GROUP) && CHUNK.is_multiple_of(SUB));
 /// Below this many elements a call runs on the calling thread: waking the pool costs more.
 pub const PARALLEL_MIN: usize = 1 << 17;
 /// Out-of-place outputs at least this large (bytes) are written with non-temporal stores: they
@@ -1042,9 +1046,9 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(
 }
 
 /// Draws the keep bits of elements [start, end) into `words` (bit i - start for element i; start
-/// a multiple of 64) and applies them, `SUB` elements at a time. Element i's decision is word
-/// i % 4 of block `first_block + i / 4` however the range is cut (the mask-free path above cuts
-/// it the same way).
+/// a multiple of `SUB`) and applies them, `SUB` elements at a time. Every piece starts on a
+/// generator group, so element i's decision is that of `rng::keep_words` over the whole mask
+/// however the range is cut (the mask-free path above cuts it the same way).
 fn draw_and_apply(
     key: Key,
     first_block: u64,

@@ -57,8 +57,24 @@ const KWEYL_LO: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Weyl increment of the ARS key schedule, high 64 bits (sqrt(3) - 1).
 const KWEYL_HI: u64 = 0xBB67_AE85_84CA_A73B;
 
-/// Blocks per 64-bit keep word (64 decisions / 4 words per block).
-const BLOCKS_PER_WORD: u64 = 16;
+/// Keep decisions per bit-sliced group: one 256-bit *plane* (two ARS blocks) holds bit k of
+/// the 32-bit uniform word of each of them.
+pub const GROUP: usize = 256;
+/// Keep words (64 decisions each) per group.
+const WORDS_PER_GROUP: usize = GROUP / 64;
+/// Bits of each element's uniform word, hence planes per group.
+const PLANES: u32 = 32;
+/// Counter blocks a group owns: 32 planes of two blocks, the same 32 bits per decision a
+/// word-per-decision scheme would use, so the counter range of a mask does not depend on how
+/// many planes a call happens to need.
+pub const BLOCKS_PER_GROUP: u64 = 64;
+/// Groups whose decisions are worked out together (their state lives on the stack): enough
+/// that the planes still needed after the first few fill whole SIMD batches.
+const WINDOW: usize = 16;
+/// Planes drawn for every group before any group is checked for being decided: about
+/// log2(256) + 1.3 planes decide all 256 elements of a group on average, so drawing the first
+/// ones blindly keeps the AES units busy with independent work.
+const FIRST_PLANES: u32 = 10;
 
 /// An implementation of the same ARS-5 stream; they differ only in speed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +153,160 @@ fn resolve(requested: Backend) -> Backend {
         requested
     } else {
         best(avail)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bit-sliced keep decisions (shared by every backend)
+// ---------------------------------------------------------------------------------------------
+//
+// Element e of a mask has a 32-bit uniform word U(e); it is kept iff U(e) < threshold. The
+// words are stored transposed: e lies in group g = e / 256 at position j = e % 256, and bit
+// 31 - k (k = 0 is the most significant bit) of U(e) is bit j of plane k of group g, where plane
+// k is the 256 bits of ARS blocks `first_block + 64 g + 2 k` (bits 0..127, lane 0 lowest) and
+// `+ 2 k + 1` (bits 128..255). [`uniform_words`] spells this out.
+//
+// The point of the transposition is that the comparison can run most significant bit first
+// for 256 elements at once and stop as soon as every element is decided: an element whose bit
+// differs from the threshold's is decided by that bit, so each plane halves the undecided ones
+// and about 9-10 planes settle a group, instead of the 32 words a plain compare needs. It also
+// stops at the threshold's lowest set bit, below which nothing can be kept (p = 0.5: one plane).
+// The planes that are skipped could not have changed any decision, so every backend and every
+// batching gives the same bits, and the decisions are exactly those of the full 32-bit compare.
+
+/// One plane: 256 bits as four little-endian words (word i = bits 64 i .. 64 i + 63).
+type Plane = [u64; 4];
+
+/// The decisions of up to `WINDOW` groups in flight.
+struct Window {
+    /// Plane k's threshold bit, spread to a whole word (all ones or all zeros).
+    thr_bits: [u64; PLANES as usize],
+    /// Kept so far (decided and below the threshold).
+    keep: [Plane; WINDOW],
+    /// Not decided yet: every bit drawn so far equals the threshold's.
+    open: [Plane; WINDOW],
+}
+
+impl Window {
+    fn new(thr: u32) -> Self {
+        Self {
+            thr_bits: core::array::from_fn(|k| 0u64.wrapping_sub(u64::from((thr >> (31 - k)) & 1))),
+            keep: [[0; 4]; WINDOW],
+            open: [[u64::MAX; 4]; WINDOW],
+        }
+    }
+
+    /// Folds plane `k` of group `g` in (planes of a group must come in increasing k). Where the
+    /// threshold bit t is 1, an open element drawing 0 is below the threshold (kept); where t
+    /// is 0, one drawing 1 is above it (dropped); an element drawing t stays open.
+    #[inline(always)]
+    fn fold(&mut self, g: usize, k: usize, plane: &Plane) {
+        let t = self.thr_bits[k];
+        let (keep, open) = (&mut self.keep[g], &mut self.open[g]);
+        for i in 0..4 {
+            keep[i] |= open[i] & !plane[i] & t;
+            open[i] &= !(plane[i] ^ t);
+        }
+    }
+
+    fn is_open(&self, g: usize) -> bool {
+        self.open[g] != [0; 4]
+    }
+}
+
+/// Keep words for `thr` in [1, 2^32 - 1] from groups starting at `first_block`. `draw(first, n,
+/// out)` fills `out[i]` with the plane whose first block is `first[i]`, for i < n (it may
+/// compute all `B` and the caller ignores the rest). `lead(first, thr_bits, keep, open)` may
+/// instead draw and fold the leading `FIRST_PLANES` planes of the group at `first` in one go
+/// (keeping the planes in registers) and return true; returning false leaves it to `draw`.
+///
+/// Every group first draws its leading planes in one batch of consecutive counters; the few
+/// groups still open after that are continued together, one plane level at a time, so that the
+/// batches stay full of independent work rather than waiting on one group's AES latency.
+#[inline(always)]
+fn bitsliced<const B: usize>(
+    thr: u32,
+    first_block: u64,
+    words: &mut [u64],
+    mut draw: impl FnMut(&[u64; B], usize, &mut [Plane; B]),
+    mut lead_group: impl FnMut(u64, &[u64; PLANES as usize], &mut Plane, &mut Plane) -> bool,
+) {
+    // Below the threshold's lowest set bit an open element can only end >= thr: dropped.
+    let last = (PLANES - thr.trailing_zeros()) as usize;
+    let lead = (FIRST_PLANES as usize).min(last);
+    let mut out = [[0u64; 4]; B];
+    let mut first = [0u64; B];
+    let mut group = [0usize; B];
+    for (wi, win) in words.chunks_mut(WINDOW * WORDS_PER_GROUP).enumerate() {
+        let groups = win.len().div_ceil(WORDS_PER_GROUP);
+        let base = first_block.wrapping_add((wi * WINDOW) as u64 * BLOCKS_PER_GROUP);
+        let at = |g: usize, k: usize| base.wrapping_add(g as u64 * BLOCKS_PER_GROUP + 2 * k as u64);
+        let mut w = Window::new(thr);
+        for g in 0..groups {
+            if lead == FIRST_PLANES as usize
+                && lead_group(at(g, 0), &w.thr_bits, &mut w.keep[g], &mut w.open[g])
+            {
+                continue;
+            }
+            for k0 in (0..lead).step_by(B) {
+                let n = B.min(lead - k0);
+                for (i, f) in first.iter_mut().enumerate() {
+                    *f = at(g, k0 + i);
+                }
+                draw(&first, n, &mut out);
+                for (i, plane) in out[..n].iter().enumerate() {
+                    w.fold(g, k0 + i, plane);
+                }
+            }
+        }
+        for k in lead..last {
+            let mut n = 0;
+            for g in 0..groups {
+                if !w.is_open(g) {
+                    continue;
+                }
+                first[n] = at(g, k);
+                group[n] = g;
+                n += 1;
+                if n == B {
+                    draw(&first, n, &mut out);
+                    for (&g, plane) in group.iter().zip(&out) {
+                        w.fold(g, k, plane);
+                    }
+                    n = 0;
+                }
+            }
+            if n > 0 {
+                draw(&first, n, &mut out);
+                for (&g, plane) in group[..n].iter().zip(&out) {
+                    w.fold(g, k, plane);
+                }
+            } else if !(0..groups).any(|g| w.is_open(g)) {
+                break;
+            }
+        }
+        for (dst, keep) in win.chunks_mut(WORDS_PER_GROUP).zip(&w.keep) {
+            dst.copy_from_slice(&keep[..dst.len()]);
+        }
+    }
+}
+
+/// The 32-bit uniform word of each element, in element order: `out[e]` = U(e) of the mask whose
+/// groups start at `first_block`, where `keep_words` keeps e iff U(e) < threshold. This is the
+/// definition the fast paths implement (see the comment above); it draws all 32 planes, so it
+/// is for tests, fuzzers and anyone who wants to check a mask by hand.
+pub fn uniform_words(key: Key, first_block: u64, out: &mut [u32]) {
+    let mut planes = [0u32; 4 * BLOCKS_PER_GROUP as usize];
+    for (g, elems) in out.chunks_mut(GROUP).enumerate() {
+        let first = first_block.wrapping_add(g as u64 * BLOCKS_PER_GROUP);
+        fill_u32_with(Backend::Portable, key, first, &mut planes);
+        for (j, u) in elems.iter_mut().enumerate() {
+            *u = (0..PLANES as usize).fold(0u32, |acc, k| {
+                // Plane k is the 8 words at 8 k; element j is bit j % 32 of word j / 32.
+                let bit = (planes[8 * k + j / 32] >> (j % 32)) & 1;
+                acc | bit << (31 - k)
+            });
+        }
     }
 }
 
@@ -247,9 +417,14 @@ impl PortableArs {
 
     /// ARS of the 8 blocks `b, b + 1, ..` (wrapping), as u32 lanes in block order.
     fn batch(&self, b: u64) -> [u32; 4 * PORTABLE_BATCH] {
+        self.batch_at(&core::array::from_fn(|i| b.wrapping_add(i as u64)))
+    }
+
+    /// ARS of the blocks `blocks[0], blocks[1], ..`, as u32 lanes in that order.
+    fn batch_at(&self, blocks: &[u64; PORTABLE_BATCH]) -> [u32; 4 * PORTABLE_BATCH] {
         let mut v = aes::hazmat::Block8::default();
-        for (i, blk) in v.iter_mut().enumerate() {
-            *blk = lanes_to_block(ctr_lanes(b.wrapping_add(i as u64)));
+        for (blk, &b) in v.iter_mut().zip(blocks) {
+            *blk = lanes_to_block(ctr_lanes(b));
             for (a, k) in blk.iter_mut().zip(self.first.iter()) {
                 *a ^= *k;
             }
@@ -282,19 +457,26 @@ fn keep_words_portable(
     thr: u32,
     words: &mut [u64],
 ) {
+    const B: usize = PORTABLE_BATCH / 2;
     let ars = PortableArs::new(rounds, key);
-    let mut b = first_block;
-    for w in words.iter_mut() {
-        let mut bits = 0u64;
-        for half in 0..2 {
-            let r = ars.batch(b);
-            for (j, &x) in r.iter().enumerate() {
-                bits |= u64::from(x < thr) << (32 * half + j);
+    bitsliced::<B>(
+        thr,
+        first_block,
+        words,
+        |first, _, out| {
+            let mut blocks = [0u64; PORTABLE_BATCH];
+            for (pair, &f) in blocks.chunks_exact_mut(2).zip(first) {
+                pair.copy_from_slice(&[f, f.wrapping_add(1)]);
             }
-            b = b.wrapping_add(PORTABLE_BATCH as u64);
-        }
-        *w = bits;
-    }
+            let r = ars.batch_at(&blocks);
+            for (plane, lanes) in out.iter_mut().zip(r.chunks_exact(8)) {
+                for (word, l) in plane.iter_mut().zip(lanes.chunks_exact(2)) {
+                    *word = u64::from(l[0]) | u64::from(l[1]) << 32;
+                }
+            }
+        },
+        |_, _, _, _| false,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,20 +494,18 @@ mod x86 {
     //! `rust-version`; the `clippy::msrv` attribute on this module tells clippy so instead of
     //! hiding the gap, and the manifest's `rust-version` should be raised to match.
 
-    use super::{weyl_step, BLOCKS_PER_WORD, MAX_SIMD_ROUNDS};
+    use super::{bitsliced, weyl_step, Plane, FIRST_PLANES, MAX_SIMD_ROUNDS, PLANES};
     use core::arch::x86_64::*;
 
-    /// Blocks per AES-NI batch. aesenc has ~4 cycles latency and 2/cycle throughput on recent
-    /// cores, so at least 8 independent blocks are needed to keep both AES units busy; 16 (one
-    /// keep word) measured ~25% faster than 8, the extra slack hiding the compare/pack work.
+    /// Blocks per AES-NI fill batch. aesenc has ~4 cycles latency and 2/cycle throughput on
+    /// recent cores, so at least 8 independent blocks are needed to keep both AES units busy;
+    /// 16 measured ~25% faster than 8, the extra slack hiding the store work.
     const NI_BATCH: usize = 16;
-    /// 256-bit registers (2 blocks each) per VAES keep word.
-    const VA_BATCH: usize = 8;
-    /// Keep words per VAES iteration: 2 (16 registers in flight) measured ~60% faster than 1;
-    /// 3 was no better and 4 slower (spills).
-    const VA_WORDS: usize = 2;
-    // keep_words_aesni turns one batch into exactly one keep word.
-    const _: () = assert!(NI_BATCH == BLOCKS_PER_WORD as usize);
+    /// 256-bit registers (2 blocks each) per VAES fill batch: 16 registers in flight measured
+    /// ~60% faster than 8; more spills.
+    const VA_FILL: usize = 16;
+    /// Planes per batch of the keep-decision kernels (16 AES-NI or 8 VAES registers).
+    const PLANE_BATCH: usize = 8;
 
     fn lanes_i(k: [u32; 4]) -> [i32; 4] {
         [k[0] as i32, k[1] as i32, k[2] as i32, k[3] as i32]
@@ -405,18 +585,32 @@ mod x86 {
         }
     }
 
-    /// 16 keep bits (one per word of 4 blocks) for `x < thr` as unsigned u32, computed as a
-    /// signed compare after flipping the sign bits (SSE has no unsigned compare).
+    /// The planes whose first blocks are `first[..N / 2]` (plane i = blocks first[i] and
+    /// first[i] + 1) into `out[..N / 2]`.
     #[inline]
     #[target_feature(enable = "aes,sse2,sse4.1")]
-    fn bits4(v: &[__m128i], thr_biased: __m128i) -> u64 {
-        let bias = _mm_set1_epi32(i32::MIN);
-        let m = |x: __m128i| _mm_cmplt_epi32(_mm_xor_si128(x, bias), thr_biased);
-        // Saturating packs keep 0 / -1 masks intact and preserve block order, so byte i of the
-        // result is element i of these 4 blocks.
-        let p0 = _mm_packs_epi32(m(v[0]), m(v[1]));
-        let p1 = _mm_packs_epi32(m(v[2]), m(v[3]));
-        u64::from(_mm_movemask_epi8(_mm_packs_epi16(p0, p1)) as u32 & 0xFFFF)
+    fn planes128<const R: usize, const N: usize>(
+        rk: &[__m128i; MAX_SIMD_ROUNDS + 1],
+        first: &[u64; PLANE_BATCH],
+        out: &mut [Plane; PLANE_BATCH],
+    ) {
+        const { assert!(N.is_multiple_of(2) && N / 2 <= PLANE_BATCH) };
+        let mut v = [_mm_setzero_si128(); N];
+        for (i, x) in v.iter_mut().enumerate() {
+            let c = _mm_set_epi64x(0, first[i / 2].wrapping_add((i % 2) as u64) as i64);
+            *x = _mm_xor_si128(c, rk[0]);
+        }
+        for k in &rk[1..R] {
+            for x in v.iter_mut() {
+                *x = _mm_aesenc_si128(*x, *k);
+            }
+        }
+        for (i, x) in v.iter().enumerate() {
+            let y = _mm_aesenclast_si128(*x, rk[R]);
+            // SAFETY: out[i / 2] is 4 u64s (32 bytes) and the 16 bytes stored start at u64 2 or
+            // 0 of it, so they are in bounds; storeu has no alignment requirement.
+            unsafe { _mm_storeu_si128(out[i / 2].as_mut_ptr().add(2 * (i % 2)).cast(), y) };
+        }
     }
 
     /// Keep words for threshold `thr` in [1, 2^32 - 1] (the caller handles 0 and 2^32).
@@ -432,16 +626,23 @@ mod x86 {
     ) {
         const { assert!(R >= 1 && R <= MAX_SIMD_ROUNDS) };
         let rk = rk128::<R>(key);
-        let thr_biased = _mm_set1_epi32((thr ^ 0x8000_0000) as i32);
-        let mut b = first_block;
-        for w in words.iter_mut() {
-            let v = batch128::<R, NI_BATCH>(&rk, b);
-            *w = bits4(&v[0..4], thr_biased)
-                | bits4(&v[4..8], thr_biased) << 16
-                | bits4(&v[8..12], thr_biased) << 32
-                | bits4(&v[12..16], thr_biased) << 48;
-            b = b.wrapping_add(BLOCKS_PER_WORD);
-        }
+        bitsliced::<PLANE_BATCH>(
+            thr,
+            first_block,
+            words,
+            |first, n, out| {
+                // A short batch is latency-bound either way; computing half of it is still cheaper.
+                if n <= PLANE_BATCH / 2 {
+                    planes128::<R, PLANE_BATCH>(&rk, first, out)
+                } else {
+                    planes128::<R, { 2 * PLANE_BATCH }>(&rk, first, out)
+                }
+            },
+            |first, thr_bits, keep, open| {
+                lead128::<R>(&rk, first, thr_bits, keep, open);
+                true
+            },
+        );
     }
 
     #[inline]
@@ -494,7 +695,7 @@ mod x86 {
         const { assert!(R >= 1 && R <= MAX_SIMD_ROUNDS) };
         let rk = rk256::<R>(key);
         let mut b = first_block;
-        const N: usize = VA_WORDS * VA_BATCH;
+        const N: usize = VA_FILL;
         let mut chunks = out.chunks_exact_mut(8 * N);
         for chunk in &mut chunks {
             let v = batch256::<R, N>(&rk, b);
@@ -517,6 +718,104 @@ mod x86 {
         }
     }
 
+    /// `lead256` for AES-NI: plane k is the register pair (2k, 2k + 1) of consecutive blocks,
+    /// drawn in two halves so that the blocks in flight fit the 16 registers.
+    #[inline]
+    #[target_feature(enable = "aes,sse2,sse4.1")]
+    fn lead128<const R: usize>(
+        rk: &[__m128i; MAX_SIMD_ROUNDS + 1],
+        first: u64,
+        thr_bits: &[u64; PLANES as usize],
+        keep: &mut Plane,
+        open: &mut Plane,
+    ) {
+        const F: usize = FIRST_PLANES as usize;
+        const { assert!(F.is_multiple_of(2)) };
+        let mut kept = [_mm_setzero_si128(); 2];
+        let mut undecided = [_mm_set1_epi64x(-1); 2];
+        for half in 0..2 {
+            let v = batch128::<R, F>(rk, first.wrapping_add((half * F) as u64));
+            for (pair, &t) in v.chunks_exact(2).zip(&thr_bits[half * F / 2..]) {
+                let t = _mm_set1_epi64x(t as i64);
+                for (i, plane) in pair.iter().enumerate() {
+                    kept[i] = _mm_or_si128(
+                        kept[i],
+                        _mm_andnot_si128(*plane, _mm_and_si128(undecided[i], t)),
+                    );
+                    undecided[i] = _mm_andnot_si128(_mm_xor_si128(*plane, t), undecided[i]);
+                }
+            }
+        }
+        for i in 0..2 {
+            // SAFETY: keep and open are 4 u64s (32 bytes) each; each store writes 16 bytes at
+            // u64 offset 0 or 2 of one of them; storeu needs no alignment.
+            unsafe {
+                _mm_storeu_si128(keep.as_mut_ptr().add(2 * i).cast(), kept[i]);
+                _mm_storeu_si128(open.as_mut_ptr().add(2 * i).cast(), undecided[i]);
+            }
+        }
+    }
+
+    /// The planes whose first blocks are `first[..N]` (register i = blocks first[i] and
+    /// first[i] + 1, one plane) into `out[..N]`.
+    #[inline]
+    #[target_feature(enable = "vaes,avx2,aes")]
+    fn planes256<const R: usize, const N: usize>(
+        rk: &[__m256i; MAX_SIMD_ROUNDS + 1],
+        first: &[u64; PLANE_BATCH],
+        out: &mut [Plane; PLANE_BATCH],
+    ) {
+        const { assert!(N <= PLANE_BATCH) };
+        let mut v = [_mm256_setzero_si256(); N];
+        for (x, &f) in v.iter_mut().zip(first) {
+            let c = _mm256_set_epi64x(0, f.wrapping_add(1) as i64, 0, f as i64);
+            *x = _mm256_xor_si256(c, rk[0]);
+        }
+        for k in &rk[1..R] {
+            for x in v.iter_mut() {
+                *x = _mm256_aesenc_epi128(*x, *k);
+            }
+        }
+        for (x, o) in v.iter().zip(out.iter_mut()) {
+            let y = _mm256_aesenclast_epi128(*x, rk[R]);
+            // SAFETY: o is 4 u64s, exactly the 32 bytes stored; storeu needs no alignment.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), y) };
+        }
+    }
+
+    /// Draws the leading `FIRST_PLANES` planes of the group whose first block is `first` and
+    /// folds them (see `Window::fold`) in registers: the bulk of the decision work.
+    #[inline]
+    #[target_feature(enable = "vaes,avx2,aes")]
+    fn lead256<const R: usize>(
+        rk: &[__m256i; MAX_SIMD_ROUNDS + 1],
+        first: u64,
+        thr_bits: &[u64; PLANES as usize],
+        keep: &mut Plane,
+        open: &mut Plane,
+    ) {
+        const F: usize = FIRST_PLANES as usize;
+        // Plane k is blocks first + 2k and first + 2k + 1: register k of a consecutive batch.
+        let v = batch256::<R, F>(rk, first);
+        let mut kept = _mm256_setzero_si256();
+        let mut undecided = _mm256_set1_epi64x(-1);
+        for (plane, &t) in v.iter().zip(thr_bits) {
+            let t = _mm256_set1_epi64x(t as i64);
+            // keep |= open & !plane & t; open &= !(plane ^ t)
+            kept = _mm256_or_si256(
+                kept,
+                _mm256_andnot_si256(*plane, _mm256_and_si256(undecided, t)),
+            );
+            undecided = _mm256_andnot_si256(_mm256_xor_si256(*plane, t), undecided);
+        }
+        // SAFETY: keep and open are 4 u64s each, exactly the 32 bytes stored; storeu needs no
+        // alignment.
+        unsafe {
+            _mm256_storeu_si256(keep.as_mut_ptr().cast(), kept);
+            _mm256_storeu_si256(open.as_mut_ptr().cast(), undecided);
+        }
+    }
+
     /// # Safety
     /// The CPU must support VAES, AVX2 and AES-NI.
     #[target_feature(enable = "vaes,avx2,aes")]
@@ -528,31 +827,23 @@ mod x86 {
     ) {
         const { assert!(R >= 1 && R <= MAX_SIMD_ROUNDS) };
         let rk = rk256::<R>(key);
-        let bias = _mm256_set1_epi32(i32::MIN);
-        let thr_biased = _mm256_set1_epi32((thr ^ 0x8000_0000) as i32);
-        // After the in-lane packs below, dword j of the low half holds block 2j and dword j of
-        // the high half block 2j + 1; this permutation restores block order.
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        let m = |x: __m256i| _mm256_cmpgt_epi32(thr_biased, _mm256_xor_si256(x, bias));
-        let half = |v: &[__m256i]| -> u64 {
-            let p0 = _mm256_packs_epi32(m(v[0]), m(v[1]));
-            let p1 = _mm256_packs_epi32(m(v[2]), m(v[3]));
-            let q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p0, p1), order);
-            u64::from(_mm256_movemask_epi8(q) as u32)
-        };
-        let mut b = first_block;
-        let mut pairs = words.chunks_exact_mut(VA_WORDS);
-        for pair in &mut pairs {
-            let v = batch256::<R, { VA_WORDS * VA_BATCH }>(&rk, b);
-            for (i, w) in pair.iter_mut().enumerate() {
-                *w = half(&v[8 * i..8 * i + 4]) | half(&v[8 * i + 4..8 * i + 8]) << 32;
-            }
-            b = b.wrapping_add(VA_WORDS as u64 * BLOCKS_PER_WORD);
-        }
-        for w in pairs.into_remainder() {
-            let v = batch256::<R, VA_BATCH>(&rk, b);
-            *w = half(&v[0..4]) | half(&v[4..8]) << 32;
-        }
+        bitsliced::<PLANE_BATCH>(
+            thr,
+            first_block,
+            words,
+            |first, n, out| {
+                // A short batch is latency-bound either way; computing half of it is still cheaper.
+                if n <= PLANE_BATCH / 2 {
+                    planes256::<R, { PLANE_BATCH / 2 }>(&rk, first, out)
+                } else {
+                    planes256::<R, PLANE_BATCH>(&rk, first, out)
+                }
+            },
+            |first, thr_bits, keep, open| {
+                lead256::<R>(&rk, first, thr_bits, keep, open);
+                true
+            },
+        );
     }
 }
 
@@ -594,10 +885,12 @@ pub fn threshold_for(keep: f64) -> u64 {
     (keep.clamp(0.0, 1.0) * 4_294_967_296.0).round() as u64
 }
 
-/// Keep decisions, 64 per word: bit `j` of `words[w]` is 1 iff the random word of element
-/// `e = 64*w + j` is `< threshold` (compared as u64), where element `e`'s word is lane `e % 4`
-/// of block `first_block + e / 4` (exactly the word [`fill_u32`] would put at index `e`).
-/// `threshold = 0` -> all 0; `threshold >= 2^32` -> all 1.
+/// Keep decisions, 64 per word: bit `j` of `words[w]` is 1 iff the uniform word U(e) of element
+/// `e = 64*w + j` is `< threshold` (compared as u64). U(e) is bit-sliced over the counter
+/// blocks: the 256 elements of group `e / 256` own the 64 blocks from
+/// `first_block + 64 * (e / 256)`, and [`uniform_words`] gives every U(e) in full. A caller
+/// cutting a mask into pieces starts each piece on a group (`first_block + e / 4`, e a multiple
+/// of [`GROUP`]). `threshold = 0` -> all 0; `threshold >= 2^32` -> all 1.
 ///
 /// Uses [`backend()`].
 pub fn keep_words(key: Key, first_block: u64, threshold: u64, words: &mut [u64]) {
@@ -822,12 +1115,15 @@ mod tests {
         }
     }
 
-    const THRESHOLDS: [u64; 8] = [
+    const THRESHOLDS: [u64; 11] = [
         0,
         1,
         12345,
+        1 << 30,
+        3 << 30,
         1 << 31,
         (1 << 31) + 1,
+        3_865_470_566, // keep 0.9: no early stop at a low set bit
         (1 << 32) - 1,
         1 << 32,
         u64::MAX,
@@ -835,15 +1131,39 @@ mod tests {
 
     /// keep_words spelled out from its definition.
     fn naive_keep(key: Key, first: u64, thr: u64, nwords: usize) -> Vec<u64> {
-        let mut r = vec![0u32; 64 * nwords];
-        fill_u32_with(Backend::Portable, key, first, &mut r);
+        let mut u = vec![0u32; 64 * nwords];
+        uniform_words(key, first, &mut u);
         (0..nwords)
             .map(|w| {
                 (0..64).fold(0u64, |acc, j| {
-                    acc | u64::from(u64::from(r[64 * w + j]) < thr) << j
+                    acc | u64::from(u64::from(u[64 * w + j]) < thr) << j
                 })
             })
             .collect()
+    }
+
+    #[test]
+    fn uniform_words_transpose_the_planes() {
+        // Element 0 of a group is bit 0 of each plane; plane k (k = 0 most significant) is
+        // blocks 2k and 2k + 1 of the group; element 255 is the top bit of block 2k + 1's lane 3.
+        let key = KEYS[1];
+        let mut u = vec![0u32; 2 * GROUP];
+        uniform_words(key, 5, &mut u);
+        for (g, e) in [(0usize, 0usize), (0, 255), (1, 37), (1, 200)] {
+            let want = (0..32).fold(0u32, |acc, k| {
+                let j = e;
+                let block = 5 + 64 * g as u64 + 2 * k as u64 + (j / 128) as u64;
+                let lane = ars_block(ROUNDS, ctr_lanes(block), key.lanes())[(j % 128) / 32];
+                acc | ((lane >> (j % 32)) & 1) << (31 - k)
+            });
+            assert_eq!(u[GROUP * g + e], want, "group {g} element {e}");
+        }
+        // A uniform word is uniform: the top bit is set about half the time.
+        let mut many = vec![0u32; 64 * GROUP];
+        uniform_words(key, 0, &mut many);
+        let top = many.iter().filter(|&&x| x >> 31 == 1).count() as f64;
+        let n = many.len() as f64;
+        assert!((top - n / 2.0).abs() <= 6.0 * (n / 4.0).sqrt());
     }
 
     #[test]
@@ -852,7 +1172,7 @@ mod tests {
             for key in KEYS {
                 for first in FIRSTS {
                     for thr in THRESHOLDS {
-                        for nwords in [0usize, 1, 2, 3, 5, 17] {
+                        for nwords in [0usize, 1, 2, 3, 5, 17, 64, 65, 131] {
                             let want = naive_keep(key, first, thr, nwords);
                             let mut got = vec![0x5555_5555_5555_5555; nwords];
                             keep_words_with(be, key, first, thr, &mut got);

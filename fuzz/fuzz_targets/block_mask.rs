@@ -1,5 +1,5 @@
 //! `mask::block_keep_words` against a naive DropBlock: seeds are the documented keep decisions
-//! (word e of `rng::fill_u32` below the threshold), each seed at (r, c) drops rows
+//! (uniform word e of `rng::uniform_words` below the threshold), each seed at (r, c) drops rows
 //! r - kh/2 .. r - kh/2 + kh - 1 and the columns alike, clipped (timm's placement).
 #![no_main]
 
@@ -28,7 +28,7 @@ fn check(u: &mut Unstructured) -> Result<()> {
     let (words, kept) = block_keep_words(key, first, threshold, g);
     let n = maps * h * w;
     let mut r = vec![0u32; n];
-    rng::fill_u32(key, first, &mut r);
+    rng::uniform_words(key, first, &mut r);
     let seed = |m: usize| (r[m] as u64) < threshold;
     let mut count = 0;
     for map in 0..maps {

@@ -222,9 +222,9 @@ fn check<T: FuzzFloat>(u: &mut Unstructured) -> Result<()> {
     // non-overlapping non-zero strides, and buffers are distinct unless in place (same view).
     unsafe { kernel::run::<T>(&shape, &mask_shape, src_op, dst_op, res_op, bits, &app) };
 
-    // The reference keep decisions: element e keeps iff word e of fill_u32 is < threshold.
+    // The reference keep decisions: element e keeps iff its uniform word is < threshold.
     let mut words = vec![0u32; if fresh { n } else { 0 }];
-    rng::fill_u32(key, first_block, &mut words);
+    rng::uniform_words(key, first_block, &mut words);
     let keep_of = |m: usize| -> bool {
         if fresh {
             (words[m] as u64) < threshold

@@ -1,5 +1,5 @@
 //! The generator's entry points: every backend gives the portable stream bit for bit, at any
-//! length and counter (including the 2^64 wrap); `keep_words` is `fill_u32 < threshold`; a
+//! length and counter (including the 2^64 wrap); `keep_words` is `uniform_words < threshold`; a
 //! counter range read from an offset equals the same words of a longer read; deviates are finite.
 #![no_main]
 
@@ -42,7 +42,7 @@ fn check(u: &mut Unstructured) -> Result<()> {
     );
 
     let mut bits_ref = vec![0u32; words * 64];
-    rng::fill_u32_with(Backend::Portable, key, first, &mut bits_ref);
+    rng::uniform_words(key, first, &mut bits_ref);
     for b in rng::available_backends() {
         let mut out = vec![0u32; len];
         rng::fill_u32_with(b, key, first, &mut out);
