@@ -1,13 +1,18 @@
 //! The PyO3 layer: turns NumPy arrays into checked strided operands, dispatches on dtype,
 //! releases the GIL around kernels and maps `DropError` to Python exceptions. No maths here.
 
+use crate::buffer::{self, Buffer};
 use crate::error::DropError;
 use crate::generator::{blocks_for_decisions, blocks_for_normals, fork_stream, GeneratorState};
 use crate::kernel::{self, Application, Bits, Operand};
 use crate::mask::{block_keep_words, BlockGeometry};
 use crate::rng::{self, threshold_for, Key};
 use half::{bf16, f16};
-use numpy::npyffi::{objects::_PyArray_GET_ITEM_DATA, NPY_ARRAY_WRITEABLE};
+use numpy::npyffi::{
+    get_type_object, npy_intp, objects::_PyArray_GET_ITEM_DATA, NpyTypes, PyArrayObject,
+    PyArray_CheckExact, NPY_ARRAY_CARRAY, NPY_ARRAY_FARRAY, NPY_ARRAY_WRITEABLE, NPY_ORDER,
+    PY_ARRAY_API,
+};
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -654,6 +659,102 @@ fn run_kernel(
     }
 }
 
+/// Outputs at least this large (bytes) come from the buffer cache (`buffer`): smaller ones are
+/// recycled well enough by the allocator's own heap.
+const CACHED_OUTPUT_MIN: usize = 4 << 20;
+
+/// Owns the cached buffer under a NumPy array made by `empty_like`, as the array's base object;
+/// NumPy drops it with the last array or view of the buffer, which returns it to the cache.
+#[pyclass(module = "fastdrop._core", frozen)]
+struct CachedBuffer {
+    buf: Option<Buffer>,
+}
+
+impl Drop for CachedBuffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            buffer::give(b);
+        }
+    }
+}
+
+/// `np.empty_like(x)` (order 'K', uninitialised), with large C- or Fortran-ordered outputs of a
+/// plain ndarray taken from the buffer cache so that they need not be faulted in afresh.
+#[pyfunction]
+fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, PyAny>> {
+    let bytes = x.len() * x.dtype().itemsize();
+    let (c, f) = (x.is_c_contiguous(), x.is_fortran_contiguous());
+    // SAFETY: `x` is a live object; PyArray_CheckExact only reads its type.
+    let exact = unsafe { PyArray_CheckExact(py, x.as_ptr()) } != 0;
+    let cached = if bytes >= CACHED_OUTPUT_MIN && exact && (c || f) {
+        buffer::take(bytes)
+    } else {
+        None
+    };
+    let Some(buf) = cached else {
+        // SAFETY: `x` is a live ndarray; NewLikeArray returns a new reference or NULL with an
+        // exception set; a NULL descr means "x's dtype".
+        let arr = unsafe {
+            PY_ARRAY_API.PyArray_NewLikeArray(
+                py,
+                x.as_array_ptr(),
+                NPY_ORDER::NPY_KEEPORDER,
+                std::ptr::null_mut(),
+                1,
+            )
+        };
+        // SAFETY: an owned reference or NULL, as above.
+        return unsafe { Bound::from_owned_ptr_or_err(py, arr) };
+    };
+    let data = buf.as_ptr();
+    let owner = Bound::new(py, CachedBuffer { buf: Some(buf) })?;
+    let mut dims: Vec<npy_intp> = x.shape().iter().map(|&n| n as npy_intp).collect();
+    let flags = if c {
+        NPY_ARRAY_CARRAY
+    } else {
+        NPY_ARRAY_FARRAY
+    };
+    // SAFETY: NewFromDescr steals the descr reference we create with into_ptr; `data` points to
+    // at least `bytes` bytes, 2 MiB aligned, that `owner` keeps alive; NULL strides with these
+    // flags lay the array out C or Fortran contiguous over exactly `bytes` bytes. SetBaseObject
+    // steals the owner reference (also on failure), tying the buffer's life to the array's.
+    unsafe {
+        let arr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            get_type_object(py, NpyTypes::PyArray_Type),
+            x.dtype().into_ptr().cast(),
+            dims.len() as std::ffi::c_int,
+            dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            data.cast(),
+            flags,
+            std::ptr::null_mut(),
+        );
+        let arr = Bound::from_owned_ptr_or_err(py, arr)?;
+        if PY_ARRAY_API.PyArray_SetBaseObject(
+            py,
+            arr.as_ptr().cast::<PyArrayObject>(),
+            owner.into_ptr(),
+        ) < 0
+        {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(arr)
+    }
+}
+
+/// Frees the cached output buffers; returns the bytes released.
+#[pyfunction]
+fn empty_cache() -> usize {
+    buffer::empty_cache()
+}
+
+/// Bytes of output buffers held for reuse.
+#[pyfunction]
+fn cached_bytes() -> usize {
+    buffer::cached_bytes()
+}
+
 fn check_prob(name: &str, p: f64) -> PyResult<()> {
     if !(0.0..=1.0).contains(&p) {
         return Err(PyValueError::new_err(format!(
@@ -878,5 +979,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(empty_like, m)?)?;
+    m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     Ok(())
 }

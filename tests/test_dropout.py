@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -389,3 +392,89 @@ def test_out_is_refused_for_torch_tensors():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="out="):
         fastdrop.dropout(torch.ones(3), 0.5, out=np.empty(3, np.float32))
+
+
+# --- the plain-call fast path and the output cache --------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_the_plain_call_gives_what_every_other_route_gives(dtype):
+    # dropout(x, p) with defaults skips the general path; the same generator state must give
+    # the same result through it, through out=, and with a mask returned.
+    x = randn((37, 29), dtype)
+    plain = fastdrop.dropout(x, 0.3, generator=Generator(5))
+    buf = np.empty_like(x)
+    fastdrop.dropout(x, 0.3, generator=Generator(5), out=buf)
+    with_mask, mask = fastdrop.dropout(x, 0.3, generator=Generator(5), return_mask=True)
+    np.testing.assert_array_equal(plain, buf)
+    np.testing.assert_array_equal(plain, with_mask)
+    np.testing.assert_array_equal(plain != 0, mask.numpy())  # randn has no exact zeros
+    fastdrop.manual_seed(77)
+    via_default = fastdrop.dropout(x, 0.3)
+    np.testing.assert_array_equal(via_default, fastdrop.dropout(x, 0.3, generator=Generator(77)))
+
+
+BIG = (3, 1 << 20)  # 12 MiB of float32: above the 4 MiB the cache starts at
+
+
+def test_a_freed_large_output_is_reused_and_rewritten_whole():
+    fastdrop.empty_cache()
+    x = randn(BIG)
+    y = fastdrop.dropout(x, 0.5, generator=Generator(1))
+    addr = y.ctypes.data
+    assert y.ctypes.data % (2 << 20) == 0
+    del y
+    assert fastdrop._core.cached_bytes() >= x.nbytes
+    z = fastdrop.dropout(x, 0.25, generator=Generator(2))
+    assert z.ctypes.data == addr, "the freed buffer of the same size is handed back"
+    want = np.empty_like(x)
+    fastdrop.dropout(x, 0.25, generator=Generator(2), out=want)
+    np.testing.assert_array_equal(z, want)
+    assert z.flags.writeable and z.flags.c_contiguous and z.flags.aligned
+    assert fastdrop.empty_cache() == 0  # z is alive, so nothing is cached
+
+
+def test_a_live_output_or_view_keeps_its_buffer():
+    fastdrop.empty_cache()
+    x = randn(BIG)
+    y = fastdrop.dropout(x, 0.5)
+    view = y[1:]
+    before = view.copy()
+    del y
+    z = fastdrop.dropout(x, 0.5)  # must not land in the view's memory
+    assert not np.shares_memory(z, view)
+    np.testing.assert_array_equal(view, before)
+    del view, z
+    assert fastdrop.empty_cache() >= 2 * x.nbytes
+
+
+def test_cached_outputs_follow_the_input_layout_and_dtype():
+    fastdrop.empty_cache()
+    for dtype in FLOATS:
+        f = np.asfortranarray(randn(BIG, dtype))
+        y = fastdrop.dropout(f, 0.5)
+        assert y.flags.f_contiguous and y.dtype == dtype and y.shape == BIG
+        del y
+        y = fastdrop.dropout(f, 0.5, generator=Generator(3))
+        want = np.empty_like(f)
+        fastdrop.dropout(f, 0.5, generator=Generator(3), out=want)
+        np.testing.assert_array_equal(y, want)
+    fastdrop.empty_cache()
+
+
+def test_the_cache_can_be_turned_off():
+    code = (
+        "import numpy as np, fastdrop\n"
+        "x = np.ones((3, 1 << 20), np.float32)\n"
+        "y = fastdrop.dropout(x, 0.5); del y\n"
+        "print(fastdrop._core.cached_bytes())\n"
+    )
+    for env, cached in (("0", False), ("1073741824", True)):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "FASTDROP_CACHE_BYTES": env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert (int(out) > 0) == cached, (env, out)

@@ -85,7 +85,7 @@ class Mask:
             from . import _torch
 
             return _torch.mask_backward(self, grad_output)
-        out = np.empty_like(grad_output)
+        out = _core.empty_like(grad_output)
         _core.mask_apply(self._bits, grad_output, out, self._scale)
         return out
 

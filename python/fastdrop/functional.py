@@ -183,7 +183,8 @@ def _run(
     if inplace and not a.flags.writeable:
         raise ValueError("inplace=True needs a writeable array, but the input is read-only")
     if out is None:
-        out = a if inplace else np.empty_like(a if r is None else r)
+        # _core.empty_like is np.empty_like, with large outputs reused from freed ones.
+        out = a if inplace else _core.empty_like(a if r is None else r)
     mask = _apply(a, out, r, spec, gen, return_mask, a.shape)
     return (out, mask) if return_mask else out
 
@@ -290,6 +291,33 @@ def dropout(
     Returns:
         The result (same shape and dtype), or ``(result, mask)`` with ``return_mask=True``.
     """
+    if (
+        type(input) is np.ndarray
+        and type(p) is float
+        and 0.0 < p < 1.0
+        and training is True
+        and inplace is False
+        and (generator is None or type(generator) is _core.Generator)
+        and return_mask is False
+        and out is None
+        and input.dtype in _NATIVE_FLOATS
+    ):
+        # The most common call, a NumPy array with defaults, goes straight to the kernel: the
+        # same spec, output and generator as the general path below, without its checks and
+        # dispatch, which cost more than the kernel on small arrays.
+        spec = _scale_spec(input.shape, p)
+        result = _core.empty_like(input)
+        _core.bernoulli_apply(
+            input,
+            result,
+            None,
+            spec.mask_shape,
+            spec.application,
+            spec.keep,
+            default_generator if generator is None else generator,
+            False,
+        )
+        return result
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask, out=out)

@@ -1,0 +1,182 @@
+//! A small cache of large output buffers.
+//!
+//! An out-of-place call on a large array needs a fresh output, and fresh memory from the OS must
+//! be faulted in and zeroed page by page: for a 256 MiB float32 array that costs about as much as
+//! the dropout itself (the allocator hands such sizes straight back to the OS on free, so every
+//! call pays again). In a training loop the previous step's output is usually gone by the next
+//! call, so keeping a few freed buffers and handing one of the same size back makes the call
+//! cost what the copy costs. No allocator crate does this for a caller-chosen size class with an
+//! explicit cap and flush, so it is written here: a mutex around a short list.
+//!
+//! Buffers are whole 2 MiB multiples, 2 MiB aligned (so transparent huge pages can back them),
+//! handed out uninitialised exactly as `np.empty` would be. The cache holds at most
+//! `cap` bytes (`FASTDROP_CACHE_BYTES`, default 1 GiB; 0 turns it off) and evicts the oldest.
+
+use std::alloc::{alloc, dealloc, Layout};
+use std::ptr::NonNull;
+use std::sync::{Mutex, OnceLock};
+
+/// Alignment and size granule of pooled buffers: one x86-64 huge page.
+const GRANULE: usize = 2 << 20;
+/// Buffers kept at most, whatever their size: a handful of live shapes per loop.
+const MAX_BUFFERS: usize = 8;
+/// Default byte cap of the cache.
+const DEFAULT_CAP: usize = 1 << 30;
+
+/// An uninitialised, 2 MiB aligned allocation of `len` bytes (a multiple of 2 MiB). It is freed
+/// (or cached) by [`give`]; dropping it without that leaks it, never frees it twice.
+#[derive(Debug)]
+pub struct Buffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Buffer owns its allocation exclusively (nothing else holds the pointer until it is
+// handed out, and then the holder owns it), so moving it to another thread is sound.
+unsafe impl Send for Buffer {}
+// SAFETY: `&Buffer` only reads the pointer and length; it never touches the memory.
+unsafe impl Sync for Buffer {}
+
+impl Buffer {
+    /// The start of the allocation.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Its size in bytes (at least what was asked for).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true: buffers are at least one granule.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn layout(len: usize) -> Layout {
+        // `len` is a non-zero multiple of GRANULE below isize::MAX (checked in take).
+        Layout::from_size_align(len, GRANULE).expect("valid buffer layout")
+    }
+}
+
+struct Pool {
+    cap: usize,
+    /// Freed buffers, oldest first.
+    free: Vec<Buffer>,
+}
+
+fn pool() -> &'static Mutex<Pool> {
+    static POOL: OnceLock<Mutex<Pool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let cap = std::env::var("FASTDROP_CACHE_BYTES")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(DEFAULT_CAP);
+        Mutex::new(Pool {
+            cap,
+            free: Vec::new(),
+        })
+    })
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Pool> {
+    // A panic while holding the lock cannot leave the list inconsistent (each operation is one
+    // push or remove), so a poisoned lock is still usable.
+    pool().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A buffer of at least `bytes` bytes: a cached one of the same rounded size if there is one,
+/// else a fresh allocation. `None` if `bytes` is 0, absurdly large, or the allocation fails.
+pub fn take(bytes: usize) -> Option<Buffer> {
+    let len = bytes.checked_next_multiple_of(GRANULE)?;
+    if len == 0 || len > isize::MAX as usize - GRANULE {
+        return None;
+    }
+    {
+        let mut p = lock();
+        if let Some(i) = p.free.iter().rposition(|b| b.len == len) {
+            return Some(p.free.remove(i));
+        }
+    }
+    // SAFETY: the layout has a non-zero size.
+    let ptr = NonNull::new(unsafe { alloc(Buffer::layout(len)) })?;
+    Some(Buffer { ptr, len })
+}
+
+/// Returns a buffer: cached for the next [`take`] of its size if the cache has room, else freed.
+pub fn give(buf: Buffer) {
+    let mut evicted = Vec::new();
+    {
+        let mut p = lock();
+        if buf.len > p.cap {
+            evicted.push(buf);
+        } else {
+            p.free.push(buf);
+            while p.free.len() > MAX_BUFFERS || p.free.iter().map(|b| b.len).sum::<usize>() > p.cap
+            {
+                evicted.push(p.free.remove(0));
+            }
+        }
+    }
+    for b in evicted {
+        release(b);
+    }
+}
+
+/// Frees every cached buffer; returns how many bytes went back to the allocator.
+pub fn empty_cache() -> usize {
+    let freed: Vec<Buffer> = std::mem::take(&mut lock().free);
+    let bytes = freed.iter().map(|b| b.len).sum();
+    freed.into_iter().for_each(release);
+    bytes
+}
+
+/// Bytes held by the cache now.
+pub fn cached_bytes() -> usize {
+    lock().free.iter().map(|b| b.len).sum()
+}
+
+fn release(b: Buffer) {
+    // SAFETY: `b` came from `alloc` with this exact layout in `take` and is owned (not aliased):
+    // a Buffer is only ever moved, and this consumes it.
+    unsafe { dealloc(b.ptr.as_ptr(), Buffer::layout(b.len)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // One test, because the pool is process-wide and tests run in parallel.
+    #[test]
+    fn a_freed_buffer_of_the_same_size_is_handed_back() {
+        empty_cache();
+        let a = take(3 << 20).expect("alloc");
+        assert_eq!(a.len(), 4 << 20);
+        assert_eq!(a.as_ptr() as usize % GRANULE, 0);
+        let addr = a.as_ptr();
+        give(a);
+        assert_eq!(cached_bytes(), 4 << 20);
+        let other = take(9 << 20).expect("alloc");
+        assert_ne!(
+            other.as_ptr(),
+            addr,
+            "a different size is a different buffer"
+        );
+        let again = take(4 << 20).expect("alloc");
+        assert_eq!(again.as_ptr(), addr, "same rounded size reuses the buffer");
+        assert_eq!(cached_bytes(), 0);
+        give(again);
+        give(other);
+        for _ in 0..2 * MAX_BUFFERS {
+            let b = take(2 << 20).expect("alloc");
+            let c = take(2 << 20).expect("alloc");
+            give(b);
+            give(c);
+        }
+        assert!(lock().free.len() <= MAX_BUFFERS);
+        assert!(empty_cache() >= 4 << 20);
+        assert_eq!(cached_bytes(), 0);
+        assert!(take(0).is_none());
+        assert!(take(usize::MAX).is_none());
+    }
+}
