@@ -13,7 +13,7 @@ use numpy::npyffi::{
     PyArray_CheckExact, NPY_ARRAY_CARRAY, NPY_ARRAY_FARRAY, NPY_ARRAY_WRITEABLE, NPY_ORDER,
     PY_ARRAY_API,
 };
-use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyCapsule, PyString, PyTuple};
@@ -692,6 +692,7 @@ fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<
         None
     };
     let Some(buf) = cached else {
+        // The cache is out of reach (small, a subclass, another layout, or allocation failed).
         // SAFETY: `x` is a live ndarray; NewLikeArray returns a new reference or NULL with an
         // exception set; a NULL descr means "x's dtype".
         let arr = unsafe {
@@ -706,23 +707,70 @@ fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<
         // SAFETY: an owned reference or NULL, as above.
         return unsafe { Bound::from_owned_ptr_or_err(py, arr) };
     };
+    array_on(py, buf, &x.dtype(), x.shape(), !c)
+}
+
+/// A new uninitialised C-ordered array of `shape` and `dtype` (`np.empty`), from the buffer
+/// cache when it is large enough: torch's CPU outputs are built on it (`torch.from_numpy`).
+#[pyfunction]
+fn empty<'py>(
+    py: Python<'py>,
+    shape: Vec<usize>,
+    dtype: &Bound<'py, PyArrayDescr>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_mul(dtype.itemsize()))
+        .ok_or_else(|| PyValueError::new_err("array is too big"))?;
+    if n >= CACHED_OUTPUT_MIN {
+        if let Some(buf) = buffer::take(n) {
+            return array_on(py, buf, dtype, &shape, false);
+        }
+    }
+    let mut dims: Vec<npy_intp> = shape.iter().map(|&d| d as npy_intp).collect();
+    // SAFETY: PyArray_Empty steals the descr reference created by into_ptr and returns a new
+    // reference or NULL with an exception set; dims holds one entry per dimension.
+    unsafe {
+        let arr = PY_ARRAY_API.PyArray_Empty(
+            py,
+            dims.len() as std::ffi::c_int,
+            dims.as_mut_ptr(),
+            dtype.clone().into_ptr().cast(),
+            0,
+        );
+        Bound::from_owned_ptr_or_err(py, arr)
+    }
+}
+
+/// A NumPy array of `shape` and `dtype` (C or, `fortran`, Fortran ordered) over `buf`, which
+/// must hold it; the array owns the buffer (see `CachedBuffer`).
+fn array_on<'py>(
+    py: Python<'py>,
+    buf: Buffer,
+    dtype: &Bound<'py, PyArrayDescr>,
+    shape: &[usize],
+    fortran: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    debug_assert!(shape.iter().product::<usize>() * dtype.itemsize() <= buf.len());
     let data = buf.as_ptr();
     let owner = Bound::new(py, CachedBuffer { buf: Some(buf) })?;
-    let mut dims: Vec<npy_intp> = x.shape().iter().map(|&n| n as npy_intp).collect();
-    let flags = if c {
-        NPY_ARRAY_CARRAY
-    } else {
+    let mut dims: Vec<npy_intp> = shape.iter().map(|&n| n as npy_intp).collect();
+    let flags = if fortran {
         NPY_ARRAY_FARRAY
+    } else {
+        NPY_ARRAY_CARRAY
     };
     // SAFETY: NewFromDescr steals the descr reference we create with into_ptr; `data` points to
-    // at least `bytes` bytes, 2 MiB aligned, that `owner` keeps alive; NULL strides with these
-    // flags lay the array out C or Fortran contiguous over exactly `bytes` bytes. SetBaseObject
+    // `buf`, 2 MiB aligned and large enough for the array (the callers took it for this size),
+    // which `owner` keeps alive; NULL strides with these flags lay the array out C or Fortran
+    // contiguous within it. SetBaseObject
     // steals the owner reference (also on failure), tying the buffer's life to the array's.
     unsafe {
         let arr = PY_ARRAY_API.PyArray_NewFromDescr(
             py,
             get_type_object(py, NpyTypes::PyArray_Type),
-            x.dtype().into_ptr().cast(),
+            dtype.clone().into_ptr().cast(),
             dims.len() as std::ffi::c_int,
             dims.as_mut_ptr(),
             std::ptr::null_mut(),
@@ -980,6 +1028,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(empty_like, m)?)?;
+    m.add_function(wrap_pyfunction!(empty, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     Ok(())

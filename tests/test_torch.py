@@ -451,3 +451,24 @@ def test_mask_backward_refuses_a_tensor_of_another_shape():
     _, mask = fastdrop.dropout(torch.ones(2, 3), 0.5, return_mask=True)
     with pytest.raises(ValueError, match=r"grad_output has shape \(3, 3\).*\(2, 3\)"):
         mask.backward(torch.ones(3, 3))
+
+
+def test_large_tensor_outputs_reuse_freed_buffers_and_never_a_live_one():
+    fastdrop.empty_cache()
+    x = torch.randn(3, 1 << 20)  # 12 MiB: above the cache's 4 MiB floor
+    y = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(4))
+    addr = y.data_ptr()
+    keep_alive = y[1:]
+    del y
+    z = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(4))
+    assert z.data_ptr() != addr, "a view keeps the buffer out of the cache"
+    np.testing.assert_array_equal(keep_alive.numpy(), z[1:].numpy())
+    del keep_alive, z
+    assert fastdrop._core.cached_bytes() >= 2 * x.numel() * 4  # both freed buffers
+    w = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(4))
+    assert fastdrop._core.cached_bytes() >= x.numel() * 4  # w took one, the other waits
+    want = fastdrop.dropout(x.numpy(), 0.5, generator=fastdrop.Generator(4))
+    np.testing.assert_array_equal(w.numpy(), want)
+    assert w.is_contiguous() and w.dtype == x.dtype and w.shape == x.shape
+    del w, want  # the NumPy output took the second buffer; both come back now
+    assert fastdrop.empty_cache() >= 2 * x.numel() * 4

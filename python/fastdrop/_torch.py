@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from typing import Any, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.dlpack import to_dlpack as _to_dlpack
@@ -97,11 +98,25 @@ def _check_host_dtype(t: torch.Tensor, name: str = "input") -> None:
 # --- the CPU path -----------------------------------------------------------------------------
 
 
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
+    torch.float16: np.dtype(np.float16),
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
+#: Outputs from this size (bytes) on come from fastdrop's buffer cache, as NumPy ones do.
+_CACHED_OUTPUT_MIN = 4 << 20
+
+
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
     """An output laid out as torch's dropout lays it out: a dense input's own strides (so
     channels_last stays so); otherwise dense, with the input's dimensions ordered by stride as
     TensorIterator orders them (size-1 and broadcast dimensions stay where they are)."""
     if x.is_contiguous():
+        np_dtype = _NUMPY_DTYPES.get(x.dtype)
+        if np_dtype is not None and x.numel() * x.element_size() >= _CACHED_OUTPUT_MIN:
+            # A large output on a recycled buffer (see fastdrop.empty_cache): torch's allocator
+            # would fault fresh pages in, which costs about as much as the dropout.
+            return torch.from_numpy(_core.empty(tuple(x.shape), np_dtype))
         return torch.empty_like(x)
     sizes, strides = x.shape, x.stride()
     movable = [d for d in range(x.dim()) if sizes[d] > 1 and strides[d] != 0]
