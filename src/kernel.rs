@@ -970,6 +970,25 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(
     if n == 0 {
         return;
     }
+    if let Bits::Given(words) = bits {
+        if let Some(run) = short_broadcast_run(shape, mask_shape).filter(|_| R::CONST_DROPPED) {
+            // One decision per run of fewer than 64 elements (the channels of small maps, the
+            // samples of small inputs): spread the decisions to one bit per element first, so
+            // the vector loops see whole mask words instead of a call per short run. The
+            // dropped value does not depend on the mask index here, so nothing else changes.
+            let spread = spread_bits(words, n / run, run);
+            return run_rule::<T, R>(
+                config,
+                shape,
+                shape,
+                src,
+                dst,
+                res,
+                Bits::Given(&spread),
+                rule,
+            );
+        }
+    }
     let zeros = vec![0isize; shape.len()];
     let plan = Plan::new(
         shape,
@@ -1043,6 +1062,39 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(
             }
         }),
     }
+}
+
+/// Mask runs shorter than this are spread to element bits (see `run_rule`).
+const SPREAD_BELOW: usize = 64;
+
+/// The length of the broadcast run if `mask_shape` is `shape` with a trailing block of
+/// dimensions set to 1 (one decision per run of that many consecutive logical elements) and
+/// the run is shorter than `SPREAD_BELOW`; `None` otherwise.
+fn short_broadcast_run(shape: &[usize], mask_shape: &[usize]) -> Option<usize> {
+    let k = mask_shape
+        .iter()
+        .rposition(|&d| d != 1)
+        .map_or(0, |i| i + 1);
+    if mask_shape[..k] != shape[..k] {
+        return None;
+    }
+    let run: usize = shape[k..].iter().product();
+    (run > 1 && run < SPREAD_BELOW).then_some(run)
+}
+
+/// Bit `m * run + j` (j < run) of the result is bit `m` of `words`, for `decisions` bits.
+fn spread_bits(words: &[u64], decisions: usize, run: usize) -> Vec<u64> {
+    let mut out = vec![0u64; words_for(decisions * run)];
+    for m in (0..decisions).filter(|&m| bit(words, m)) {
+        let (mut lo, hi) = (m * run, (m + 1) * run);
+        while lo < hi {
+            let b = lo % 64;
+            let len = (64 - b).min(hi - lo);
+            out[lo / 64] |= (u64::MAX >> (64 - len)) << b;
+            lo += len;
+        }
+    }
+    out
 }
 
 /// Draws the keep bits of elements [start, end) into `words` (bit i - start for element i; start
@@ -1463,6 +1515,36 @@ mod tests {
             check_paths::<f64>(shape, pad, start);
             check_paths::<f16>(shape, pad, start);
             check_paths::<bf16>(shape, pad, start);
+        }
+    }
+
+    #[test]
+    fn short_runs_are_spread_bit_for_bit() {
+        assert_eq!(short_broadcast_run(&[4, 3, 2, 2], &[4, 3, 1, 1]), Some(4));
+        assert_eq!(short_broadcast_run(&[4, 3, 2, 2], &[4, 1, 1, 1]), Some(12));
+        assert_eq!(short_broadcast_run(&[4, 3, 8, 8], &[4, 3, 1, 1]), None);
+        assert_eq!(short_broadcast_run(&[4, 3, 2, 2], &[4, 3, 2, 2]), None);
+        assert_eq!(short_broadcast_run(&[4, 3, 2], &[1, 3, 1]), None);
+        for run in [2usize, 3, 7, 63] {
+            let decisions = 300;
+            let words: Vec<u64> = (0..words_for(decisions) as u64)
+                .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 7))
+                .collect();
+            let spread = spread_bits(&words, decisions, run);
+            for e in 0..decisions * run {
+                assert_eq!(
+                    bit(&spread, e),
+                    bit(&words, e / run),
+                    "run {run} element {e}"
+                );
+            }
+            assert_eq!(
+                spread
+                    .iter()
+                    .map(|w| w.count_ones() as usize)
+                    .sum::<usize>(),
+                (0..decisions).filter(|&m| bit(&words, m)).count() * run
+            );
         }
     }
 
