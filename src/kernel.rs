@@ -1082,17 +1082,30 @@ fn short_broadcast_run(shape: &[usize], mask_shape: &[usize]) -> Option<usize> {
     (run > 1 && run < SPREAD_BELOW).then_some(run)
 }
 
-/// Bit `m * run + j` (j < run) of the result is bit `m` of `words`, for `decisions` bits.
+/// Bit `m * run + j` (j < run) of the result is bit `m` of `words`, for `decisions` bits and
+/// `run` < 64. Each output word ORs in the few runs that overlap it; the words are independent,
+/// so the loop has no carried dependency (a running 128-bit accumulator measured 3x slower).
 fn spread_bits(words: &[u64], decisions: usize, run: usize) -> Vec<u64> {
-    let mut out = vec![0u64; words_for(decisions * run)];
-    for m in (0..decisions).filter(|&m| bit(words, m)) {
-        let (mut lo, hi) = (m * run, (m + 1) * run);
-        while lo < hi {
-            let b = lo % 64;
-            let len = (64 - b).min(hi - lo);
-            out[lo / 64] |= (u64::MAX >> (64 - len)) << b;
-            lo += len;
+    debug_assert!(run > 0 && run < 64);
+    let n = decisions * run;
+    let ones = (1u64 << run) - 1;
+    let mut out = vec![0u64; words_for(n)];
+    for (w, o) in out.iter_mut().enumerate() {
+        let lo = w * 64;
+        let hi = (lo + 64).min(n);
+        let mut acc = 0u64;
+        for m in lo / run..=(hi - 1) / run {
+            let keep = (words[m / 64] >> (m % 64)) & 1;
+            let bits = 0u64.wrapping_sub(keep) & ones;
+            // The run starts at m * run, within (lo - run, lo + 64): shift into this word.
+            let start = m * run;
+            acc |= if start >= lo {
+                bits << (start - lo)
+            } else {
+                bits >> (lo - start)
+            };
         }
+        *o = acc;
     }
     out
 }
