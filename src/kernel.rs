@@ -9,7 +9,6 @@
 use crate::rng::{self, Key};
 use crate::simd::{Linear, RunMask};
 use half::{bf16, f16};
-use rayon::prelude::*;
 use std::ops::{Add, Mul};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -391,15 +390,39 @@ fn pool(n: usize) -> Arc<rayon::ThreadPool> {
 
 /// Runs `f(chunk)` for chunk in 0..chunks on `threads` threads, on the calling thread when
 /// `elements` is too few to pay for waking the pool.
-fn for_each_chunk(threads: usize, elements: usize, chunks: usize, f: impl Fn(usize) + Sync + Send) {
+///
+/// The calling thread works too, beside `threads - 1` pool threads, taking chunks from a shared
+/// counter: with `install`, it would only wait while the pool's threads woke up and did all of
+/// it, which on a cache-resident array costs a good part of the second thread's gain. Which
+/// thread runs a chunk never matters: a chunk's random bits depend on its index alone.
+pub(crate) fn for_each_chunk(
+    threads: usize,
+    elements: usize,
+    chunks: usize,
+    f: impl Fn(usize) + Sync + Send,
+) {
     if elements < PARALLEL_MIN || threads == 1 || chunks == 1 {
         (0..chunks).for_each(f);
-    } else {
-        pool(threads).install(|| (0..chunks).into_par_iter().for_each(f));
+        return;
     }
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let c = next.fetch_add(1, Ordering::Relaxed);
+        if c >= chunks {
+            break;
+        }
+        f(c);
+    };
+    pool(threads - 1).in_place_scope(|s| {
+        for _ in 0..(threads - 1).min(chunks - 1) {
+            s.spawn(|_| work());
+        }
+        work();
+    });
 }
 
-/// Runs `f(chunk, words)` over `words` split into chunks of `CHUNK / 64` words.
+/// Runs `f(chunk, words)` over `words` split into chunks of `CHUNK / 64` words, in parallel as
+/// [`for_each_chunk`] does.
 fn for_each_word_chunk(
     threads: usize,
     elements: usize,
@@ -409,14 +432,17 @@ fn for_each_word_chunk(
     let per = CHUNK / 64;
     if elements < PARALLEL_MIN || threads == 1 || words.len() <= per {
         words.chunks_mut(per).enumerate().for_each(|(c, w)| f(c, w));
-    } else {
-        pool(threads).install(|| {
-            words
-                .par_chunks_mut(per)
-                .enumerate()
-                .for_each(|(c, w)| f(c, w))
-        });
+        return;
     }
+    // Each chunk's slice is taken out of its slot by whichever thread runs the chunk.
+    let slots: Vec<Mutex<Option<&mut [u64]>>> =
+        words.chunks_mut(per).map(|w| Mutex::new(Some(w))).collect();
+    for_each_chunk(threads, elements, slots.len(), |c| {
+        let taken = slots[c].lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = taken {
+            f(c, w);
+        }
+    });
 }
 
 // --- mask generation ------------------------------------------------------------------------

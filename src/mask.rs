@@ -4,10 +4,9 @@
 //! (`kernel::bernoulli_words`, or fused into the kernel for elements). Block masks grow
 //! Bernoulli seeds into rectangles, as timm's DropBlock does.
 
-use crate::kernel::{bernoulli_words, words_for};
+use crate::kernel::{bernoulli_words, for_each_chunk, get_num_threads, words_for};
 use crate::rng::Key;
-use rayon::prelude::*;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Geometry of a DropBlock mask: `maps` planes of `h` x `w`, blocks of `kh` x `kw`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,11 +90,12 @@ pub fn block_keep_words(
         }
         count
     };
-    let kept: usize = if n >= crate::kernel::PARALLEL_MIN {
-        (0..g.maps).into_par_iter().map(plane_into_words).sum()
-    } else {
-        (0..g.maps).map(plane_into_words).sum()
-    };
+    // On fastdrop's own threads (set_num_threads), a map per work item.
+    let kept = AtomicUsize::new(0);
+    for_each_chunk(get_num_threads(), n, g.maps, |map| {
+        kept.fetch_add(plane_into_words(map), Ordering::Relaxed);
+    });
+    let kept = kept.into_inner();
     drop(seeds);
     // Same size and alignment: the collect reuses the allocation.
     let words: Vec<u64> = words.into_iter().map(AtomicU64::into_inner).collect();
