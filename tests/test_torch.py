@@ -472,3 +472,26 @@ def test_large_tensor_outputs_reuse_freed_buffers_and_never_a_live_one():
     assert w.is_contiguous() and w.dtype == x.dtype and w.shape == x.shape
     del w, want  # the NumPy output took the second buffer; both come back now
     assert fastdrop.empty_cache() >= 2 * x.numel() * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
+def test_the_plain_tensor_call_gives_what_the_general_route_gives(dtype):
+    # dropout(t, p) with defaults skips the general dispatch; torch's seed still keys it, and
+    # the result is the one return_mask=True (the general route) gives for the same seed.
+    t = torch.randn(7, 300).to(dtype)
+    torch.manual_seed(3)
+    plain = fastdrop.dropout(t, 0.3)
+    torch.manual_seed(3)
+    general, mask = fastdrop.dropout(t, 0.3, return_mask=True)
+    assert torch.equal(plain, general) and plain.dtype == dtype
+    torch.manual_seed(3)
+    assert torch.equal(fastdrop.dropout(t, 0.3), plain)
+    assert not torch.equal(fastdrop.dropout(t, 0.3), plain)  # the seed advanced
+    # Tensors the plain route must not take: they still get the general behaviour.
+    leaf = t.float().requires_grad_()
+    fastdrop.dropout(leaf, 0.3).sum().backward()
+    assert leaf.grad is not None
+    meta = fastdrop.dropout(torch.empty(4, 5, device="meta"), 0.3)
+    assert meta.device.type == "meta" and meta.shape == (4, 5)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64 tensor"):
+        fastdrop.dropout(torch.ones(3, dtype=torch.int32), 0.3)

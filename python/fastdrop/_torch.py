@@ -25,7 +25,7 @@ from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _core
 from ._mask import Mask
-from .functional import _apply, _Spec
+from .functional import _apply, _scale_spec, _Spec
 
 _HOST_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
@@ -112,7 +112,7 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     channels_last stays so); otherwise dense, with the input's dimensions ordered by stride as
     TensorIterator orders them (size-1 and broadcast dimensions stay where they are)."""
     if x.is_contiguous():
-        np_dtype = _NUMPY_DTYPES.get(x.dtype)
+        np_dtype = _NUMPY_DTYPES.get(x.dtype) if x.numel() >= _CACHED_OUTPUT_MIN // 8 else None
         if np_dtype is not None and x.numel() * x.element_size() >= _CACHED_OUTPUT_MIN:
             # A large output on a recycled buffer (see fastdrop.empty_cache): torch's allocator
             # would fault fresh pages in, which costs about as much as the dropout.
@@ -231,6 +231,21 @@ def _check_inplace(x: torch.Tensor) -> None:
         raise RuntimeError(
             "a view of a leaf Variable that requires grad is being used in an in-place operation."
         )
+
+
+def dropout_plain(x: torch.Tensor, p: float) -> torch.Tensor:
+    """`fastdrop.dropout(x, p)` with every other argument at its default, for a `torch.Tensor`
+    and 0 < p < 1 (the caller checked those): the common CPU case goes straight to the kernel,
+    anything else (autograd, another device, torch.compile, a bad dtype) to `run`."""
+    spec = _scale_spec(x.shape, p)
+    if (
+        x.requires_grad
+        or not x.is_cpu
+        or x.dtype not in _HOST_DTYPES
+        or torch.compiler.is_compiling()
+    ):
+        return run(x, spec, False, None, False)
+    return _forward(x, None, spec, _host_generator(None), False, False)[0]
 
 
 def _run_host(x, spec, inplace, generator, return_mask, residual):

@@ -125,15 +125,19 @@ def _resolve_generator(generator: Any) -> _core.Generator:
 def _torch_module():
     """`fastdrop._torch`, imported on first use (it imports torch); cached, as an import
     statement costs a microsecond a call."""
-    global _TORCH
+    global _TORCH, _TENSOR
     if _TORCH is None:
         from . import _torch
 
         _TORCH = _torch
+        _TENSOR = _torch.torch.Tensor
     return _TORCH
 
 
 _TORCH: Any = None
+#: `torch.Tensor` once `fastdrop._torch` is loaded (by the first tensor seen); until then a
+#: class nothing is an instance of, so `type(x) is _TENSOR` is a one-step test either way.
+_TENSOR: Any = type("_NoTensorYet", (), {})
 
 
 # --- the one path every variant takes ---------------------------------------------------------
@@ -318,6 +322,18 @@ def dropout(
             False,
         )
         return result
+    if (
+        type(input) is _TENSOR
+        and type(p) is float
+        and 0.0 < p < 1.0
+        and training is True
+        and inplace is False
+        and generator is None
+        and return_mask is False
+        and out is None
+    ):
+        # The same for a torch tensor (once fastdrop's torch side is loaded).
+        return _TORCH.dropout_plain(input, p)
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask, out=out)
