@@ -205,6 +205,21 @@ impl Element for bf16 {
     fn from_op(v: f32) -> Self {
         bf16::from_f32(v)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn apply_run(
+        lin: Linear<f32>,
+        dropped: bf16,
+        mask: RunMask,
+        src: *const bf16,
+        dst: *mut bf16,
+        res: Option<*const bf16>,
+        len: usize,
+        stream: bool,
+    ) -> bool {
+        crate::simd::apply_bf16(lin, dropped, mask, src, dst, res, len, stream);
+        true
+    }
 }
 
 /// What a mask does to the elements it covers. Constants are given in f64 and rounded once to

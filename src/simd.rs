@@ -35,12 +35,12 @@ pub fn word_at(words: &[u64], first: usize) -> u64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::{apply_f16, apply_f32, apply_f64};
+pub use x86::{apply_bf16, apply_f16, apply_f32, apply_f64};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{word_at, Linear, RunMask};
-    use half::f16;
+    use half::{bf16, f16};
     use std::arch::x86_64::*;
 
     /// Which decisions a loop sees, as a const parameter so each case gets its own loop.
@@ -94,6 +94,47 @@ mod x86 {
         #[inline(always)]
         unsafe fn round(v: __m256) -> __m256 {
             _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+        }
+    }
+
+    /// f32 -> bfloat16 bits in the low 16 bits of each lane, exactly as `half::bf16::from_f32`:
+    /// round to nearest even (`x + 0x7FFF + lsb`, carrying into the exponent up to infinity),
+    /// and a NaN keeps its top mantissa bits with the quiet bit set.
+    #[inline(always)]
+    unsafe fn bf16_bits(v: __m256) -> __m256i {
+        let x = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+            x,
+            _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)),
+        ));
+        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x0040));
+        let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
+        let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
+        _mm256_blendv_epi8(rounded, quiet, nan)
+    }
+
+    impl Lanes8 for bf16 {
+        #[inline(always)]
+        unsafe fn load(p: *const bf16) -> __m256 {
+            // bfloat16 is the top half of an f32: widen and shift up.
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+        }
+        #[inline(always)]
+        unsafe fn store<const STREAM: bool>(p: *mut bf16, v: __m256) {
+            let b = bf16_bits(v);
+            // Every lane is <= 0xFFFF, so the unsigned-saturating pack is exact.
+            let h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b));
+            if STREAM {
+                _mm_stream_si128(p as *mut __m128i, h)
+            } else {
+                _mm_storeu_si128(p as *mut __m128i, h)
+            }
+        }
+        #[inline(always)]
+        unsafe fn round(v: __m256) -> __m256 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bf16_bits(v)))
         }
     }
 
@@ -308,6 +349,26 @@ mod x86 {
         apply_lanes8::<f16>(lin, dropped.to_f32(), mask, src, dst, res, len, stream)
     }
 
+    /// [`apply_f32`] for bfloat16 storage, as [`apply_f16`] for float16 (round to nearest
+    /// even, torch's conversion).
+    ///
+    /// # Safety
+    /// As [`apply_f32`].
+    #[target_feature(enable = "avx2,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn apply_bf16(
+        lin: Linear<f32>,
+        dropped: bf16,
+        mask: RunMask,
+        src: *const bf16,
+        dst: *mut bf16,
+        res: Option<*const bf16>,
+        len: usize,
+        stream: bool,
+    ) {
+        apply_lanes8::<bf16>(lin, dropped.to_f32(), mask, src, dst, res, len, stream)
+    }
+
     /// One group of four f64.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -457,6 +518,76 @@ mod x86 {
                 }
             }
             std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(done), rest);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The vector f32 -> bfloat16 conversion against `half`'s, bit for bit, over every
+        /// exponent, sign and NaN class and a dense sample of mantissas (ties included).
+        #[test]
+        fn bf16_rounding_is_halfs() {
+            if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+                return;
+            }
+            #[target_feature(enable = "avx2,f16c")]
+            fn check(bits: &[u32; 8]) {
+                let v = f32::from_bits;
+                let lanes: [f32; 8] = core::array::from_fn(|i| v(bits[i]));
+                let mut out = [bf16::ZERO; 8];
+                // SAFETY: 8 lanes in and out, in bounds; the CPU has AVX2 and F16C.
+                unsafe {
+                    <bf16 as Lanes8>::store::<false>(
+                        out.as_mut_ptr(),
+                        _mm256_loadu_ps(lanes.as_ptr()),
+                    )
+                };
+                for (o, l) in out.iter().zip(lanes) {
+                    assert_eq!(
+                        o.to_bits(),
+                        bf16::from_f32(l).to_bits(),
+                        "{:#010x}",
+                        l.to_bits()
+                    );
+                }
+            }
+            let mut batch = [0u32; 8];
+            let mut i = 0;
+            let mut push = |x: u32| {
+                batch[i] = x;
+                i += 1;
+                if i == 8 {
+                    // SAFETY: AVX2 and F16C were detected above.
+                    unsafe { check(&batch) };
+                    i = 0;
+                }
+            };
+            for hi in 0..=0x1FFu32 {
+                // sign + exponent, then low bits around the rounding point and a spread.
+                for lo in [
+                    0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1_7FFF, 0x1_8000, 0x7F_FFFF,
+                ] {
+                    push(hi << 23 | lo);
+                }
+                for k in 0..256u32 {
+                    push(hi << 23 | k.wrapping_mul(0x9E37_79B9) >> 9);
+                }
+            }
+            for x in [
+                0x7F80_0001u32,
+                0x7FC0_0000,
+                0xFFFF_FFFF,
+                0x7F7F_FFFF,
+                0xFF7F_8000,
+                0x7F7F_8000,
+            ] {
+                push(x);
+            }
+            for _ in 0..8 {
+                push(0);
+            }
         }
     }
 }
