@@ -710,36 +710,24 @@ fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<
     array_on(py, buf, &x.dtype(), x.shape(), !c)
 }
 
-/// A new uninitialised C-ordered array of `shape` and `dtype` (`np.empty`), from the buffer
-/// cache when it is large enough: torch's CPU outputs are built on it (`torch.from_numpy`).
+/// A new uninitialised C-ordered array of `shape` and `dtype` on a cached buffer, or `None`
+/// when the cache does not serve it (too small, the cache turned off, or no memory): torch's
+/// large CPU outputs are built on it (`torch.from_numpy`), the rest come from torch.
 #[pyfunction]
-fn empty<'py>(
+fn cached_empty<'py>(
     py: Python<'py>,
     shape: Vec<usize>,
     dtype: &Bound<'py, PyArrayDescr>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let n = shape
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let bytes = shape
         .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .and_then(|n| n.checked_mul(dtype.itemsize()))
-        .ok_or_else(|| PyValueError::new_err("array is too big"))?;
-    if n >= CACHED_OUTPUT_MIN {
-        if let Some(buf) = buffer::take(n) {
-            return array_on(py, buf, dtype, &shape, false);
-        }
-    }
-    let mut dims: Vec<npy_intp> = shape.iter().map(|&d| d as npy_intp).collect();
-    // SAFETY: PyArray_Empty steals the descr reference created by into_ptr and returns a new
-    // reference or NULL with an exception set; dims holds one entry per dimension.
-    unsafe {
-        let arr = PY_ARRAY_API.PyArray_Empty(
-            py,
-            dims.len() as std::ffi::c_int,
-            dims.as_mut_ptr(),
-            dtype.clone().into_ptr().cast(),
-            0,
-        );
-        Bound::from_owned_ptr_or_err(py, arr)
+        .try_fold(dtype.itemsize(), |a, &d| a.checked_mul(d));
+    match bytes {
+        Some(n) if n >= CACHED_OUTPUT_MIN && buffer::enabled() => match buffer::take(n) {
+            Some(buf) => array_on(py, buf, dtype, &shape, false).map(Some),
+            None => Ok(None),
+        },
+        _ => Ok(None),
     }
 }
 
@@ -1028,7 +1016,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(empty_like, m)?)?;
-    m.add_function(wrap_pyfunction!(empty, m)?)?;
+    m.add_function(wrap_pyfunction!(cached_empty, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     Ok(())

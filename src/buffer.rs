@@ -131,6 +131,11 @@ pub fn empty_cache() -> usize {
     bytes
 }
 
+/// Whether the cache keeps anything (`FASTDROP_CACHE_BYTES` is not 0).
+pub fn enabled() -> bool {
+    lock().cap > 0
+}
+
 /// Bytes held by the cache now.
 pub fn cached_bytes() -> usize {
     lock().free.iter().map(|b| b.len).sum()

@@ -3,6 +3,10 @@ layouts, dtypes, autograd against the mask for every variant, devices."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -453,25 +457,27 @@ def test_mask_backward_refuses_a_tensor_of_another_shape():
         mask.backward(torch.ones(3, 3))
 
 
-def test_large_tensor_outputs_reuse_freed_buffers_and_never_a_live_one():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_tensor_outputs_reuse_freed_buffers_and_never_a_live_one(dtype):
     fastdrop.empty_cache()
-    x = torch.randn(3, 1 << 20)  # 12 MiB: above the cache's 4 MiB floor
+    x = torch.randn(3, 1 << 21).to(dtype)  # 12 or 24 MiB: above the cache's 4 MiB floor
     y = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(4))
     addr = y.data_ptr()
     keep_alive = y[1:]
     del y
     z = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(4))
     assert z.data_ptr() != addr, "a view keeps the buffer out of the cache"
-    np.testing.assert_array_equal(keep_alive.numpy(), z[1:].numpy())
+    assert torch.equal(keep_alive, z[1:])
     del keep_alive, z
-    assert fastdrop._core.cached_bytes() >= 2 * x.numel() * 4  # both freed buffers
+    nbytes = x.numel() * x.element_size()
+    assert fastdrop._core.cached_bytes() >= 2 * nbytes  # both freed buffers
     w = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(4))
-    assert fastdrop._core.cached_bytes() >= x.numel() * 4  # w took one, the other waits
-    want = fastdrop.dropout(x.numpy(), 0.5, generator=fastdrop.Generator(4))
-    np.testing.assert_array_equal(w.numpy(), want)
+    assert fastdrop._core.cached_bytes() >= nbytes  # w took one, the other waits
+    want = fastdrop.dropout(x.clone(), 0.5, generator=fastdrop.Generator(4))
+    assert torch.equal(w, want)
     assert w.is_contiguous() and w.dtype == x.dtype and w.shape == x.shape
-    del w, want  # the NumPy output took the second buffer; both come back now
-    assert fastdrop.empty_cache() >= 2 * x.numel() * 4
+    del w, want  # the second output took the other buffer; both come back now
+    assert fastdrop.empty_cache() >= 2 * nbytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
@@ -495,3 +501,20 @@ def test_the_plain_tensor_call_gives_what_the_general_route_gives(dtype):
     assert meta.device.type == "meta" and meta.shape == (4, 5)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64 tensor"):
         fastdrop.dropout(torch.ones(3, dtype=torch.int32), 0.3)
+
+
+def test_with_the_cache_off_large_tensor_outputs_are_torchs_own():
+    code = (
+        "import torch, fastdrop\n"
+        "y = fastdrop.dropout(torch.ones(3, 1 << 20), 0.5)\n"
+        "y.resize_(4, 1 << 20)\n"  # a torch-allocated storage can grow
+        "print(fastdrop._core.cached_bytes())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "FASTDROP_CACHE_BYTES": "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

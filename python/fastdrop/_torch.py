@@ -98,12 +98,16 @@ def _check_host_dtype(t: torch.Tensor, name: str = "input") -> None:
 # --- the CPU path -----------------------------------------------------------------------------
 
 
+#: The NumPy dtype of a cached buffer for each torch dtype (bfloat16: its 16-bit words, viewed
+#: as bfloat16 by torch).
 _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
     torch.float16: np.dtype(np.float16),
     torch.float32: np.dtype(np.float32),
     torch.float64: np.dtype(np.float64),
+    torch.bfloat16: np.dtype(np.uint16),
 }
-#: Outputs from this size (bytes) on come from fastdrop's buffer cache, as NumPy ones do.
+#: Outputs from this size (bytes) on come from fastdrop's buffer cache, as NumPy ones do (the
+#: core decides; this only spares small tensors the call).
 _CACHED_OUTPUT_MIN = 4 << 20
 
 
@@ -113,10 +117,12 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     TensorIterator orders them (size-1 and broadcast dimensions stay where they are)."""
     if x.is_contiguous():
         np_dtype = _NUMPY_DTYPES.get(x.dtype) if x.numel() >= _CACHED_OUTPUT_MIN // 8 else None
-        if np_dtype is not None and x.numel() * x.element_size() >= _CACHED_OUTPUT_MIN:
+        if np_dtype is not None:
             # A large output on a recycled buffer (see fastdrop.empty_cache): torch's allocator
             # would fault fresh pages in, which costs about as much as the dropout.
-            return torch.from_numpy(_core.empty(tuple(x.shape), np_dtype))
+            buf = _core.cached_empty(tuple(x.shape), np_dtype)
+            if buf is not None:
+                return torch.from_numpy(buf).view(x.dtype)
         return torch.empty_like(x)
     sizes, strides = x.shape, x.stride()
     movable = [d for d in range(x.dim()) if sizes[d] > 1 and strides[d] != 0]
