@@ -723,7 +723,7 @@ fn cached_empty<'py>(
         .iter()
         .try_fold(dtype.itemsize(), |a, &d| a.checked_mul(d));
     match bytes {
-        Some(n) if n >= CACHED_OUTPUT_MIN && buffer::enabled() => match buffer::take(n) {
+        Some(n) if n >= CACHED_OUTPUT_MIN => match buffer::take(n) {
             Some(buf) => array_on(py, buf, dtype, &shape, false).map(Some),
             None => Ok(None),
         },
@@ -752,8 +752,8 @@ fn array_on<'py>(
     // SAFETY: NewFromDescr steals the descr reference we create with into_ptr; `data` points to
     // `buf`, 2 MiB aligned and large enough for the array (the callers took it for this size),
     // which `owner` keeps alive; NULL strides with these flags lay the array out C or Fortran
-    // contiguous within it. SetBaseObject
-    // steals the owner reference (also on failure), tying the buffer's life to the array's.
+    // contiguous within it. SetBaseObject steals the owner reference (also on failure), tying
+    // the buffer's life to the array's.
     unsafe {
         let arr = PY_ARRAY_API.PyArray_NewFromDescr(
             py,

@@ -86,7 +86,8 @@ fn lock() -> std::sync::MutexGuard<'static, Pool> {
 }
 
 /// A buffer of at least `bytes` bytes: a cached one of the same rounded size if there is one,
-/// else a fresh allocation. `None` if `bytes` is 0, absurdly large, or the allocation fails.
+/// else a fresh allocation. `None` if the cache is turned off (the caller allocates as it would
+/// without one), `bytes` is 0 or absurdly large, or the allocation fails.
 pub fn take(bytes: usize) -> Option<Buffer> {
     let len = bytes.checked_next_multiple_of(GRANULE)?;
     if len == 0 || len > isize::MAX as usize - GRANULE {
@@ -94,6 +95,9 @@ pub fn take(bytes: usize) -> Option<Buffer> {
     }
     {
         let mut p = lock();
+        if p.cap == 0 {
+            return None;
+        }
         if let Some(i) = p.free.iter().rposition(|b| b.len == len) {
             return Some(p.free.remove(i));
         }
@@ -129,11 +133,6 @@ pub fn empty_cache() -> usize {
     let bytes = freed.iter().map(|b| b.len).sum();
     freed.into_iter().for_each(release);
     bytes
-}
-
-/// Whether the cache keeps anything (`FASTDROP_CACHE_BYTES` is not 0).
-pub fn enabled() -> bool {
-    lock().cap > 0
 }
 
 /// Bytes held by the cache now.
