@@ -1153,8 +1153,7 @@ fn spread_bits(words: &[u64], decisions: usize, run: usize) -> Vec<u64> {
         let hi = (lo + 64).min(n);
         let mut acc = 0u64;
         for m in lo / run..=(hi - 1) / run {
-            let keep = (words[m / 64] >> (m % 64)) & 1;
-            let bits = 0u64.wrapping_sub(keep) & ones;
+            let bits = 0u64.wrapping_sub(u64::from(bit(words, m))) & ones;
             // The run starts at m * run, within (lo - run, lo + 64): shift into this word.
             let start = m * run;
             acc |= if start >= lo {
