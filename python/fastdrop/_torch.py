@@ -201,7 +201,9 @@ def _masked(mask: Any, t: torch.Tensor, strides: Optional[Tuple[int, ...]]) -> t
     differentiate it; the kernel straight away otherwise (a backward without create_graph)."""
     if type(mask) is _FactorMask:
         return t * mask.factor.to(t.dtype)
-    if (t.requires_grad and torch.is_grad_enabled()) or _tracked():
+    if _functorch_active():
+        return _MaskGradFunctionTF.apply(t, mask, strides)
+    if (t.requires_grad and torch.is_grad_enabled()) or _fwAD._current_level >= 0:
         return _MaskGradFunction.apply(t, mask, strides)
     return _mask_grad(mask, t, strides)
 
@@ -224,15 +226,15 @@ def _broadcast_mask(mask: Mask, shape: Tuple[int, ...]) -> Any:
 
 class _MaskGradFunction(torch.autograd.Function):
     """`t * mask * scale`: the backward (and forward-AD tangent) of every masked op is itself
-    masked, so double backward, forward-over-reverse and vmap over it work."""
+    masked, so double backward and forward-over-reverse work. The classic `forward(ctx, ...)`
+    style: torch binds a setup_context-style Function's arguments through `inspect.signature`
+    on every call, which costs more than the kernel on small tensors (`_MaskGradFunctionTF`
+    is the style torch.func needs)."""
 
     @staticmethod
-    def forward(grad, mask, strides):
+    def forward(ctx, grad, mask, strides):
+        ctx.mask, ctx.strides = mask, strides
         return _mask_grad(mask, grad, strides)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mask, ctx.strides = inputs[1], inputs[2]
 
     @staticmethod
     def backward(ctx, grad_grad):
@@ -241,6 +243,18 @@ class _MaskGradFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, grad_t, _mask, _strides):
         return _masked(ctx.mask, grad_t, ctx.strides)
+
+
+class _MaskGradFunctionTF(_MaskGradFunction):
+    """`_MaskGradFunction` under torch.func transforms, with a vmap rule."""
+
+    @staticmethod
+    def forward(grad, mask, strides):  # type: ignore[override]
+        return _mask_grad(mask, grad, strides)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mask, ctx.strides = inputs[1], inputs[2]
 
     @staticmethod
     def vmap(info, in_dims, grad, mask, strides):
@@ -304,10 +318,7 @@ def _vmap_forward(info, in_dims, x, residual, call):
             (lead,) + tuple(spec.mask_shape), spec.application, spec.keep, spec.grad_scale
         )
         inner = _Call((bspec, gen, inplace, want, None))
-        if rb is None:
-            out = _DropoutFunction.apply(xb, inner)
-        else:
-            out = _DropoutAddFunction.apply(xb, rb, inner)
+        out = _apply_dropout(xb, rb, inner)
         mask = inner[4]
         factor = torch.from_numpy(mask.numpy()).to(torch.float64) * mask.scale
         if same:
@@ -320,7 +331,7 @@ def _vmap_forward(info, in_dims, x, residual, call):
         for b in range(n):
             g = _core._generator_from_state(state) if same else gen
             inner = _Call((spec, g, False, want, None))
-            outs.append(_DropoutFunction.apply(xb[b], inner))
+            outs.append(_apply_dropout(xb[b], None, inner))
             m = inner[4]
             factors.append(torch.from_numpy(m.numpy()).to(torch.float64) * m.scale)
         if same:
@@ -340,23 +351,24 @@ def _vmap_forward(info, in_dims, x, residual, call):
     return out, 0
 
 
+def _dropout_setup(ctx, x, call, out) -> None:
+    if call[2]:
+        ctx.mark_dirty(x)
+    ctx.mask, ctx.strides, ctx.inplace = call[4], _output_strides(out), call[2]
+
+
 class _DropoutFunction(torch.autograd.Function):
-    """Any variant on a CPU tensor. `call` is a list [spec, generator, inplace, want_mask,
+    """Any variant on a CPU tensor. `call` is a `_Call` [spec, generator, inplace, want_mask,
     mask] whose last slot forward fills (one argument, because Function.apply spends about half
     a microsecond on each). The mask is kept as its key unless return_mask asked for bits (or
-    it is a block mask): the backward redraws the bits inside its kernel."""
+    it is a block mask): the backward redraws the bits inside its kernel. Classic style, as
+    `_MaskGradFunction`; `_DropoutFunctionTF` is the same under torch.func."""
 
     @staticmethod
-    def forward(x, call):
+    def forward(ctx, x, call):
         out, call[4] = _forward(x, None, call[0], call[1], call[2], call[3])
+        _dropout_setup(ctx, x, call, out)
         return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, call = inputs
-        if call[2]:
-            ctx.mark_dirty(x)
-        ctx.mask, ctx.strides, ctx.inplace = call[4], _output_strides(output), call[2]
 
     @staticmethod
     def backward(ctx, grad):
@@ -367,6 +379,17 @@ class _DropoutFunction(torch.autograd.Function):
         t = _masked(ctx.mask, x_t, ctx.strides)
         return x_t.copy_(t) if ctx.inplace else t
 
+
+class _DropoutFunctionTF(_DropoutFunction):
+    @staticmethod
+    def forward(x, call):  # type: ignore[override]
+        out, call[4] = _forward(x, None, call[0], call[1], call[2], call[3])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dropout_setup(ctx, inputs[0], inputs[1], output)
+
     @staticmethod
     def vmap(info, in_dims, x, call):
         return _vmap_forward(info, in_dims, x, None, call)
@@ -376,13 +399,10 @@ class _DropoutAddFunction(torch.autograd.Function):
     """The fused `residual + variant(x)`: the residual's gradient is the incoming one."""
 
     @staticmethod
-    def forward(x, residual, call):
+    def forward(ctx, x, residual, call):
         out, call[4] = _forward(x, residual, call[0], call[1], False, call[3])
+        ctx.mask, ctx.strides = call[4], _output_strides(out)
         return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mask, ctx.strides = inputs[2][4], _output_strides(output)
 
     @staticmethod
     def backward(ctx, grad):
@@ -396,9 +416,29 @@ class _DropoutAddFunction(torch.autograd.Function):
             return t
         return residual_t.clone() if t is None else t + residual_t
 
+
+class _DropoutAddFunctionTF(_DropoutAddFunction):
+    @staticmethod
+    def forward(x, residual, call):  # type: ignore[override]
+        out, call[4] = _forward(x, residual, call[0], call[1], False, call[3])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mask, ctx.strides = inputs[2][4], _output_strides(output)
+
     @staticmethod
     def vmap(info, in_dims, x, residual, call):
         return _vmap_forward(info, in_dims, x, residual, call)
+
+
+def _apply_dropout(x, residual, call):
+    """The Function for the call: the classic one unless a torch.func transform is active."""
+    if residual is None:
+        fn = _DropoutFunctionTF if _functorch_active() else _DropoutFunction
+        return fn.apply(x, call)
+    fn2 = _DropoutAddFunctionTF if _functorch_active() else _DropoutAddFunction
+    return fn2.apply(x, residual, call)
 
 
 def mask_backward(mask: Mask, grad: torch.Tensor) -> torch.Tensor:
@@ -459,10 +499,7 @@ def _run_host(x, spec, inplace, generator, return_mask, residual):
     if needs_function:
         # The mask is kept as its key (no bits) unless the caller wants the Mask.
         call = _Call((spec, gen, inplace, True if return_mask else "key", None))
-        if residual is None:
-            out = _DropoutFunction.apply(x, call)
-        else:
-            out = _DropoutAddFunction.apply(x, residual, call)
+        out = _apply_dropout(x, residual, call)
         mask = call[4]
     else:
         out, mask = _forward(x, residual, spec, gen, inplace, return_mask)
