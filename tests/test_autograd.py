@@ -9,10 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch.autograd.forward_ad as fwAD  # noqa: E402
-
 import fastdrop  # noqa: E402
-
+import torch.autograd.forward_ad as fwAD  # noqa: E402
 from conftest import assert_binomial  # noqa: E402
 
 #: The dtypes the OpInfo-style checks run on (complex128 joins when complex input lands).
@@ -73,9 +71,9 @@ KEYED = [v for v in VARIANTS if not v[0].startswith("drop_block")]
 def _inputs(n, dtype=torch.float64, shape=(2, 3, 6, 6), seed=0, requires_grad=False):
     gen = torch.Generator().manual_seed(seed)
     return tuple(
-        torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(
-            requires_grad
-        )
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+        .to(dtype)
+        .requires_grad_(requires_grad)
         for _ in range(n)
     )
 
@@ -211,8 +209,8 @@ def test_inplace_variants_gradcheck(dtype):
     ]
     x = torch.randn(2, 3, 5, 5, dtype=dtype, requires_grad=True)
     for c in calls:
-        assert torch.autograd.gradcheck(lambda t: f(t, c), (x,), check_forward_ad=True)
-        assert torch.autograd.gradgradcheck(lambda t: f(t, c), (x,))
+        assert torch.autograd.gradcheck(lambda t, c=c: f(t, c), (x,), check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(lambda t, c=c: f(t, c), (x,))
 
 
 # --- torch.func.vmap --------------------------------------------------------------------------
@@ -315,7 +313,9 @@ def test_a_forward_keeps_only_the_key(name, n, call, masked):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("name,n,call,masked", KEYED, ids=[v[0] for v in KEYED])
-def test_the_redrawn_backward_equals_the_stored_bits_backward(name, n, call, masked, dtype, threads):
+def test_the_redrawn_backward_equals_the_stored_bits_backward(
+    name, n, call, masked, dtype, threads
+):
     fastdrop.set_num_threads(threads)
     shape = (3, 5, 33, 17)  # odd sizes: partial words and thread chunks
     xs = _inputs(n, dtype=dtype, shape=shape, requires_grad=True)

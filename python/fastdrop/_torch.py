@@ -578,7 +578,7 @@ def _run_on_device(x, spec, inplace, generator, return_mask, residual):
 
 
 def _packed(mask: Mask) -> torch.Tensor:
-    return torch.frombuffer(bytearray(mask._bits.to_bytes()), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(mask._words().to_bytes()), dtype=torch.uint8)
 
 
 def _packed_len(mask_shape) -> int:
