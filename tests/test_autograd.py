@@ -294,16 +294,21 @@ def test_per_sample_grads_under_vmap_use_each_samples_mask():
 # --- the backward from the key ----------------------------------------------------------------
 
 
+ELEMENT = ("dropout", "alpha_dropout", "dropout_add")
+
+
 @pytest.mark.parametrize("name,n,call,masked", VARIANTS, ids=IDS)
-def test_a_forward_keeps_only_the_key(name, n, call, masked):
+def test_what_a_forward_keeps_for_backward(name, n, call, masked):
     xs = _inputs(n, dtype=torch.float32, requires_grad=True)
     y = call(*xs, fastdrop.Generator(5))
     mask = y.grad_fn.mask
-    if name.startswith("drop_block"):
-        assert mask.nbytes > 0  # dilated blocks keep their bits: redrawing costs more
+    if name.startswith("drop_block") or name in ELEMENT:
+        # Dilated blocks, and element masks, whose redraw costs as much as the forward (see
+        # _torch.ELEMENT_MASKS_AS_KEY), keep their bits: one per decision.
+        assert mask._key is None and mask.nbytes == 8 * -(-int(np.prod(mask.shape)) // 64)
     else:
-        assert mask.nbytes == 0 and mask._key is not None
-    # Nothing but the key is saved for backward: no tensor of the input's size.
+        assert mask.nbytes == 0 and mask._key is not None  # channel and sample masks: the key
+    # Nothing else is saved for backward: no tensor of the input's size.
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         call(*xs, fastdrop.Generator(5))
@@ -314,13 +319,17 @@ def test_a_forward_keeps_only_the_key(name, n, call, masked):
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("name,n,call,masked", KEYED, ids=[v[0] for v in KEYED])
 def test_the_redrawn_backward_equals_the_stored_bits_backward(
-    name, n, call, masked, dtype, threads
+    name, n, call, masked, dtype, threads, monkeypatch
 ):
+    from fastdrop import _torch
+
+    monkeypatch.setattr(_torch, "ELEMENT_MASKS_AS_KEY", True)  # element masks redrawn too
     fastdrop.set_num_threads(threads)
     shape = (3, 5, 33, 17)  # odd sizes: partial words and thread chunks
     xs = _inputs(n, dtype=dtype, shape=shape, requires_grad=True)
     g = torch.randn(call(*xs, fastdrop.Generator(9)).shape).to(dtype)
     y = call(*xs, fastdrop.Generator(9))  # key only
+    assert y.grad_fn.mask.nbytes == 0
     y_bits, mask = call(*xs, fastdrop.Generator(9), return_mask=True)  # bits
     assert torch.equal(y, y_bits)
     grads = torch.autograd.grad(y, xs, g)
@@ -332,7 +341,10 @@ def test_the_redrawn_backward_equals_the_stored_bits_backward(
     assert torch.equal(gm, mask.backward(g))
 
 
-def test_redrawn_backward_of_a_permuted_input_matches_the_bits():
+def test_redrawn_backward_of_a_permuted_input_matches_the_bits(monkeypatch):
+    from fastdrop import _torch
+
+    monkeypatch.setattr(_torch, "ELEMENT_MASKS_AS_KEY", True)
     x = torch.randn(4, 6, 5, 7).permute(0, 3, 1, 2).requires_grad_()
     g = torch.randn(x.shape).to(memory_format=torch.channels_last)
     y = fastdrop.dropout(x, 0.3, generator=fastdrop.Generator(4))
@@ -341,26 +353,30 @@ def test_redrawn_backward_of_a_permuted_input_matches_the_bits():
     assert torch.equal(gx, mask.backward(g))
 
 
-def test_a_users_generator_advances_once_per_forward_and_never_in_backward():
+@pytest.mark.parametrize("fn", [fastdrop.dropout, fastdrop.dropout1d], ids=["bits", "key"])
+def test_a_users_generator_advances_once_per_forward_and_never_in_backward(fn):
     gen = fastdrop.Generator(11)
     x = torch.randn(100, 100, requires_grad=True)
-    y = fastdrop.dropout(x, 0.5, generator=gen)
+    y = fn(x, 0.5, generator=gen)
     after_forward = gen.get_state()
     assert after_forward != (11, 0, 0)
     g = torch.ones_like(y, requires_grad=True)
     (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
     gx.sum().backward()  # the double backward
     assert gen.get_state() == after_forward
-    z = fastdrop.dropout(x.detach(), 0.5, generator=fastdrop.Generator(11))
+    z = fn(x.detach(), 0.5, generator=fastdrop.Generator(11))
     assert torch.equal(gx.detach() != 0, z != 0)
     assert torch.equal(g.grad != 0, z != 0)
 
 
 def test_a_keyed_mask_gives_its_bits_on_request():
-    x = torch.randn(7, 9, requires_grad=True)
-    y = fastdrop.dropout(x, 0.4, generator=fastdrop.Generator(3))
+    x = torch.randn(7, 9, 5, requires_grad=True)
+    y = fastdrop.dropout1d(x, 0.4, generator=fastdrop.Generator(3))
     keyed = y.grad_fn.mask
-    _, stored = fastdrop.dropout(x.detach(), 0.4, generator=fastdrop.Generator(3), return_mask=True)
+    assert keyed.nbytes == 0
+    _, stored = fastdrop.dropout1d(
+        x.detach(), 0.4, generator=fastdrop.Generator(3), return_mask=True
+    )
     np.testing.assert_array_equal(keyed.numpy(), stored.numpy())
     assert keyed.count_kept() == stored.count_kept() and keyed.shape == stored.shape
 
