@@ -170,7 +170,7 @@ class _FactorMask:
 def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]]):
     """`grad * mask * scale` into a tensor with `strides` (the forward output's) or grad's.
     `grad` has the mask's input shape: autograd guarantees it, `Mask.backward` checks it."""
-    if grad.device.type != "cpu" or _is_legacy_batched(grad):
+    if not grad.is_cpu or _is_legacy_batched(grad):
         # Another device, or the batched gradients of `torch.autograd.grad(...,
         # is_grads_batched=True)` (which have no storage): torch's operations on the bits.
         keep = torch.from_numpy(mask.numpy()).to(grad.device)
@@ -188,12 +188,6 @@ def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]
 
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 _functorch_active = torch._C._are_functorch_transforms_active
-
-
-def _tracked() -> bool:
-    """Whether a forward-AD level or a `torch.func` transform is active: then a call goes
-    through the Functions below even when no tensor requires grad."""
-    return _fwAD._current_level >= 0 or _functorch_active()
 
 
 def _masked(mask: Any, t: torch.Tensor, strides: Optional[Tuple[int, ...]]) -> torch.Tensor:
