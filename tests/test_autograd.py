@@ -386,3 +386,33 @@ def test_return_mask_under_autograd_is_a_real_mask():
     y, mask = fastdrop.dropout(x, 0.5, return_mask=True)
     assert isinstance(mask, fastdrop.Mask) and mask.nbytes > 0
     assert torch.equal(mask.backward(torch.ones_like(y)), (y.detach() != 0).float() * 2.0)
+
+
+def test_nested_vmaps_and_grad_outside_a_vmap():
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    f = _fixed(lambda t, g: fastdrop.dropout(t, 0.5, generator=g))
+    inner = torch.func.vmap(f, randomness="different")
+    y = torch.func.vmap(inner, randomness="different")(x)
+    torch.testing.assert_close(y, f(x), rtol=0, atol=0)  # one call, mask shape (3, 2, 5)
+    per_sample = torch.func.vmap(
+        torch.func.vmap(torch.func.grad(lambda t: f(t).sum()), randomness="different"),
+        randomness="different",
+    )(x)
+    torch.testing.assert_close(per_sample, (y != 0).double() * 2.0, rtol=0, atol=0)
+    # grad and jacrev of a function that vmaps inside.
+    g = torch.func.grad(lambda t: torch.func.vmap(f, randomness="different")(t).sum())(x)
+    torch.testing.assert_close(g, (y != 0).double() * 2.0, rtol=0, atol=0)
+
+
+def test_the_first_call_of_a_process_may_come_inside_a_transform():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastdrop\n"
+        "x = torch.randn(3, 4)\n"
+        "f = lambda t: fastdrop.dropout(t, 0.5)\n"
+        "torch.func.grad(lambda t: torch.func.vmap(f, randomness='different')(t).sum())(x)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -39,10 +39,11 @@ class _PerThread(threading.local):
 
     def __init__(self):
         # A normal tensor even when first made under inference_mode, which would otherwise
-        # forbid drawing into it later outside that mode.
-        with torch.inference_mode(False):
+        # forbid drawing into it later outside that mode, or inside a torch.func transform,
+        # which would make it a wrapper without storage.
+        with torch.inference_mode(False), torch._C._DisableFuncTorch():
             self.key = torch.empty((), dtype=torch.int64)
-        self.key_view = self.key.numpy()
+            self.key_view = self.key.numpy()
         self.generator = _core.Generator(0)
 
 
@@ -283,6 +284,14 @@ def _check_randomness(return_mask: bool) -> None:
                 )
 
 
+def _factor(mask: Any) -> torch.Tensor:
+    """A mask as a tensor of factors: the mask an inner vmap already made one (batched at its
+    level), or the bits of a plain call."""
+    if type(mask) is _FactorMask:
+        return mask.factor
+    return torch.from_numpy(mask.numpy()).to(torch.float64) * mask.scale
+
+
 def _vmap_forward(info, in_dims, x, residual, call):
     """A variant under `torch.func.vmap`, as torch's dropout behaves there: with
     randomness='different' one call whose mask shape leads with the batch size draws an
@@ -313,8 +322,7 @@ def _vmap_forward(info, in_dims, x, residual, call):
         )
         inner = _Call((bspec, gen, inplace, want, None))
         out = _apply_dropout(xb, rb, inner)
-        mask = inner[4]
-        factor = torch.from_numpy(mask.numpy()).to(torch.float64) * mask.scale
+        factor = _factor(inner[4])
         if same:
             factor = factor[0]
     else:
@@ -326,8 +334,7 @@ def _vmap_forward(info, in_dims, x, residual, call):
             g = _core._generator_from_state(state) if same else gen
             inner = _Call((spec, g, False, want, None))
             outs.append(_apply_dropout(xb[b], None, inner))
-            m = inner[4]
-            factors.append(torch.from_numpy(m.numpy()).to(torch.float64) * m.scale)
+            factors.append(_factor(inner[4]))
         if same:
             gen.set_state(g.get_state())
         out = torch.stack(outs)
