@@ -416,3 +416,14 @@ def test_the_first_call_of_a_process_may_come_inside_a_transform():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_vmap_different_over_an_input_it_does_not_batch_draws_per_element():
+    # torch's dropout expands an unbatched input under randomness='different'; so does fastdrop.
+    x = torch.ones(50, dtype=torch.float64)
+    f = _fixed(lambda t, g: fastdrop.dropout(t, 0.5, generator=g))
+    y = torch.func.vmap(lambda s: f(x), randomness="different")(torch.zeros(4))
+    assert y.shape == (4, 50)
+    torch.testing.assert_close(y, f(x.expand(4, 50).contiguous()), rtol=0, atol=0)
+    same = torch.func.vmap(lambda s: f(x), randomness="same")(torch.zeros(4))
+    torch.testing.assert_close(same, f(x).expand(4, 50), rtol=0, atol=0)

@@ -267,21 +267,37 @@ _RANDOMNESS_ERROR = (
 )
 
 
-def _check_randomness(return_mask: bool) -> None:
+def _check_randomness(return_mask: bool) -> List[Tuple[int, int]]:
     """torch's error when any enclosing `torch.func.vmap` has randomness='error', as torch's
-    dropout raises it (also where the input is not batched, as under jacfwd)."""
+    dropout raises it (also where the input is not batched, as under jacfwd). Returns the
+    (level, batch size) of the vmaps with randomness='different', outermost first."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
+    different = []
     for i in retrieve_all_functorch_interpreters():
         if i.key() == TransformType.Vmap:
-            if i.randomness() == "error":  # type: ignore[attr-defined]
+            randomness = i.randomness()  # type: ignore[attr-defined]
+            if randomness == "error":
                 raise RuntimeError(_RANDOMNESS_ERROR)
             if return_mask:
                 raise ValueError(
                     "return_mask is not supported under torch.func.vmap: the mask would be "
                     "one per batch element"
                 )
+            if randomness == "different":
+                different.append((i.level(), i.batch_size()))  # type: ignore[attr-defined]
+    return different
+
+
+def _batched_for(t: Any, different: List[Tuple[int, int]]) -> Any:
+    """A plain tensor that vmaps with randomness='different' do not batch, batched at each of
+    them (expanded, as torch's dropout does), so that each batch element draws its own mask."""
+    if t is None or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return t
+    for level, size in different:
+        t = torch._C._functorch._add_batch_dim(t.expand(size, *t.shape), 0, level)
+    return t
 
 
 def _factor(mask: Any) -> torch.Tensor:
@@ -496,7 +512,9 @@ def _run_host(x, spec, inplace, generator, return_mask, residual):
     _check_host_dtype(x)
     transformed = _functorch_active()
     if transformed:
-        _check_randomness(return_mask)
+        different = _check_randomness(return_mask)
+        if different and not inplace:
+            x, residual = _batched_for(x, different), _batched_for(residual, different)
         # The key is drawn outside the transforms: it is not a tensor they could batch or
         # differentiate, and torch.func forbids writing the reused key tensor in place.
         with torch._C._DisableFuncTorch():
