@@ -800,8 +800,17 @@ fn check_prob(name: &str, p: f64) -> PyResult<()> {
     Ok(())
 }
 
+/// What `bernoulli_apply` returns: the mask's bits, or only the counter block it started at,
+/// from which `(seed, stream, first_block)` replays the same bits (a mask is its key).
+#[derive(IntoPyObject)]
+enum Drawn {
+    Bits(MaskBits),
+    FirstBlock(u64),
+}
+
 /// `out = application(mask, x) [+ residual]` with a fresh Bernoulli(keep) mask of `mask_shape`
-/// drawn from `generator`. Returns the mask when `store_mask`.
+/// drawn from `generator`. Returns the mask when `store_mask`, else the first counter block the
+/// call reserved: a generator set to `(seed, stream, that block)` redraws the same mask.
 #[pyfunction]
 #[pyo3(signature = (x, out, residual, mask_shape, application, keep, generator, store_mask))]
 #[allow(clippy::too_many_arguments)]
@@ -815,7 +824,7 @@ fn bernoulli_apply(
     keep: f64,
     generator: &Generator,
     store_mask: bool,
-) -> PyResult<Option<MaskBits>> {
+) -> PyResult<Drawn> {
     check_prob("keep probability", keep)?;
     let (xv, ov) = (view("input", x)?, view("out", out)?);
     let rv = residual.map(|r| view("residual", r)).transpose()?;
@@ -857,10 +866,14 @@ fn bernoulli_apply(
             store: store_mask.then_some(&mut store[..]),
         };
         run_kernel(py, &xv, &ov, rv.as_ref(), &mask_shape, bits, app);
-        Ok(store_mask.then_some(MaskBits {
-            shape: mask_shape,
-            words: store,
-        }))
+        Ok(if store_mask {
+            Drawn::Bits(MaskBits {
+                shape: mask_shape,
+                words: store,
+            })
+        } else {
+            Drawn::FirstBlock(first)
+        })
     } else {
         let words = py.detach(|| kernel::bernoulli_words(key, first, threshold, m));
         run_kernel(
@@ -872,10 +885,14 @@ fn bernoulli_apply(
             Bits::Given(&words),
             app,
         );
-        Ok(store_mask.then_some(MaskBits {
-            shape: mask_shape,
-            words,
-        }))
+        Ok(if store_mask {
+            Drawn::Bits(MaskBits {
+                shape: mask_shape,
+                words,
+            })
+        } else {
+            Drawn::FirstBlock(first)
+        })
     }
 }
 

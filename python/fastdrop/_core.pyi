@@ -52,8 +52,9 @@ class MaskBits:
     def count_kept(self) -> int: ...
     def to_bytes(self) -> bytes: ...
 
-# Returns the MaskBits when `store_mask`, else None. Typed Any because functional._apply binds
-# this and drop_block_apply's mask to one name; Optional[MaskBits] would need it narrowed there.
+# Returns the MaskBits when `store_mask`, else the first counter block the call reserved (an
+# int): a generator at `(seed, stream, that block)` redraws the same mask. Typed Any because
+# functional._apply binds this and drop_block_apply's mask to one name.
 def bernoulli_apply(
     x: _Array,
     out: _Array,

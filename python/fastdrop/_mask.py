@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -18,14 +18,81 @@ class Mask:
 
     ``scale`` is what a kept element's gradient is multiplied by (``1 / (1 - p)`` for dropout,
     ``a`` for alpha dropout); dropped elements get zero gradient.
+
+    Inside autograd a mask may be kept as its key alone, ``(seed, stream, first block)`` and the
+    keep probability, from which the same bits are redrawn when needed (DESIGN.md: "a mask is its
+    key"); such a mask holds no bits until asked for them.
     """
 
-    __slots__ = ("_bits", "_scale", "_input_shape")
+    __slots__ = ("_bits", "_scale", "_input_shape", "_key", "_keep", "_shape")
 
     def __init__(self, bits: _core.MaskBits, scale: float, input_shape: tuple[int, ...]):
-        self._bits = bits
+        self._bits: Optional[_core.MaskBits] = bits
         self._scale = float(scale)
         self._input_shape = tuple(input_shape)
+        self._key: Optional[tuple[int, int, int]] = None
+        self._keep = 0.0
+        self._shape = tuple(bits.shape)
+
+    @classmethod
+    def _from_key(
+        cls,
+        key: tuple[int, int, int],
+        mask_shape: tuple[int, ...],
+        keep: float,
+        scale: float,
+        input_shape: tuple[int, ...],
+    ) -> Mask:
+        """The mask a Bernoulli(`keep`) call of `mask_shape` drew from a generator at `key`."""
+        m = cls.__new__(cls)
+        m._bits, m._key, m._keep = None, key, keep
+        m._scale, m._input_shape, m._shape = float(scale), input_shape, tuple(mask_shape)
+        return m
+
+    def _with_shape(self, mask_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> Mask:
+        """The same decisions under another shape of as many elements (size-1 dimensions added
+        for a batch the mask broadcasts over): free for a keyed mask, as the bits are a
+        function of the C-order index alone."""
+        if self._key is None:
+            raise ValueError("only a mask kept as its key can be reshaped")
+        return Mask._from_key(self._key, mask_shape, self._keep, self._scale, input_shape)
+
+    def _words(self) -> _core.MaskBits:
+        """The packed bits, redrawn from the key the first time a keyed mask is asked for them."""
+        if self._bits is None:
+            assert self._key is not None
+            ones = np.broadcast_to(np.float16(1.0), self._shape)
+            scratch = np.empty(self._shape, np.float16)
+            self._bits = _core.bernoulli_apply(
+                ones,
+                scratch,
+                None,
+                self._shape,
+                ("scale", 1.0),
+                self._keep,
+                _core._generator_from_state(self._key),
+                True,
+            )
+        return self._bits
+
+    def _apply(self, x: Any, out: Any) -> None:
+        """``out = x * mask * scale``; `x` and `out` are NumPy arrays or CPU DLPack capsules.
+        A keyed mask redraws its bits inside the kernel (the forward's own fused pass, with the
+        gradient's factor), so a backward keeps and reads no mask at all."""
+        if self._bits is not None:
+            _core.mask_apply(self._bits, x, out, self._scale)
+        else:
+            assert self._key is not None
+            _core.bernoulli_apply(
+                x,
+                out,
+                None,
+                self._shape,
+                ("scale", self._scale),
+                self._keep,
+                _core._generator_from_state(self._key),
+                False,
+            )
 
     @classmethod
     def _full(
@@ -36,7 +103,7 @@ class Mask:
     @property
     def shape(self) -> tuple[int, ...]:
         """The mask's broadcastable shape."""
-        return tuple(self._bits.shape)
+        return self._shape
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -50,17 +117,18 @@ class Mask:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the packed bits (about one bit per decision)."""
-        return int(self._bits.nbytes)
+        """Bytes held by the packed bits (about one bit per decision); 0 for a mask kept as its
+        key that has not been asked for its bits."""
+        return 0 if self._bits is None else int(self._bits.nbytes)
 
     def count_kept(self) -> int:
         """How many decisions keep their elements."""
-        return int(self._bits.count_kept())
+        return int(self._words().count_kept())
 
     def numpy(self) -> np.ndarray:
         """The decisions as a bool array of ``shape``, True where kept."""
         n = int(np.prod(self.shape, dtype=np.int64))
-        packed = np.frombuffer(self._bits.to_bytes(), dtype=np.uint8)
+        packed = np.frombuffer(self._words().to_bytes(), dtype=np.uint8)
         return np.unpackbits(packed, count=n, bitorder="little").astype(bool).reshape(self.shape)
 
     def backward(self, grad_output: Any) -> Any:
@@ -86,7 +154,7 @@ class Mask:
 
             return _torch.mask_backward(self, grad_output)
         out = _core.empty_like(grad_output)
-        _core.mask_apply(self._bits, grad_output, out, self._scale)
+        self._apply(grad_output, out)
         return out
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 from torch.utils.dlpack import to_dlpack as _to_dlpack
 
@@ -38,10 +39,11 @@ class _PerThread(threading.local):
 
     def __init__(self):
         # A normal tensor even when first made under inference_mode, which would otherwise
-        # forbid drawing into it later outside that mode.
-        with torch.inference_mode(False):
+        # forbid drawing into it later outside that mode, or inside a torch.func transform,
+        # which would make it a wrapper without storage.
+        with torch.inference_mode(False), torch._C._DisableFuncTorch():
             self.key = torch.empty((), dtype=torch.int64)
-        self.key_view = self.key.numpy()
+            self.key_view = self.key.numpy()
         self.generator = _core.Generator(0)
 
 
@@ -147,25 +149,82 @@ def _forward(x, residual, spec, gen, inplace, want_mask):
     return out, _apply(a, o, r, spec, gen, want_mask, tuple(x.shape))
 
 
+class _Call(list):
+    """[spec, generator, inplace, want_mask, mask]: one call's arguments to a Function, whose
+    last slot the forward fills. A list subclass because torch.func's transforms rebuild plain
+    lists (pytree nodes) on the way to the forward, and the caller must see the mask."""
+
+    __slots__ = ()
+
+
+class _FactorMask:
+    """A mask as a tensor of factors (the gradient scale where kept, 0 where dropped), applied
+    with torch's own operations: what a call under `torch.func.vmap` hands the transforms
+    around it, batched at the vmap's level, as torch's dropout hands them its mask tensor."""
+
+    __slots__ = ("factor",)
+
+    def __init__(self, factor: torch.Tensor):
+        self.factor = factor
+
+
 def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]]):
     """`grad * mask * scale` into a tensor with `strides` (the forward output's) or grad's.
     `grad` has the mask's input shape: autograd guarantees it, `Mask.backward` checks it."""
-    if grad.device.type != "cpu":
+    if not grad.is_cpu or _is_legacy_batched(grad):
+        # Another device, or the batched gradients of `torch.autograd.grad(...,
+        # is_grads_batched=True)` (which have no storage): torch's operations on the bits.
         keep = torch.from_numpy(mask.numpy()).to(grad.device)
         return torch.where(
             keep, grad * mask.scale, torch.zeros((), dtype=grad.dtype, device=grad.device)
         )
     _check_host_dtype(grad, "grad_output")
-    if strides is None:
-        out = torch.empty_like(grad)
+    if strides is None or strides == grad.stride():
+        out = _empty_like(grad)  # large dense gradients reuse freed buffers, as forwards do
     else:
         out = torch.empty_strided(grad.shape, strides, dtype=grad.dtype)
-    _core.mask_apply(mask._bits, _host(grad), _to_dlpack(out), mask.scale)
+    mask._apply(_host(grad), _to_dlpack(out))
     return out
 
 
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _masked(mask: Any, t: torch.Tensor, strides: Optional[Tuple[int, ...]]) -> torch.Tensor:
+    """`t * mask * scale`, itself differentiable (reverse, forward, vmap) when anything may
+    differentiate it; the kernel straight away otherwise (a backward without create_graph)."""
+    if type(mask) is _FactorMask:
+        return t * mask.factor.to(t.dtype)
+    if _functorch_active():
+        return _MaskGradFunctionTF.apply(t, mask, strides)
+    if (t.requires_grad and torch.is_grad_enabled()) or _fwAD._current_level >= 0:
+        return _MaskGradFunction.apply(t, mask, strides)
+    return _mask_grad(mask, t, strides)
+
+
+def _output_strides(out: torch.Tensor) -> Optional[Tuple[int, ...]]:
+    try:
+        return out.stride()
+    except RuntimeError:  # a torch.func wrapper may have no strides to tell
+        return None
+
+
+def _broadcast_mask(mask: Mask, shape: Tuple[int, ...]) -> Any:
+    """`mask` for a tensor of `shape` = (batch, *mask.input_shape): one mask for the whole
+    batch (a batched gradient, or vmap's randomness='same')."""
+    if mask._key is not None:
+        return mask._with_shape((1,) + mask.shape, shape)
+    factor = torch.from_numpy(mask.numpy()).to(torch.float64) * mask.scale
+    return _FactorMask(factor)
+
+
 class _MaskGradFunction(torch.autograd.Function):
-    """The backward of a masked op is itself masked: differentiable, so double backward works."""
+    """`t * mask * scale`: the backward (and forward-AD tangent) of every masked op is itself
+    masked, so double backward and forward-over-reverse work. The classic `forward(ctx, ...)`
+    style: torch binds a setup_context-style Function's arguments through `inspect.signature`
+    on every call, which costs more than the kernel on small tensors (`_MaskGradFunctionTF`
+    is the style torch.func needs)."""
 
     @staticmethod
     def forward(ctx, grad, mask, strides):
@@ -174,27 +233,184 @@ class _MaskGradFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_grad):
-        return _MaskGradFunction.apply(grad_grad, ctx.mask, ctx.strides), None, None
+        return _masked(ctx.mask, grad_grad, ctx.strides), None, None
+
+    @staticmethod
+    def jvp(ctx, grad_t, _mask, _strides):
+        return _masked(ctx.mask, grad_t, ctx.strides)
+
+
+class _MaskGradFunctionTF(_MaskGradFunction):
+    """`_MaskGradFunction` under torch.func transforms, with a vmap rule."""
+
+    @staticmethod
+    def forward(grad, mask, strides):  # type: ignore[override]
+        return _mask_grad(mask, grad, strides)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mask, ctx.strides = inputs[1], inputs[2]
+
+    @staticmethod
+    def vmap(info, in_dims, grad, mask, strides):
+        # A batch of gradients (is_grads_batched, jacrev, vmap over a vjp) against one mask:
+        # the mask with a size-1 batch dimension, in one kernel call.
+        g = grad.movedim(in_dims[0], 0)
+        return _masked(_broadcast_mask(mask, tuple(g.shape)), g, None), 0
+
+
+#: torch's own words for a random operation under vmap(randomness='error').
+_RANDOMNESS_ERROR = (
+    "vmap: called random operation while in randomness error mode. Please either use the "
+    "'same' or 'different' randomness flags on vmap or perform the randomness operation out "
+    "of vmap"
+)
+
+
+def _check_randomness(return_mask: bool) -> List[Tuple[int, int]]:
+    """torch's error when any enclosing `torch.func.vmap` has randomness='error', as torch's
+    dropout raises it (also where the input is not batched, as under jacfwd). Returns the
+    (level, batch size) of the vmaps with randomness='different', outermost first."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    different = []
+    for i in retrieve_all_functorch_interpreters():
+        if i.key() == TransformType.Vmap:
+            randomness = i.randomness()  # type: ignore[attr-defined]
+            if randomness == "error":
+                raise RuntimeError(_RANDOMNESS_ERROR)
+            if return_mask:
+                raise ValueError(
+                    "return_mask is not supported under torch.func.vmap: the mask would be "
+                    "one per batch element"
+                )
+            if randomness == "different":
+                different.append((i.level(), i.batch_size()))  # type: ignore[attr-defined]
+    return different
+
+
+def _batched_for(t: Any, different: List[Tuple[int, int]]) -> Any:
+    """A plain tensor that vmaps with randomness='different' do not batch, batched at each of
+    them (expanded, as torch's dropout does), so that each batch element draws its own mask."""
+    if t is None or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return t
+    for level, size in different:
+        t = torch._C._functorch._add_batch_dim(t.expand(size, *t.shape), 0, level)
+    return t
+
+
+def _factor(mask: Any) -> torch.Tensor:
+    """A mask as a tensor of factors: the mask an inner vmap already made one (batched at its
+    level), or the bits of a plain call."""
+    if type(mask) is _FactorMask:
+        return mask.factor
+    return torch.from_numpy(mask.numpy()).to(torch.float64) * mask.scale
+
+
+def _vmap_forward(info, in_dims, x, residual, call):
+    """A variant under `torch.func.vmap`, as torch's dropout behaves there: with
+    randomness='different' one call whose mask shape leads with the batch size draws an
+    independent mask per batch element; with 'same' the mask leads with 1 and one mask serves
+    the batch; 'error' raises torch's error. Returns (output, out_dim)."""
+    if info.randomness == "error":
+        raise RuntimeError(_RANDOMNESS_ERROR)
+    spec, gen, inplace, want = call[0], call[1], call[2], call[3]
+    n = info.batch_size
+    if in_dims[0] is None:
+        if inplace:
+            raise RuntimeError(
+                "vmap: inplace dropout on a tensor that is not batched is not possible: the "
+                "output would need the batch dimension"
+            )
+        xb = x.expand(n, *x.shape)
+    else:
+        xb = x.movedim(in_dims[0], 0)
+    rb = None
+    if residual is not None:
+        rd = in_dims[1]
+        rb = residual.expand(n, *residual.shape) if rd is None else residual.movedim(rd, 0)
+    same = info.randomness == "same"
+    if spec.block is None:
+        lead = 1 if same else n
+        bspec = _Spec(
+            (lead,) + tuple(spec.mask_shape), spec.application, spec.keep, spec.grad_scale
+        )
+        inner = _Call((bspec, gen, inplace, want, None))
+        out = _apply_dropout(xb, rb, inner)
+        factor = _factor(inner[4])
+        if same:
+            factor = factor[0]
+    else:
+        # A block mask is drawn per map (its scale counts one sample's kept pixels), so each
+        # batch element is one call: from one generator state for 'same', in turn otherwise.
+        state = gen.get_state()
+        outs, factors = [], []
+        for b in range(n):
+            g = _core._generator_from_state(state) if same else gen
+            inner = _Call((spec, g, False, want, None))
+            outs.append(_apply_dropout(xb[b], None, inner))
+            factors.append(_factor(inner[4]))
+        if same:
+            gen.set_state(g.get_state())
+        out = torch.stack(outs)
+        if inplace:
+            out = xb.copy_(out)
+        factor = factors[0] if same else torch.stack(factors)
+    if not same:
+        # Batched at this vmap's level (the one below the current depth), so the transforms
+        # around it apply the same masks to gradients and tangents.
+        level = torch._C._functorch.get_dynamic_layer_stack_depth() + 1
+        factor = torch._C._functorch._add_batch_dim(factor, 0, level)
+    call[4] = _FactorMask(factor)
+    if inplace:
+        return x, in_dims[0]
+    return out, 0
+
+
+def _dropout_setup(ctx, x, call, out) -> None:
+    if call[2]:
+        ctx.mark_dirty(x)
+    ctx.mask, ctx.strides, ctx.inplace = call[4], _output_strides(out), call[2]
 
 
 class _DropoutFunction(torch.autograd.Function):
-    """Any variant on a CPU tensor, saving the bit mask. `call` is a list
-    [spec, generator, inplace] that forward appends the mask to (for return_mask): one
-    argument, because Function.apply spends about half a microsecond on each."""
+    """Any variant on a CPU tensor. `call` is a `_Call` [spec, generator, inplace, want_mask,
+    mask] whose last slot forward fills (one argument, because Function.apply spends about half
+    a microsecond on each). A channel or sample mask is kept as its key (see
+    `ELEMENT_MASKS_AS_KEY`) unless return_mask asked for bits: the backward redraws the bits
+    inside its kernel. Classic style, as
+    `_MaskGradFunction`; `_DropoutFunctionTF` is the same under torch.func."""
 
     @staticmethod
     def forward(ctx, x, call):
-        spec, gen, inplace = call
-        out, mask = _forward(x, None, spec, gen, inplace, True)
-        if inplace:
-            ctx.mark_dirty(x)
-        ctx.mask, ctx.strides = mask, out.stride()
-        call.append(mask)
+        out, call[4] = _forward(x, None, call[0], call[1], call[2], call[3])
+        _dropout_setup(ctx, x, call, out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _MaskGradFunction.apply(grad, ctx.mask, ctx.strides), None
+        return _masked(ctx.mask, grad, ctx.strides), None
+
+    @staticmethod
+    def jvp(ctx, x_t, _call):
+        t = _masked(ctx.mask, x_t, ctx.strides)
+        return x_t.copy_(t) if ctx.inplace else t
+
+
+class _DropoutFunctionTF(_DropoutFunction):
+    @staticmethod
+    def forward(x, call):  # type: ignore[override]
+        out, call[4] = _forward(x, None, call[0], call[1], call[2], call[3])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dropout_setup(ctx, inputs[0], inputs[1], output)
+
+    @staticmethod
+    def vmap(info, in_dims, x, call):
+        return _vmap_forward(info, in_dims, x, None, call)
 
 
 class _DropoutAddFunction(torch.autograd.Function):
@@ -202,27 +418,50 @@ class _DropoutAddFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, call):
-        spec, gen = call
-        out, mask = _forward(x, residual, spec, gen, False, True)
-        ctx.mask, ctx.strides = mask, out.stride()
-        call.append(mask)
+        out, call[4] = _forward(x, residual, call[0], call[1], False, call[3])
+        ctx.mask, ctx.strides = call[4], _output_strides(out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        gx = (
-            _MaskGradFunction.apply(grad, ctx.mask, ctx.strides)
-            if ctx.needs_input_grad[0]
-            else None
-        )
+        gx = _masked(ctx.mask, grad, ctx.strides) if ctx.needs_input_grad[0] else None
         return gx, grad if ctx.needs_input_grad[1] else None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, residual_t, _call):
+        t = None if x_t is None else _masked(ctx.mask, x_t, ctx.strides)
+        if residual_t is None:
+            return t
+        return residual_t.clone() if t is None else t + residual_t
+
+
+class _DropoutAddFunctionTF(_DropoutAddFunction):
+    @staticmethod
+    def forward(x, residual, call):  # type: ignore[override]
+        out, call[4] = _forward(x, residual, call[0], call[1], False, call[3])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mask, ctx.strides = inputs[2][4], _output_strides(output)
+
+    @staticmethod
+    def vmap(info, in_dims, x, residual, call):
+        return _vmap_forward(info, in_dims, x, residual, call)
+
+
+def _apply_dropout(x, residual, call):
+    """The Function for the call: the classic one unless a torch.func transform is active."""
+    if residual is None:
+        fn = _DropoutFunctionTF if _functorch_active() else _DropoutFunction
+        return fn.apply(x, call)
+    fn2 = _DropoutAddFunctionTF if _functorch_active() else _DropoutAddFunction
+    return fn2.apply(x, residual, call)
 
 
 def mask_backward(mask: Mask, grad: torch.Tensor) -> torch.Tensor:
     """`Mask.backward` for a tensor: the gradient with respect to the masked op's input."""
-    if grad.requires_grad and torch.is_grad_enabled():
-        return _MaskGradFunction.apply(grad, mask, None)
-    return _mask_grad(mask, grad, None)
+    return _masked(mask, grad, None)
 
 
 def _check_inplace(x: torch.Tensor) -> None:
@@ -242,35 +481,60 @@ def _check_inplace(x: torch.Tensor) -> None:
 def dropout_plain(x: torch.Tensor, p: float) -> torch.Tensor:
     """`fastdrop.dropout(x, p)` with every other argument at its default, for a `torch.Tensor`
     and 0 < p < 1 (the caller checked those): the common CPU case goes straight to the kernel,
-    anything else (autograd, another device, torch.compile, a bad dtype) to `run`."""
+    anything else (autograd of any kind, another device, torch.compile, a bad dtype) to `run`."""
     spec = _scale_spec(x.shape, p)
     if (
         x.requires_grad
         or not x.is_cpu
         or x.dtype not in _HOST_DTYPES
+        or _fwAD._current_level >= 0
+        or _functorch_active()
         or torch.compiler.is_compiling()
     ):
         return run(x, spec, False, None, False)
     return _forward(x, None, spec, _host_generator(None), False, False)[0]
 
 
+#: Whether an element mask (one decision per element) is kept for backward as its key alone.
+#: Measured (16, 197, 768) float32, p = 0.1, 2-core machine, medians of 25 alternating rounds:
+#: redrawing costs 4.6 ms against 3.0 ms for reading stored bits (1 thread; 4.5 against 3.0 on
+#: 2), about the forward's own cost, while the bits are 1/32 of a float32 tensor (296 KiB of
+#: 9.2 MiB). So element masks keep their bits; channel and sample masks, whose redraw is a few
+#: decisions per (n, c) or n, keep only the key, and so does every mask when this is True.
+ELEMENT_MASKS_AS_KEY = False
+
+
+def _saved_as_key(spec: _Spec, x: torch.Tensor) -> bool:
+    return ELEMENT_MASKS_AS_KEY or tuple(spec.mask_shape) != tuple(x.shape)
+
+
 def _run_host(x, spec, inplace, generator, return_mask, residual):
     _check_host_dtype(x)
-    gen = generator if type(generator) is _core.Generator else _host_generator(generator)
+    transformed = _functorch_active()
+    if transformed:
+        different = _check_randomness(return_mask)
+        if different and not inplace:
+            x, residual = _batched_for(x, different), _batched_for(residual, different)
+        # The key is drawn outside the transforms: it is not a tensor they could batch or
+        # differentiate, and torch.func forbids writing the reused key tensor in place.
+        with torch._C._DisableFuncTorch():
+            gen = _host_generator(generator)
+    else:
+        gen = generator if type(generator) is _core.Generator else _host_generator(generator)
     grad_mode = torch.is_grad_enabled()
-    needs_grad = grad_mode and (
-        x.requires_grad or (residual is not None and residual.requires_grad)
+    needs_function = (
+        transformed
+        or _fwAD._current_level >= 0
+        or (grad_mode and (x.requires_grad or (residual is not None and residual.requires_grad)))
     )
     if inplace and grad_mode and x.requires_grad:
         _check_inplace(x)
-    if needs_grad:
-        if residual is None:
-            call: List[Any] = [spec, gen, inplace]
-            out = _DropoutFunction.apply(x, call)
-        else:
-            call = [spec, gen]
-            out = _DropoutAddFunction.apply(x, residual, call)
-        mask = call[-1]
+    if needs_function:
+        # Broadcast masks are kept as their key (no bits) unless the caller wants the Mask.
+        want = "key" if not return_mask and spec.block is None and _saved_as_key(spec, x) else True
+        call = _Call((spec, gen, inplace, want, None))
+        out = _apply_dropout(x, residual, call)
+        mask = call[4]
     else:
         out, mask = _forward(x, residual, spec, gen, inplace, return_mask)
         if inplace:
@@ -348,7 +612,7 @@ def _run_on_device(x, spec, inplace, generator, return_mask, residual):
 
 
 def _packed(mask: Mask) -> torch.Tensor:
-    return torch.frombuffer(bytearray(mask._bits.to_bytes()), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(mask._words().to_bytes()), dtype=torch.uint8)
 
 
 def _packed_len(mask_shape) -> int:

@@ -214,15 +214,23 @@ def _apply(
     r: Any,
     spec: _Spec,
     gen: _core.Generator,
-    want_mask: bool,
+    want_mask: Any,
     shape: tuple[int, ...],
 ) -> Optional[Mask]:
     """Runs `spec` from `a` (plus `r`) into `out` (which may be `a`) in Rust. The operands are
     NumPy arrays or CPU DLPack capsules (torch tensors), of `shape`. The mask is returned when
-    wanted (block masks always: they carry their scale)."""
+    wanted (block masks always: they carry their scale); `want_mask="key"` returns it as its key
+    alone, holding no bits (autograd's backward redraws them)."""
     if spec.block is not None:
         bits, scale = _core.drop_block_apply(a, out, *spec.block, gen)
         return Mask(bits, scale if spec.grad_scale is None else spec.grad_scale, shape)
+    if want_mask == "key":
+        seed, stream, _ = gen.get_state()
+        first = _core.bernoulli_apply(
+            a, out, r, spec.mask_shape, spec.application, spec.keep, gen, False
+        )
+        key = (seed, stream, first)
+        return Mask._from_key(key, tuple(spec.mask_shape), spec.keep, spec.grad_scale, shape)
     bits = _core.bernoulli_apply(
         a, out, r, spec.mask_shape, spec.application, spec.keep, gen, want_mask
     )
