@@ -110,7 +110,11 @@ fn state_arg(state: &Bound<'_, PyAny>) -> PyResult<(u64, u64, u64)> {
             }
         })
     };
-    Ok((field("seed", &a)?, field("stream", &b)?, field("offset", &c)?))
+    Ok((
+        field("seed", &a)?,
+        field("stream", &b)?,
+        field("offset", &c)?,
+    ))
 }
 
 // --- the generator --------------------------------------------------------------------------
@@ -264,13 +268,11 @@ impl MaskBits {
 /// view can be far larger than memory), never an abort of the interpreter.
 fn zeroed_words(n: usize, shape: &[usize]) -> Result<Vec<u64>, DropError> {
     let mut words = Vec::new();
-    words
-        .try_reserve_exact(kernel::words_for(n))
-        .map_err(|_| {
-            DropError::Memory(format!(
-                "cannot allocate a mask of {n} bits for shape {shape:?}"
-            ))
-        })?;
+    words.try_reserve_exact(kernel::words_for(n)).map_err(|_| {
+        DropError::Memory(format!(
+            "cannot allocate a mask of {n} bits for shape {shape:?}"
+        ))
+    })?;
     words.resize(kernel::words_for(n), 0);
     Ok(words)
 }
@@ -535,7 +537,11 @@ fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
     let strides: Vec<isize> = match &elem_strides {
         Some(s) => s
             .iter()
-            .map(|&e| isize::try_from(e).ok().and_then(|e| e.checked_mul(itemsize)))
+            .map(|&e| {
+                isize::try_from(e)
+                    .ok()
+                    .and_then(|e| e.checked_mul(itemsize))
+            })
             .collect::<Option<Vec<isize>>>()
             .ok_or_else(too_large)?,
         None => {
@@ -579,7 +585,10 @@ fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
 /// another kind of object owns (a `bytearray`, an `mmap`, fastdrop's cache) is held by the array
 /// through a buffer export or a reference, and lives at least as long as the array the call holds.
 /// A DLPack capsule needs nothing: it holds its own reference to the tensor's storage.
-fn pin_memory<'py>(arr: &Bound<'py, PyUntypedArray>, pins: &mut Vec<Bound<'py, PyAny>>) -> PyResult<()> {
+fn pin_memory<'py>(
+    arr: &Bound<'py, PyUntypedArray>,
+    pins: &mut Vec<Bound<'py, PyAny>>,
+) -> PyResult<()> {
     let py = arr.py();
     let mut owner = arr.clone();
     loop {

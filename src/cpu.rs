@@ -61,7 +61,10 @@ mod tests {
         }
         for v in ["bogus", "avx2", "", "vaes2", "none"] {
             let e = parse_simd(v).unwrap_err();
-            assert!(e.contains("auto, portable (or scalar), aesni or vaes"), "{e}");
+            assert!(
+                e.contains("auto, portable (or scalar), aesni or vaes"),
+                "{e}"
+            );
         }
     }
 }

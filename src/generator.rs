@@ -124,7 +124,10 @@ mod tests {
         let g = GeneratorState::new(3, 5, near_end);
         assert!(g.reserve(64).is_err());
         assert_eq!(g.state(), (3, 5, near_end));
-        assert_eq!(g.reserve(63).unwrap(), (Key { seed: 3, stream: 5 }, near_end));
+        assert_eq!(
+            g.reserve(63).unwrap(),
+            (Key { seed: 3, stream: 5 }, near_end)
+        );
         assert_eq!(g.state(), (3, 5, u64::MAX));
         for blocks in [1, 2, 64, u64::MAX] {
             let err = g.reserve(blocks).unwrap_err();
