@@ -866,8 +866,9 @@ impl Drop for CachedBuffer {
 /// plain ndarray taken from the buffer cache so that they need not be faulted in afresh.
 #[pyfunction]
 fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, PyAny>> {
-    check_plain_dtype("empty_like: x", &x.dtype())?;
-    let bytes = x.len() * x.dtype().itemsize();
+    let dtype = x.dtype();
+    check_plain_dtype("empty_like: x", &dtype)?;
+    let bytes = x.len() * dtype.itemsize();
     let (c, f) = (x.is_c_contiguous(), x.is_fortran_contiguous());
     // SAFETY: `x` is a live object; PyArray_CheckExact only reads its type.
     let exact = unsafe { PyArray_CheckExact(py, x.as_ptr()) } != 0;
@@ -892,7 +893,7 @@ fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<
         // SAFETY: an owned reference or NULL, as above.
         return unsafe { Bound::from_owned_ptr_or_err(py, arr) };
     };
-    array_on(py, buf, &x.dtype(), x.shape(), !c)
+    array_on(py, buf, &dtype, x.shape(), !c)
 }
 
 /// A new uninitialised C-ordered array of `shape` and `dtype` on a cached buffer, or `None`
