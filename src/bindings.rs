@@ -3,32 +3,119 @@
 
 use crate::buffer::{self, Buffer};
 use crate::error::DropError;
-use crate::generator::{blocks_for_decisions, blocks_for_normals, fork_stream, GeneratorState};
+use crate::generator::{blocks_for_call, blocks_for_decisions, fork_stream, GeneratorState};
 use crate::kernel::{self, Application, Bits, Operand};
 use crate::mask::{block_keep_words, BlockGeometry};
 use crate::rng::{self, threshold_for, Key};
 use half::{bf16, f16};
 use numpy::npyffi::{
     get_type_object, npy_intp, objects::_PyArray_GET_ITEM_DATA, NpyTypes, PyArrayObject,
-    PyArray_CheckExact, NPY_ARRAY_CARRAY, NPY_ARRAY_FARRAY, NPY_ARRAY_WRITEABLE, NPY_ORDER,
-    PY_ARRAY_API,
+    PyArray_CheckExact, NPY_ARRAY_CARRAY, NPY_ARRAY_FARRAY, NPY_ARRAY_OWNDATA, NPY_ARRAY_WRITEABLE,
+    NPY_ORDER, PY_ARRAY_API,
 };
 use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyCapsule, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyCapsule, PyString, PyTuple, PyWeakrefReference};
 
 impl From<DropError> for PyErr {
     fn from(e: DropError) -> PyErr {
         match e {
             DropError::Value(m) => PyValueError::new_err(m),
             DropError::Type(m) => PyTypeError::new_err(m),
+            DropError::Memory(m) => PyMemoryError::new_err(m),
         }
     }
 }
 
 /// Most dimensions an input may have (NumPy's own limit is 64).
 const MAX_DIMS: usize = 64;
+
+// --- integer arguments ----------------------------------------------------------------------
+
+fn type_name(v: &Bound<'_, PyAny>) -> String {
+    v.get_type()
+        .name()
+        .map_or_else(|_| "?".into(), |n| n.to_string())
+}
+
+/// A Python int in [0, 2**64): a `ValueError` naming the range for any other int (PyO3 alone
+/// would raise `OverflowError`), a `TypeError` for anything that is not an int.
+fn u64_arg(name: &str, v: &Bound<'_, PyAny>) -> PyResult<u64> {
+    v.extract::<u64>().map_err(|e| {
+        if e.is_instance_of::<PyOverflowError>(v.py()) {
+            PyValueError::new_err(format!("{name} must be in [0, 2**64), got {v}"))
+        } else {
+            PyTypeError::new_err(format!("{name} must be an int, got {}", type_name(v)))
+        }
+    })
+}
+
+/// A shape: a sequence of at most `MAX_DIMS` ints, each in [0, 2**63) as NumPy's are.
+fn shape_arg(name: &str, v: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    let range_err = || {
+        PyValueError::new_err(format!(
+            "{name} must have at most {MAX_DIMS} dimensions, each in [0, 2**63), got {}",
+            v.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
+        ))
+    };
+    let shape = match v.extract::<Vec<usize>>() {
+        Ok(shape) => shape,
+        Err(_) => {
+            let items: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "{name} must be a sequence of ints, got {}",
+                    type_name(v)
+                ))
+            })?;
+            for d in &items {
+                if let Err(e) = d.extract::<u64>() {
+                    if !e.is_instance_of::<PyOverflowError>(v.py()) {
+                        return Err(PyTypeError::new_err(format!(
+                            "{name} must be a sequence of ints, got a {} in it",
+                            type_name(d)
+                        )));
+                    }
+                }
+            }
+            return Err(range_err());
+        }
+    };
+    if shape.len() > MAX_DIMS || shape.iter().any(|&d| d > isize::MAX as usize) {
+        return Err(range_err());
+    }
+    Ok(shape)
+}
+
+/// `(seed, stream, offset)` as `get_state` returns it.
+fn state_arg(state: &Bound<'_, PyAny>) -> PyResult<(u64, u64, u64)> {
+    if let Ok(s) = state.extract::<(u64, u64, u64)>() {
+        return Ok(s);
+    }
+    let type_err = || {
+        PyTypeError::new_err(format!(
+            "state must be a (seed, stream, offset) tuple of three non-negative ints as returned by get_state(), got {}",
+            state.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
+        ))
+    };
+    let (a, b, c) = state
+        .extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>)>()
+        .map_err(|_| type_err())?;
+    let field = |name: &str, v: &Bound<'_, PyAny>| {
+        u64_arg(&format!("state's {name}"), v).map_err(|e| {
+            if e.is_instance_of::<PyTypeError>(v.py()) {
+                type_err()
+            } else {
+                e
+            }
+        })
+    };
+    Ok((
+        field("seed", &a)?,
+        field("stream", &b)?,
+        field("offset", &c)?,
+    ))
+}
 
 // --- the generator --------------------------------------------------------------------------
 
@@ -70,12 +157,13 @@ pub struct Generator {
 #[pymethods]
 impl Generator {
     #[new]
-    #[pyo3(signature = (seed = None, stream = 0))]
-    fn new(seed: Option<&Bound<'_, PyAny>>, stream: u64) -> PyResult<Self> {
+    #[pyo3(signature = (seed = None, stream = None))]
+    fn new(seed: Option<&Bound<'_, PyAny>>, stream: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
         let seed = match seed {
             Some(s) if !s.is_none() => seed_bits(s)?,
             _ => entropy_seed(),
         };
+        let stream = stream.map_or(Ok(0), |s| u64_arg("stream", s))?;
         Ok(Generator {
             state: GeneratorState::new(seed, stream, 0),
         })
@@ -116,28 +204,25 @@ impl Generator {
     }
 
     fn set_state(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
-        let (seed, stream, offset) = state.extract::<(u64, u64, u64)>().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "state must be a (seed, stream, offset) tuple of three non-negative ints as returned by get_state(), got {}",
-                state.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
-            ))
-        })?;
+        let (seed, stream, offset) = state_arg(state)?;
         self.state.set_state(seed, stream, offset);
         Ok(())
     }
 
     /// A generator with the same seed on an independent stream, e.g. one per distributed rank:
     /// `Generator(seed).fork(rank)`. Forking twice with the same index gives the same stream.
-    fn fork(&self, index: u64) -> Self {
+    fn fork(&self, index: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let index = u64_arg("fork index", index)?;
         let (seed, stream, _) = self.state.state();
-        Generator {
+        Ok(Generator {
             state: GeneratorState::new(seed, fork_stream(stream, index), 0),
-        }
+        })
     }
 
     /// Takes `blocks` counter blocks as one call would; returns the first.
-    fn _reserve(&self, blocks: u64) -> u64 {
-        self.state.reserve(blocks).1
+    fn _reserve(&self, blocks: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let blocks = u64_arg("blocks", blocks)?;
+        Ok(self.state.reserve(blocks)?.1)
     }
 
     fn __reduce__<'py>(
@@ -157,10 +242,11 @@ impl Generator {
 }
 
 #[pyfunction]
-fn _generator_from_state(state: (u64, u64, u64)) -> Generator {
-    Generator {
-        state: GeneratorState::new(state.0, state.1, state.2),
-    }
+fn _generator_from_state(state: &Bound<'_, PyAny>) -> PyResult<Generator> {
+    let (seed, stream, offset) = state_arg(state)?;
+    Ok(Generator {
+        state: GeneratorState::new(seed, stream, offset),
+    })
 }
 
 // --- masks ----------------------------------------------------------------------------------
@@ -178,23 +264,34 @@ impl MaskBits {
     }
 }
 
+/// Zeroed words for `n` mask bits: a `MemoryError` when they cannot be allocated (a broadcast
+/// view can be far larger than memory), never an abort of the interpreter.
+fn zeroed_words(n: usize, shape: &[usize]) -> Result<Vec<u64>, DropError> {
+    let mut words = Vec::new();
+    words.try_reserve_exact(kernel::words_for(n)).map_err(|_| {
+        DropError::Memory(format!(
+            "cannot allocate a mask of {n} bits for shape {shape:?}"
+        ))
+    })?;
+    words.resize(kernel::words_for(n), 0);
+    Ok(words)
+}
+
 #[pymethods]
 impl MaskBits {
     /// A mask of `shape` with every decision equal to `keep`.
     #[staticmethod]
-    fn filled(shape: Vec<usize>, keep: bool) -> PyResult<Self> {
+    fn filled(shape: &Bound<'_, PyAny>, keep: bool) -> PyResult<Self> {
+        let shape = shape_arg("shape", shape)?;
         // A broadcast view can be far larger than memory: a failed allocation must be a
         // MemoryError, not an abort of the interpreter.
         let n = (shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))).ok_or_else(|| {
             PyValueError::new_err(format!("mask shape {shape:?} has more than 2**64 elements"))
         })?;
-        let mut words = Vec::new();
-        words.try_reserve_exact(kernel::words_for(n)).map_err(|_| {
-            PyMemoryError::new_err(format!(
-                "cannot allocate a mask of {n} bits for shape {shape:?}"
-            ))
-        })?;
-        words.resize(kernel::words_for(n), if keep { u64::MAX } else { 0 });
+        let mut words = zeroed_words(n, &shape)?;
+        if keep {
+            words.fill(u64::MAX);
+        }
         kernel::clear_tail(&mut words, n);
         Ok(MaskBits { shape, words })
     }
@@ -403,7 +500,13 @@ fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
             t.ndim
         )));
     }
-    // SAFETY: DLPack guarantees `shape` (and `strides`, unless NULL) point to `ndim` int64s.
+    if ndim > 0 && t.shape.is_null() {
+        return Err(PyValueError::new_err(format!(
+            "{name}: DLPack tensor of {ndim} dimensions has no shape"
+        )));
+    }
+    // SAFETY: DLPack guarantees `shape` (and `strides`, unless NULL) point to `ndim` int64s;
+    // a NULL shape was refused above.
     let (shape, elem_strides) = unsafe {
         let shape: Vec<i64> = (0..ndim).map(|d| *t.shape.add(d)).collect();
         let strides: Option<Vec<i64>> =
@@ -417,8 +520,30 @@ fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
     }
     let shape: Vec<usize> = shape.iter().map(|&n| n as usize).collect();
     let itemsize = (t.dtype.bits / 8) as isize;
-    let strides: Vec<isize> = match elem_strides {
-        Some(s) => s.iter().map(|&e| e as isize * itemsize).collect(),
+    let too_large = || {
+        PyValueError::new_err(format!(
+            "{name}: DLPack shape {shape:?} with strides {elem_strides:?} spans more bytes than an address space has"
+        ))
+    };
+    // Only a hand-made capsule can fail these (torch's tensors fit in memory); without them the
+    // extent and stride arithmetic below could wrap.
+    if !shape.contains(&0) {
+        shape
+            .iter()
+            .try_fold(itemsize as usize, |a, &d| a.checked_mul(d))
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(too_large)?;
+    }
+    let strides: Vec<isize> = match &elem_strides {
+        Some(s) => s
+            .iter()
+            .map(|&e| {
+                isize::try_from(e)
+                    .ok()
+                    .and_then(|e| e.checked_mul(itemsize))
+            })
+            .collect::<Option<Vec<isize>>>()
+            .ok_or_else(too_large)?,
         None => {
             // NULL strides: compact row-major.
             let mut acc = itemsize;
@@ -430,6 +555,16 @@ fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
             out
         }
     };
+    if !shape.contains(&0) {
+        let mut span = itemsize;
+        for (&n, &s) in shape.iter().zip(&strides) {
+            span = s
+                .checked_abs()
+                .and_then(|s| s.checked_mul(n as isize - 1))
+                .and_then(|step| span.checked_add(step))
+                .ok_or_else(too_large)?;
+        }
+    }
     let ptr = (t.data as *mut u8).wrapping_add(t.byte_offset as usize);
     Ok(View {
         ptr,
@@ -440,18 +575,63 @@ fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
     })
 }
 
-fn view(name: &str, arr: &Bound<'_, PyAny>) -> PyResult<View> {
+/// Keeps the memory of a NumPy operand where it is until `pins` is dropped, so that it cannot be
+/// freed while a kernel runs on it with the GIL released.
+///
+/// The only way NumPy frees an array's memory under a live array is `ndarray.resize` on the
+/// array that owns it (views refuse to resize). It refuses an array that has a weak reference,
+/// even with `refcheck=False`; a PEP 3118 buffer export does not stop it. So the owner (the end
+/// of the chain of `base` arrays) gets a weak reference for the length of the call. Memory that
+/// another kind of object owns (a `bytearray`, an `mmap`, fastdrop's cache) is held by the array
+/// through a buffer export or a reference, and lives at least as long as the array the call holds.
+/// A DLPack capsule needs nothing: it holds its own reference to the tensor's storage.
+fn pin_memory<'py>(
+    arr: &Bound<'py, PyUntypedArray>,
+    pins: &mut Vec<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    let py = arr.py();
+    let mut owner = arr.clone();
+    loop {
+        // SAFETY: `owner` is a live ndarray; reading a header field, as NumPy's accessors do.
+        let base = unsafe { (*_PyArray_GET_ITEM_DATA(owner.as_array_ptr())).base };
+        if base.is_null() {
+            break;
+        }
+        // SAFETY: `base` is a live object: the array holds a reference to it.
+        let base = unsafe { Bound::from_borrowed_ptr(py, base) };
+        match base.cast_into::<PyUntypedArray>() {
+            Ok(b) => owner = b,
+            Err(_) => return Ok(()),
+        }
+    }
+    // SAFETY: as above.
+    let flags = unsafe { (*_PyArray_GET_ITEM_DATA(owner.as_array_ptr())).flags };
+    if flags & NPY_ARRAY_OWNDATA != 0 {
+        pins.push(PyWeakrefReference::new(&owner)?.into_any());
+    }
+    Ok(())
+}
+
+/// Reads an operand: a NumPy array or a CPU DLPack capsule. An array large enough that the kernel
+/// will release the GIL is pinned into `pins` first (see `pin_memory`), before anything is read,
+/// so that what is read stays valid.
+fn view<'py>(
+    name: &str,
+    arr: &Bound<'py, PyAny>,
+    pins: &mut Vec<Bound<'py, PyAny>>,
+) -> PyResult<View> {
     if let Ok(cap) = arr.cast::<PyCapsule>() {
         return dlpack_view(name, cap);
     }
     let arr = arr.cast::<PyUntypedArray>().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name} must be a numpy.ndarray, got {}",
-            arr.get_type()
-                .name()
-                .map_or_else(|_| "?".into(), |n| n.to_string())
+            type_name(arr)
         ))
     })?;
+    if arr.len() >= RELEASE_GIL_MIN {
+        pin_memory(arr, pins)?;
+    }
     let dt = arr.dtype();
     let (kind, size) = (dt.kind(), dt.itemsize());
     let dtype = match (kind, size) {
@@ -550,24 +730,28 @@ fn check_mask_shape(shape: &[usize], mask_shape: &[usize]) -> PyResult<()> {
 }
 
 fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
-    let kind = app.get_item(0)?;
-    let kind = kind.cast::<PyString>()?.to_cow()?;
+    let bad = || {
+        PyValueError::new_err(format!(
+            "application must be ('scale', s), ('affine', a, shift, dropped) or ('noise', s), got {}",
+            app.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
+        ))
+    };
+    let kind = app.get_item(0).map_err(|_| bad())?;
+    let kind = kind.cast::<PyString>().map_err(|_| bad())?.to_cow()?;
     let f = |i: usize| -> PyResult<f64> { app.get_item(i)?.extract() };
-    match kind.as_ref() {
-        "scale" => Ok(Application::Scale { scale: f(1)? }),
-        "affine" => Ok(Application::Affine {
+    match (kind.as_ref(), app.len()) {
+        ("scale", 2) => Ok(Application::Scale { scale: f(1)? }),
+        ("affine", 4) => Ok(Application::Affine {
             a: f(1)?,
             shift: f(2)?,
             dropped: f(3)?,
         }),
-        "noise" => Ok(Application::Noise {
+        ("noise", 2) => Ok(Application::Noise {
             scale: f(1)?,
             key: Key { seed: 0, stream: 0 },
             first_block: 0,
         }),
-        _ => Err(PyValueError::new_err(format!(
-            "unknown application {kind:?}"
-        ))),
+        _ => Err(bad()),
     }
 }
 
@@ -682,7 +866,9 @@ impl Drop for CachedBuffer {
 /// plain ndarray taken from the buffer cache so that they need not be faulted in afresh.
 #[pyfunction]
 fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, PyAny>> {
-    let bytes = x.len() * x.dtype().itemsize();
+    let dtype = x.dtype();
+    check_plain_dtype("empty_like: x", &dtype)?;
+    let bytes = x.len() * dtype.itemsize();
     let (c, f) = (x.is_c_contiguous(), x.is_fortran_contiguous());
     // SAFETY: `x` is a live object; PyArray_CheckExact only reads its type.
     let exact = unsafe { PyArray_CheckExact(py, x.as_ptr()) } != 0;
@@ -707,7 +893,7 @@ fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<
         // SAFETY: an owned reference or NULL, as above.
         return unsafe { Bound::from_owned_ptr_or_err(py, arr) };
     };
-    array_on(py, buf, &x.dtype(), x.shape(), !c)
+    array_on(py, buf, &dtype, x.shape(), !c)
 }
 
 /// A new uninitialised C-ordered array of `shape` and `dtype` on a cached buffer, or `None`
@@ -716,9 +902,11 @@ fn empty_like<'py>(py: Python<'py>, x: &Bound<'py, PyUntypedArray>) -> PyResult<
 #[pyfunction]
 fn cached_empty<'py>(
     py: Python<'py>,
-    shape: Vec<usize>,
+    shape: &Bound<'py, PyAny>,
     dtype: &Bound<'py, PyArrayDescr>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let shape = shape_arg("cached_empty: shape", shape)?;
+    check_plain_dtype("cached_empty: dtype", dtype)?;
     let bytes = shape
         .iter()
         .try_fold(dtype.itemsize(), |a, &d| a.checked_mul(d));
@@ -728,6 +916,20 @@ fn cached_empty<'py>(
             None => Ok(None),
         },
         _ => Ok(None),
+    }
+}
+
+/// Refuses a dtype the cache must not serve: its buffers are uninitialised, which is harmless
+/// only for plain numbers (every bit pattern is a value), never for object or structured dtypes
+/// (reading an object array over recycled bytes dereferences garbage). The four the kernels
+/// use are served: float16, float32, float64 and uint16 (bfloat16's words, for torch).
+fn check_plain_dtype(name: &str, dtype: &Bound<'_, PyArrayDescr>) -> PyResult<()> {
+    match (dtype.kind(), dtype.itemsize()) {
+        (b'f', 2 | 4 | 8) | (b'u', 2) => Ok(()),
+        _ => Err(PyTypeError::new_err(format!(
+            "{name} must be float16, float32, float64 or uint16, got dtype {}",
+            dtype.str().map_or_else(|_| "?".into(), |s| s.to_string())
+        ))),
     }
 }
 
@@ -814,35 +1016,38 @@ enum Drawn {
 #[pyfunction]
 #[pyo3(signature = (x, out, residual, mask_shape, application, keep, generator, store_mask))]
 #[allow(clippy::too_many_arguments)]
-fn bernoulli_apply(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-    residual: Option<&Bound<'_, PyAny>>,
-    mask_shape: Vec<usize>,
-    application: &Bound<'_, PyTuple>,
+fn bernoulli_apply<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    residual: Option<&Bound<'py, PyAny>>,
+    mask_shape: &Bound<'py, PyAny>,
+    application: &Bound<'py, PyTuple>,
     keep: f64,
     generator: &Generator,
     store_mask: bool,
 ) -> PyResult<Drawn> {
     check_prob("keep probability", keep)?;
-    let (xv, ov) = (view("input", x)?, view("out", out)?);
-    let rv = residual.map(|r| view("residual", r)).transpose()?;
+    let mask_shape = shape_arg("mask_shape", mask_shape)?;
+    let mut app = parse_application(application)?;
+    let mut pins = Vec::new();
+    let (xv, ov) = (view("input", x, &mut pins)?, view("out", out, &mut pins)?);
+    let rv = residual
+        .map(|r| view("residual", r, &mut pins))
+        .transpose()?;
     let mut inputs = vec![&xv];
     inputs.extend(rv.as_ref());
     check_output(&ov, &inputs)?;
     check_mask_shape(&xv.shape, &mask_shape)?;
-    let mut app = parse_application(application)?;
     let n: usize = xv.shape.iter().product();
     let m: usize = mask_shape.iter().product();
-    let noise_blocks = if matches!(app, Application::Noise { .. }) {
-        blocks_for_normals(m)
-    } else {
-        0
-    };
-    let (key, first) = generator
-        .state
-        .reserve(blocks_for_decisions(m) + noise_blocks);
+    // Allocated before the reservation, so that a failure leaves the generator as it was.
+    let mut store = Vec::new();
+    if store_mask && mask_shape == xv.shape {
+        store = zeroed_words(n, &mask_shape)?;
+    }
+    let with_noise = matches!(app, Application::Noise { .. });
+    let (key, first) = generator.state.reserve(blocks_for_call(m, with_noise))?;
     if let Application::Noise {
         key: k,
         first_block,
@@ -854,11 +1059,6 @@ fn bernoulli_apply(
     }
     let threshold = threshold_for(keep);
     if mask_shape == xv.shape {
-        let mut store = if store_mask {
-            vec![0u64; kernel::words_for(n)]
-        } else {
-            Vec::new()
-        };
         let bits = Bits::Fresh {
             key,
             first_block: first,
@@ -875,7 +1075,14 @@ fn bernoulli_apply(
             Drawn::FirstBlock(first)
         })
     } else {
-        let words = py.detach(|| kernel::bernoulli_words(key, first, threshold, m));
+        let draw = || kernel::bernoulli_words(key, first, threshold, m);
+        // Small masks are drawn holding the GIL: releasing it costs more, and operands too small
+        // to be pinned must not change meanwhile (see `view`).
+        let words = if m >= RELEASE_GIL_MIN {
+            py.detach(draw)
+        } else {
+            draw()
+        };
         run_kernel(
             py,
             &xv,
@@ -902,20 +1109,22 @@ fn bernoulli_apply(
 #[pyfunction]
 #[pyo3(signature = (x, out, gamma, kh, kw, couple_channels, with_noise, scale_by_keep, generator))]
 #[allow(clippy::too_many_arguments)]
-fn drop_block_apply(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
+fn drop_block_apply<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
     gamma: f64,
-    kh: usize,
-    kw: usize,
+    kh: &Bound<'py, PyAny>,
+    kw: &Bound<'py, PyAny>,
     couple_channels: bool,
     with_noise: bool,
     scale_by_keep: bool,
     generator: &Generator,
 ) -> PyResult<(MaskBits, f64)> {
     check_prob("gamma (the block seed rate)", gamma)?;
-    let (xv, ov) = (view("input", x)?, view("out", out)?);
+    let (kh, kw) = (u64_arg("kh", kh)? as usize, u64_arg("kw", kw)? as usize);
+    let mut pins = Vec::new();
+    let (xv, ov) = (view("input", x, &mut pins)?, view("out", out, &mut pins)?);
     check_output(&ov, &[&xv])?;
     let [n, c, h, w] = xv.shape[..] else {
         return Err(PyValueError::new_err(format!(
@@ -938,14 +1147,15 @@ fn drop_block_apply(
         kw,
     };
     let m = n * cm * h * w;
-    let noise_blocks = if with_noise { blocks_for_normals(m) } else { 0 };
-    let (key, first) = generator
-        .state
-        .reserve(blocks_for_decisions(m) + noise_blocks);
+    let (key, first) = generator.state.reserve(blocks_for_call(m, with_noise))?;
+    let draw = || block_keep_words(key, first, threshold_for(gamma), g);
+    // As in bernoulli_apply: the GIL is released only when the operands were pinned.
     let (words, kept) = if m == 0 {
         (Vec::new(), 0)
+    } else if m >= RELEASE_GIL_MIN {
+        py.detach(draw)
     } else {
-        py.detach(|| block_keep_words(key, first, threshold_for(gamma), g))
+        draw()
     };
     let scale = if !with_noise && scale_by_keep && kept > 0 {
         m as f64 / kept as f64
@@ -975,16 +1185,19 @@ fn drop_block_apply(
 /// of a saved mask.
 #[pyfunction]
 #[pyo3(signature = (mask, x, out, scale, residual = None))]
-fn mask_apply(
-    py: Python<'_>,
+fn mask_apply<'py>(
+    py: Python<'py>,
     mask: &MaskBits,
-    x: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
     scale: f64,
-    residual: Option<&Bound<'_, PyAny>>,
+    residual: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
-    let (xv, ov) = (view("grad", x)?, view("out", out)?);
-    let rv = residual.map(|r| view("residual", r)).transpose()?;
+    let mut pins = Vec::new();
+    let (xv, ov) = (view("grad", x, &mut pins)?, view("out", out, &mut pins)?);
+    let rv = residual
+        .map(|r| view("residual", r, &mut pins))
+        .transpose()?;
     let mut inputs = vec![&xv];
     inputs.extend(rv.as_ref());
     check_output(&ov, &inputs)?;
@@ -1011,6 +1224,13 @@ fn get_num_threads() -> usize {
     kernel::get_num_threads()
 }
 
+/// What was wrong with fastdrop's environment variables, one message each (each variable is
+/// read once per process, at the latest now); `fastdrop` warns with them when it is imported.
+#[pyfunction]
+fn _env_warnings() -> Vec<String> {
+    crate::env::diagnostics()
+}
+
 /// The generator backend in use: "vaes", "aesni" or "portable".
 #[pyfunction]
 fn simd_backend() -> &'static str {
@@ -1032,6 +1252,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(_env_warnings, m)?)?;
     m.add_function(wrap_pyfunction!(empty_like, m)?)?;
     m.add_function(wrap_pyfunction!(cached_empty, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;

@@ -12,6 +12,7 @@
 //! handed out uninitialised exactly as `np.empty` would be. The cache holds at most
 //! `cap` bytes (`FASTDROP_CACHE_BYTES`, default 1 GiB; 0 turns it off) and evicts the oldest.
 
+use crate::env::{self, Setting};
 use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
 use std::sync::{Mutex, OnceLock};
@@ -65,15 +66,46 @@ struct Pool {
     free: Vec<Buffer>,
 }
 
+/// The variable that caps the cache.
+pub const CAP_VAR: &str = "FASTDROP_CACHE_BYTES";
+
+/// Parses a byte count: a whole number, optionally followed by `K`, `M`, `G` or `T` (or `KiB`,
+/// `MiB`, `GiB`, `TiB`), powers of 1024, case ignored. Decimal units (`GB`), fractions and
+/// exponents (`1e9`) are refused rather than guessed at.
+pub fn parse_bytes(value: &str) -> Result<usize, String> {
+    const ACCEPTED: &str = "expected a whole number of bytes, optionally with a K, M, G or T suffix (powers of 1024, also written KiB ... TiB), e.g. 536870912 or 512M; 0 turns the cache off";
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => return Err(format!("is not a byte count: {ACCEPTED}")),
+    };
+    if digits.is_empty() {
+        return Err(format!("is not a byte count: {ACCEPTED}"));
+    }
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1usize << shift))
+        .ok_or_else(|| format!("is more bytes than this machine can address: {ACCEPTED}"))
+}
+
+/// The cache's byte cap, read once.
+pub fn cap_setting() -> &'static Setting<usize> {
+    static SETTING: OnceLock<Setting<usize>> = OnceLock::new();
+    SETTING.get_or_init(|| env::read(CAP_VAR, DEFAULT_CAP, "the default 1 GiB", parse_bytes))
+}
+
 fn pool() -> &'static Mutex<Pool> {
     static POOL: OnceLock<Mutex<Pool>> = OnceLock::new();
     POOL.get_or_init(|| {
-        let cap = std::env::var("FASTDROP_CACHE_BYTES")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(DEFAULT_CAP);
         Mutex::new(Pool {
-            cap,
+            cap: cap_setting().value,
             free: Vec::new(),
         })
     })
@@ -149,6 +181,29 @@ fn release(b: Buffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_counts_are_whole_numbers_with_binary_suffixes() {
+        for (v, want) in [
+            ("0", 0),
+            ("1073741824", 1 << 30),
+            (" 512M ", 512 << 20),
+            ("512 MiB", 512 << 20),
+            ("2g", 2 << 30),
+            ("1T", 1 << 40),
+            ("3k", 3 << 10),
+        ] {
+            assert_eq!(parse_bytes(v), Ok(want), "{v}");
+        }
+        for v in ["-1", "abc", "12GB", "1e9", "1.5G", "G", "0x10", "+5"] {
+            let e = parse_bytes(v).unwrap_err();
+            assert!(e.starts_with("is not a byte count"), "{v}: {e}");
+        }
+        for v in ["99999999999999999999", "20000000T"] {
+            let e = parse_bytes(v).unwrap_err();
+            assert!(e.contains("more bytes than"), "{v}: {e}");
+        }
+    }
 
     // One test, because the pool is process-wide and tests run in parallel.
     #[test]

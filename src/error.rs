@@ -9,12 +9,14 @@ pub enum DropError {
     Value(String),
     /// A bad type or dtype (becomes `TypeError`).
     Type(String),
+    /// Memory the call needs could not be allocated (becomes `MemoryError`).
+    Memory(String),
 }
 
 impl fmt::Display for DropError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DropError::Value(m) | DropError::Type(m) => f.write_str(m),
+            DropError::Value(m) | DropError::Type(m) | DropError::Memory(m) => f.write_str(m),
         }
     }
 }

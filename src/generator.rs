@@ -4,7 +4,12 @@
 //! depends only on the size of the mask it draws, so the bits a call sees are a pure function of
 //! (key, offset at the call, logical index), and two calls never share bits, even when several
 //! threads share one generator.
+//!
+//! A stream has 2^64 counter blocks and never wraps: a call whose range would reach the end of
+//! the stream (block 2^64) is refused with the state unchanged, so no two calls of one stream
+//! ever share bits and the offset after any call is a block that was never used.
 
+use crate::error::Result;
 use crate::rng::{self, Key};
 use std::sync::Mutex;
 
@@ -42,12 +47,20 @@ impl GeneratorState {
         self.lock().1
     }
 
-    /// Takes `blocks` counter blocks for one call: the key and the first block.
-    pub fn reserve(&self, blocks: u64) -> (Key, u64) {
+    /// Takes `blocks` counter blocks for one call: the key and the first block. Refused, with
+    /// the state unchanged, when the range would reach the end of the stream: the counters of a
+    /// call never wrap to blocks an earlier call used.
+    pub fn reserve(&self, blocks: u64) -> Result<(Key, u64)> {
         let mut g = self.lock();
         let start = g.1;
-        g.1 = start.wrapping_add(blocks);
-        (g.0, start)
+        // `None` exactly when start + blocks >= 2^64, i.e. the range reaches the stream's end.
+        let Some(end) = start.checked_add(blocks) else {
+            return crate::value_err!(
+                "the generator's stream is exhausted: this call needs {blocks} counter blocks from offset {start}, but a stream ends at 2**64; reseed it (manual_seed), fork a new stream or set_state a smaller offset"
+            );
+        };
+        g.1 = end;
+        Ok((g.0, start))
     }
 }
 
@@ -74,6 +87,18 @@ pub fn blocks_for_normals(n: usize) -> u64 {
     (n as u64).div_ceil(2)
 }
 
+/// Counter blocks of a call that draws `decisions` keep decisions and, `with_noise`, one normal
+/// deviate per decision after them. At most 2^62 + 2^63 for any `usize`, so the sum cannot
+/// overflow.
+pub fn blocks_for_call(decisions: usize, with_noise: bool) -> u64 {
+    let noise = if with_noise {
+        blocks_for_normals(decisions)
+    } else {
+        0
+    };
+    blocks_for_decisions(decisions) + noise
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,11 +106,40 @@ mod tests {
     #[test]
     fn reservations_are_disjoint_and_sized_by_the_mask() {
         let g = GeneratorState::new(1, 0, 10);
-        assert_eq!(g.reserve(blocks_for_decisions(1)).1, 10);
+        assert_eq!(g.reserve(blocks_for_decisions(1)).unwrap().1, 10);
         assert_eq!(g.offset(), 74);
-        assert_eq!(g.reserve(blocks_for_decisions(0)).1, 74);
-        assert_eq!(g.reserve(blocks_for_decisions(257)).1, 74);
+        assert_eq!(g.reserve(blocks_for_decisions(0)).unwrap().1, 74);
+        assert_eq!(g.reserve(blocks_for_decisions(257)).unwrap().1, 74);
         assert_eq!(g.offset(), 202);
+        assert_eq!(blocks_for_call(257, false), 128);
+        assert_eq!(blocks_for_call(257, true), 128 + 129);
+        assert!(blocks_for_call(usize::MAX, true) > blocks_for_call(usize::MAX, false));
+    }
+
+    #[test]
+    fn a_reservation_that_reaches_the_end_of_the_stream_is_refused_untouched() {
+        // Offset 2^64 - 64: 63 blocks end at 2^64 - 1, which is allowed, and leave the offset
+        // there, not at 0; 64 blocks would end at 2^64 and are refused.
+        let near_end = u64::MAX - 63;
+        let g = GeneratorState::new(3, 5, near_end);
+        assert!(g.reserve(64).is_err());
+        assert_eq!(g.state(), (3, 5, near_end));
+        assert_eq!(
+            g.reserve(63).unwrap(),
+            (Key { seed: 3, stream: 5 }, near_end)
+        );
+        assert_eq!(g.state(), (3, 5, u64::MAX));
+        for blocks in [1, 2, 64, u64::MAX] {
+            let err = g.reserve(blocks).unwrap_err();
+            assert!(err.to_string().contains("exhausted"), "{err}");
+            assert_eq!(g.state(), (3, 5, u64::MAX));
+        }
+        // An empty call still works at the end.
+        assert_eq!(g.reserve(0).unwrap().1, u64::MAX);
+        let g = GeneratorState::new(3, 5, 0);
+        assert_eq!(g.reserve(u64::MAX).unwrap().1, 0);
+        assert_eq!(g.offset(), u64::MAX);
+        assert!(g.reserve(1).is_err());
     }
 
     #[test]
@@ -94,7 +148,11 @@ mod tests {
         let starts: Vec<u64> = (0..8)
             .map(|_| {
                 let g = g.clone();
-                std::thread::spawn(move || (0..1000).map(|_| g.reserve(16).1).collect::<Vec<_>>())
+                std::thread::spawn(move || {
+                    (0..1000)
+                        .map(|_| g.reserve(16).unwrap().1)
+                        .collect::<Vec<_>>()
+                })
             })
             .flat_map(|h| h.join().unwrap())
             .collect();

@@ -40,13 +40,12 @@ pub enum Isa {
     Avx2,
 }
 
-/// The best path this CPU runs, or the portable one when `FASTDROP_SIMD` is `portable` or
-/// `scalar` (read once, like the generator's `rng::backend`).
+/// The best path this CPU runs, or the portable one when `FASTDROP_SIMD` is `portable` (or
+/// `scalar`); read once, like the generator's `rng::backend`, from the same setting (`cpu`).
 pub fn isa() -> Isa {
     static CHOSEN: OnceLock<Isa> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
-        let forced = std::env::var("FASTDROP_SIMD").map(|v| v.trim().to_ascii_lowercase());
-        if matches!(forced.as_deref(), Ok("portable" | "scalar")) {
+        if crate::cpu::simd() == crate::cpu::Simd::Portable {
             Isa::Portable
         } else {
             best_isa()

@@ -3,6 +3,8 @@
 //! only `bindings` (behind the `python` feature) knows Python.
 
 pub mod buffer;
+pub mod cpu;
+pub mod env;
 pub mod error;
 pub mod generator;
 pub mod kernel;

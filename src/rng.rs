@@ -17,6 +17,7 @@
 //! Lanes are little-endian `u32`s (lane 0 is the low 32 bits of the 128-bit value), matching
 //! Random123's `ars4x32_R`, whose `_mm_set_epi32(c.v[3], .., c.v[0])` puts `v[0]` lowest.
 
+use crate::cpu::{self, Simd};
 use std::sync::OnceLock;
 
 /// Key of the generator: a 64-bit seed and a 64-bit stream id (for fork/per-rank streams).
@@ -117,32 +118,29 @@ fn best(avail: &[Backend]) -> Backend {
     avail.last().copied().unwrap_or(Backend::Portable)
 }
 
-/// Maps a `FASTDROP_SIMD` value to a backend this CPU can run. Split from `backend()` so the
+/// Maps a `FASTDROP_SIMD` request to a backend this CPU can run. Split from `backend()` so the
 /// policy can be unit-tested without mutating the process environment.
-fn choose_backend(request: Option<&str>, avail: &[Backend]) -> Backend {
-    let wanted = match request.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
-        Some("scalar") | Some("portable") => Some(Backend::Portable),
-        Some("aesni") => Some(Backend::AesNi),
-        Some("vaes") => Some(Backend::Vaes),
-        _ => None,
+fn choose_backend(request: Simd, avail: &[Backend]) -> Backend {
+    let wanted = match request {
+        Simd::Portable => Backend::Portable,
+        Simd::AesNi => Backend::AesNi,
+        Simd::Vaes => Backend::Vaes,
+        Simd::Auto => return best(avail),
     };
-    match wanted {
-        Some(b) if avail.contains(&b) => b,
-        _ => best(avail),
+    if avail.contains(&wanted) {
+        wanted
+    } else {
+        best(avail)
     }
 }
 
 /// The backend in use: detected once at runtime (`std::is_x86_feature_detected!`, cached in a
-/// `OnceLock`), overridable with the environment variable `FASTDROP_SIMD` = `"scalar"` |
-/// `"portable"` | `"aesni"` | `"vaes"` | `"auto"`, so that users can rule out (or benchmark) a
-/// SIMD path without rebuilding. A request for a backend the CPU lacks falls back to the best
-/// available one; unknown values mean `auto`. The variable is read only once per process.
+/// `OnceLock`), overridable with the environment variable `FASTDROP_SIMD` (see `cpu`), so that
+/// users can rule out (or benchmark) a SIMD path without rebuilding. A request for a backend
+/// the CPU lacks falls back to the best available one. The variable is read once per process.
 pub fn backend() -> Backend {
     static CHOSEN: OnceLock<Backend> = OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        let req = std::env::var("FASTDROP_SIMD").ok();
-        choose_backend(req.as_deref(), detected())
-    })
+    *CHOSEN.get_or_init(|| choose_backend(cpu::simd(), detected()))
 }
 
 /// Turns a caller's backend request into one that is safe to run here: the `*_with` functions
@@ -1272,14 +1270,13 @@ mod tests {
         let all = [Backend::Portable, Backend::AesNi, Backend::Vaes];
         let ni = [Backend::Portable, Backend::AesNi];
         let none = [Backend::Portable];
-        assert_eq!(choose_backend(None, &all), Backend::Vaes);
-        assert_eq!(choose_backend(Some("auto"), &ni), Backend::AesNi);
-        assert_eq!(choose_backend(Some("scalar"), &all), Backend::Portable);
-        assert_eq!(choose_backend(Some("PORTABLE"), &all), Backend::Portable);
-        assert_eq!(choose_backend(Some("aesni"), &all), Backend::AesNi);
-        assert_eq!(choose_backend(Some("vaes"), &ni), Backend::AesNi);
-        assert_eq!(choose_backend(Some("vaes"), &none), Backend::Portable);
-        assert_eq!(choose_backend(Some("bogus"), &all), Backend::Vaes);
+        assert_eq!(choose_backend(Simd::Auto, &all), Backend::Vaes);
+        assert_eq!(choose_backend(Simd::Auto, &ni), Backend::AesNi);
+        assert_eq!(choose_backend(Simd::Portable, &all), Backend::Portable);
+        assert_eq!(choose_backend(Simd::AesNi, &all), Backend::AesNi);
+        assert_eq!(choose_backend(Simd::Vaes, &ni), Backend::AesNi);
+        assert_eq!(choose_backend(Simd::Vaes, &none), Backend::Portable);
+        assert_eq!(choose_backend(Simd::AesNi, &none), Backend::Portable);
         assert!(available_backends().contains(&backend()));
         assert_eq!(available_backends()[0], Backend::Portable);
     }

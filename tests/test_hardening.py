@@ -393,7 +393,63 @@ ERRORS = [
         "state must be a (seed, stream, offset) tuple of three non-negative ints as returned by "
         "get_state(), got (1, 2)",
     ),
+    (
+        "g.set_state((1, -1, 0))",
+        lambda: fastdrop.Generator(1).set_state((1, -1, 0)),
+        ValueError,
+        "state's stream must be in [0, 2**64), got -1",
+    ),
+    (
+        "fastdrop.Generator(1, stream=-1)",
+        lambda: fastdrop.Generator(1, stream=-1),
+        ValueError,
+        "stream must be in [0, 2**64), got -1",
+    ),
+    (
+        "fastdrop.Generator(1, stream=2**64)",
+        lambda: fastdrop.Generator(1, stream=2**64),
+        ValueError,
+        "stream must be in [0, 2**64), got 18446744073709551616",
+    ),
+    (
+        'fastdrop.Generator(1, stream="0")',
+        lambda: fastdrop.Generator(1, stream="0"),
+        TypeError,
+        "stream must be an int, got str",
+    ),
+    (
+        "g.fork(-1)",
+        lambda: fastdrop.Generator(1).fork(-1),
+        ValueError,
+        "fork index must be in [0, 2**64), got -1",
+    ),
+    (
+        "g.fork(2**64)",
+        lambda: fastdrop.Generator(1).fork(2**64),
+        ValueError,
+        "fork index must be in [0, 2**64), got 18446744073709551616",
+    ),
+    (
+        "g.manual_seed(-2**63 - 1)",
+        lambda: fastdrop.Generator(1).manual_seed(-(2**63) - 1),
+        ValueError,
+        "seed must be in [-2**63, 2**64), got -9223372036854775809",
+    ),
+    (
+        "fastdrop.dropout(x, 0.5, generator=g)  # g.set_state((1, 0, 2**64 - 64))",
+        lambda: fastdrop.dropout(S, 0.5, generator=_near_the_end()),
+        ValueError,
+        "the generator's stream is exhausted: this call needs 64 counter blocks from offset "
+        "18446744073709551552, but a stream ends at 2**64; reseed it (manual_seed), fork a new "
+        "stream or set_state a smaller offset",
+    ),
 ]
+
+
+def _near_the_end():
+    g = fastdrop.Generator(1)
+    g.set_state((1, 0, 2**64 - 64))
+    return g
 
 
 def _read_only():

@@ -10,6 +10,7 @@ whatever the thread count, memory layout or SIMD path.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 from . import _core, schedules
 from ._core import Generator
@@ -30,6 +31,11 @@ from .functional import (
 )
 
 __version__ = "0.1.0"
+
+# The core reads its environment variables once; an unusable value falls back to the default,
+# and says so here (see the README's "Environment variables").
+for _message in _core._env_warnings():
+    warnings.warn(_message, RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "Generator",
