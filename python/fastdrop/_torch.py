@@ -348,7 +348,10 @@ def _run_on_device(x, spec, inplace, generator, return_mask, residual):
 
 
 def _packed(mask: Mask) -> torch.Tensor:
-    return torch.frombuffer(bytearray(mask._bits.to_bytes()), dtype=torch.uint8)
+    data = mask._bits.to_bytes()
+    if not data:  # an empty input's mask: torch.frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _packed_len(mask_shape) -> int:

@@ -66,6 +66,15 @@ def _check_prob(p: Any, name: str = "dropout probability") -> float:
     if type(p) is float and 0.0 <= p <= 1.0:
         # The common case, without the ABC isinstance below (half a microsecond a call).
         return p
+    if is_torch_tensor(p):
+        # torch's functions and modules take a 0-d tensor as p (and refuse one that needs grad).
+        if p.ndim != 0 or p.requires_grad or p.is_complex():
+            what = "a tensor that requires grad" if p.requires_grad else f"a {p.ndim}-d tensor"
+            raise TypeError(
+                f"{name} must be a real number or a 0-d real tensor that does not require "
+                f"grad, got {what}"
+            )
+        p = p.item()
     if isinstance(p, (str, bytes)) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(p).__name__}")
     p = float(p)
@@ -510,7 +519,7 @@ def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> _Spec:
 
 
 def drop_path(
-    input: Any,
+    x: Any,
     drop_prob: float = 0.0,
     training: bool = False,
     scale_by_keep: bool = True,
@@ -524,14 +533,14 @@ def drop_path(
     by ``1 - drop_prob`` when ``scale_by_keep``. Evaluation mode by default, as in timm."""
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
-    spec = _path_spec(input, drop_prob, scale_by_keep)
+    spec = _path_spec(x, drop_prob, scale_by_keep)
     if not _check_bool(training, "training") or drop_prob == 0.0:
-        return _run(input, None, False, generator, return_mask, out=out, kept_shape=spec.mask_shape)
-    return _run(input, spec, False, generator, return_mask, out=out)
+        return _run(x, None, False, generator, return_mask, out=out, kept_shape=spec.mask_shape)
+    return _run(x, spec, False, generator, return_mask, out=out)
 
 
 def drop_block_2d(
-    input: Any,
+    x: Any,
     drop_prob: float = 0.1,
     block_size: int = 7,
     gamma_scale: float = 1.0,
@@ -567,19 +576,17 @@ def drop_block_2d(
     with_noise = _check_bool(with_noise, "with_noise")
     couple_channels = _check_bool(couple_channels, "couple_channels")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
-    nd = _ndim(input)
+    nd = _ndim(x)
     if nd < 0:
-        raise TypeError(
-            f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
-        )
+        raise TypeError(f"input must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}")
     if nd != 4:
         raise ShapeError(
             f"drop_block_2d: Expected 4D (N, C, H, W) input, but received a {nd}D input"
         )
-    n, c, h, w = (int(s) for s in input.shape)
+    n, c, h, w = (int(s) for s in x.shape)
     if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
         kept = (n, 1 if couple_channels else c, h, w)
-        return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=kept)
+        return _run(x, None, inplace, generator, return_mask, out=out, kept_shape=kept)
     kh, kw = min(block_size, h), min(block_size, w)
     gamma = float(gamma_scale) * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
     if gamma > 1.0:
@@ -602,7 +609,7 @@ def drop_block_2d(
             scale_by_keep=scale_by_keep,
         ),
     )
-    return _run(input, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
+    return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
 
 
 def dropout_add(
