@@ -215,7 +215,7 @@ def test_shape_error_is_a_runtime_error_naming_the_rank():
     with pytest.raises(RuntimeError, match="Expected 2D or 3D input, but received a 4D input"):
         fastdrop.dropout1d(torch.randn(2, 3, 4, 5), 0.5)
     with pytest.raises(ValueError):
-        fastdrop.dropout2d(torch.randn(2, 3, 4, 5, 6), 0.5)
+        fastdrop.dropout2d(torch.randn(2, 3, 4, 5, 6), 0.5, strict_shapes=True)
 
 
 # --- autograd ---------------------------------------------------------------------------------
