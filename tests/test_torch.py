@@ -111,7 +111,7 @@ def test_the_core_reads_versioned_dlpack_capsules(dtype):
 
 
 def test_non_float_tensor_is_a_type_error():
-    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32, float64, complex64 or"):
         fastdrop.dropout(torch.ones(4, dtype=torch.int32), 0.5)
 
 
@@ -499,7 +499,7 @@ def test_the_plain_tensor_call_gives_what_the_general_route_gives(dtype):
     assert leaf.grad is not None
     meta = fastdrop.dropout(torch.empty(4, 5, device="meta"), 0.3)
     assert meta.device.type == "meta" and meta.shape == (4, 5)
-    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64 tensor"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32, float64, complex64 or"):
         fastdrop.dropout(torch.ones(3, dtype=torch.int32), 0.3)
 
 

@@ -36,7 +36,9 @@ class Mask:
     @property
     def shape(self) -> tuple[int, ...]:
         """The mask's broadcastable shape."""
-        return tuple(self._bits.shape)
+        # A complex tensor's mask is drawn over its (..., 2) float pairs with a trailing 1, which
+        # is not part of the shape it broadcasts to over the complex elements.
+        return tuple(self._bits.shape)[: len(self._input_shape)]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -86,7 +88,10 @@ class Mask:
 
             return _torch.mask_backward(self, grad_output)
         out = _core.empty_like(grad_output)
-        _core.mask_apply(self._bits, grad_output, out, self._scale)
+        if len(self._bits.shape) > len(shape):  # drawn for a complex tensor's float pairs
+            _core.mask_apply(self._bits, grad_output[..., None], out[..., None], self._scale)
+        else:
+            _core.mask_apply(self._bits, grad_output, out, self._scale)
         return out
 
     def __repr__(self) -> str:

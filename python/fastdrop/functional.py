@@ -247,7 +247,16 @@ def _ndim(x: Any) -> int:
     shape but is not an input), so the caller raises a TypeError rather than a ShapeError."""
     if isinstance(x, np.generic) or not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")):
         return -1
+    if is_torch_tensor(x):
+        _torch_module()._check_kind(x)  # a nested tensor has no shape to read
     return len(x.shape) if hasattr(x, "shape") else -1
+
+
+def _shape(x: Any) -> tuple:
+    """The shape of an input (of anything else: (), and `_run` raises its TypeError)."""
+    if is_torch_tensor(x):
+        _torch_module()._check_kind(x)
+    return getattr(x, "shape", ())
 
 
 _SPECS: dict = {}
@@ -331,13 +340,17 @@ def dropout(
             return result
         if type(input) is _TENSOR and generator is None:
             # The same for a torch tensor (once fastdrop's torch side is loaded).
-            return _TORCH.dropout_plain(input, p)
+            try:
+                return _TORCH.dropout_plain(input, p)
+            except RuntimeError:
+                _TORCH._check_kind(input)  # a sparse or nested tensor: a TypeError that says so
+                raise
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask, out=out)
     return _run(
         input,
-        _scale_spec(getattr(input, "shape", ()), p),
+        _scale_spec(_shape(input), p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
@@ -374,7 +387,7 @@ def alpha_dropout(
         return _run(input, None, inplace, generator, return_mask, out=out)
     return _run(
         input,
-        _alpha_spec(getattr(input, "shape", ()), p),
+        _alpha_spec(_shape(input), p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
@@ -711,7 +724,7 @@ def dropout_add(
         return _run(input, None, False, generator, return_mask, residual, out=out)
     return _run(
         input,
-        _scale_spec(getattr(input, "shape", ()), p),
+        _scale_spec(_shape(input), p),
         False,
         generator,
         return_mask,
