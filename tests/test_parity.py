@@ -649,3 +649,15 @@ def test_in_place_on_allowed_views_still_works_with_grads():
     want = torch.ones(4, 6)
     want[1:] = torch.where(keep, torch.tensor(2.0), torch.tensor(0.0))
     assert torch.equal(x.grad, want)
+
+
+def test_complex_tensors_off_the_cpu_take_torchs_route_with_real_noise():
+    # No GPU in CI: the meta device runs the same torch-ops route as CUDA, shapes and dtypes.
+    x = torch.empty(2, 3, 4, 4, dtype=torch.complex64, device="meta")
+    for call in (
+        lambda t: fastdrop.alpha_dropout(t, 0.5, True),
+        lambda t: fastdrop.dropout2d(t, 0.5),
+        lambda t: fastdrop.dropout(t, 0.5, generator=fastdrop.Generator(1)),
+    ):
+        y = call(x)
+        assert y.dtype == x.dtype and y.device == x.device and y.shape == x.shape

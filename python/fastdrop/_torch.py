@@ -407,7 +407,7 @@ def _check_inplace(x: torch.Tensor) -> None:
         if meta != _CreationMeta.DEFAULT:
             raise RuntimeError(_view_rebase_error(x, meta))
         base = x._base
-        if base.is_leaf:
+        if base is not None and base.is_leaf:
             raise RuntimeError(
                 "a view of a leaf Variable that requires grad is being used in an in-place "
                 "operation."
@@ -504,7 +504,9 @@ def _bernoulli_on_device(x, spec, inplace, generator):
         and args[0] != 1.0
     ):
         return F.dropout(x, 1.0 - spec.keep, True, inplace)
-    noise = torch.empty(spec.mask_shape, dtype=x.dtype, device=x.device)
+    # Real noise for a complex input, as ATen's (bernoulli_ has no complex kernel).
+    noise_dtype = x.real.dtype if x.is_complex() else x.dtype
+    noise = torch.empty(spec.mask_shape, dtype=noise_dtype, device=x.device)
     noise.bernoulli_(spec.keep, generator=generator)
     if kind == "scale":
         if args[0] != 1.0 and spec.keep > 0.0:
@@ -719,13 +721,15 @@ def run(
         return _run_on_device(x, spec, inplace, generator, return_mask, residual)
     if torch.compiler.is_compiling():
         return _run_compiled(x, spec, inplace, generator, return_mask, residual)
+    if x.layout is not torch.strided or x.is_nested:
+        _check_kind(x)
+    if residual is not None:
+        _check_kind(residual, "residual")
     if type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
         if _is_python_subclass(x) or (residual is not None and _is_python_subclass(residual)):
             # A tensor subclass that overrides torch's ops (a wrapper with no storage of its own,
             # say) gets them: torch's answer, computed by the subclass.
             return _run_on_device(x, spec, inplace, generator, return_mask, residual)
-    if residual is not None:
-        _check_kind(residual, "residual")
     if spec is None:
         out = x if residual is None else x + residual
         if return_mask:

@@ -247,16 +247,22 @@ def _ndim(x: Any) -> int:
     shape but is not an input), so the caller raises a TypeError rather than a ShapeError."""
     if isinstance(x, np.generic) or not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")):
         return -1
-    if is_torch_tensor(x):
-        _torch_module()._check_kind(x)  # a nested tensor has no shape to read
-    return len(x.shape) if hasattr(x, "shape") else -1
+    try:
+        return len(x.shape) if hasattr(x, "shape") else -1
+    except RuntimeError:
+        if is_torch_tensor(x):
+            _torch_module()._check_kind(x)  # a nested tensor has no shape: a TypeError saying so
+        raise
 
 
 def _shape(x: Any) -> tuple:
     """The shape of an input (of anything else: (), and `_run` raises its TypeError)."""
-    if is_torch_tensor(x):
-        _torch_module()._check_kind(x)
-    return getattr(x, "shape", ())
+    try:
+        return getattr(x, "shape", ())
+    except RuntimeError:
+        if is_torch_tensor(x):
+            _torch_module()._check_kind(x)  # a nested tensor has no shape: a TypeError saying so
+        raise
 
 
 _SPECS: dict = {}
@@ -301,7 +307,8 @@ def dropout(
     one 0. ``p == 0`` or ``training=False`` returns ``input`` itself; ``p == 1`` gives zeros.
 
     Args:
-        input: a float16/float32/float64 NumPy array (any shape and strides) or torch tensor.
+        input: a float16/float32/float64 NumPy array (any shape and strides) or torch tensor
+            (also bfloat16, complex64 and complex128: one decision per complex element).
         p: probability of an element being zeroed, in [0, 1].
         training: apply dropout if True, else return ``input``.
         inplace: write into ``input`` and return it.
