@@ -87,6 +87,7 @@ def test_modules_take_p_as_a_0d_tensor(cls):
     torch.manual_seed(0)
     b = cls(0.25).train()(x)
     assert torch.equal(a, b)
+    assert "0.25" in repr(m)
 
 
 # --- torch.compile on empty tensors -------------------------------------------------------------
@@ -408,6 +409,15 @@ def test_a_tensor_with_a_bit_gives_what_its_resolved_values_give(kind, call):
     assert torch.equal(call(v, g.fork(0)), call(resolved, g.fork(0)))
 
 
+@pytest.mark.parametrize("kind", ["neg view", "conj().imag"])
+def test_the_plain_call_reads_a_view_with_a_bit_by_value(kind):
+    v = _bit_views()[kind]
+    torch.manual_seed(5)
+    a = fastdrop.dropout(v, 0.5)  # the fast path for default arguments
+    torch.manual_seed(5)
+    assert torch.equal(a, fastdrop.dropout(v.resolve_neg(), 0.5))
+
+
 @pytest.mark.parametrize("kind", list(_bit_views()))
 def test_a_residual_and_a_grad_with_a_bit_are_read_by_value(kind):
     v = _bit_views()[kind]
@@ -661,3 +671,13 @@ def test_complex_tensors_off_the_cpu_take_torchs_route_with_real_noise():
     ):
         y = call(x)
         assert y.dtype == x.dtype and y.device == x.device and y.shape == x.shape
+
+
+def test_a_compiled_call_on_a_complex_tensor_matches_eager():
+    torch._dynamo.reset()
+    c = _crandn(4, 6)
+    f = torch.compile(lambda t: fastdrop.dropout(t, 0.5), backend="aot_eager", fullgraph=True)
+    torch.manual_seed(0)
+    y = f(c)
+    torch.manual_seed(0)
+    assert torch.equal(y, fastdrop.dropout(c, 0.5))

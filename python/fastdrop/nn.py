@@ -156,7 +156,7 @@ class DropPath(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+        return f"drop_prob={round(float(self.drop_prob), 3):0.3f}"
 
 
 class DropBlock2d(nn.Module):
