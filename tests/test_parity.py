@@ -681,3 +681,14 @@ def test_a_compiled_call_on_a_complex_tensor_matches_eager():
     y = f(c)
     torch.manual_seed(0)
     assert torch.equal(y, fastdrop.dropout(c, 0.5))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+def test_a_refused_jagged_tensor_leaves_no_symbolic_shape_in_the_spec_cache():
+    jagged = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)], layout=torch.jagged)
+    for call in (lambda t: fastdrop.dropout(t, 0.5), lambda t: fastdrop.dropout2d(t, 0.5)):
+        with pytest.raises(TypeError, match="nested tensor"):
+            call(jagged)
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: fastdrop.dropout(t, 0.5), backend="aot_eager", fullgraph=True)
+    assert f(torch.randn(4, 6)).shape == (4, 6)

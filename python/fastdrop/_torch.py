@@ -177,7 +177,13 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
 
 def _forward(x, residual, spec, gen, inplace, want_mask):
     """Runs `spec` on CPU tensors; returns (out, mask or None)."""
-    if _unusual(x) or (residual is not None and _unusual(residual)):
+    # `_unusual(x)`, inlined: this runs on every CPU call (three checks, about 0.25 us).
+    if (
+        x.is_complex()
+        or x.is_neg()
+        or x._is_zerotensor()
+        or (residual is not None and _unusual(residual))
+    ):
         return _forward_unusual(x, residual, spec, gen, inplace, want_mask)
     a = _host(x)
     if inplace:

@@ -247,6 +247,7 @@ def _ndim(x: Any) -> int:
     shape but is not an input), so the caller raises a TypeError rather than a ShapeError."""
     if isinstance(x, np.generic) or not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")):
         return -1
+    _check_subclass_kind(x)
     try:
         return len(x.shape) if hasattr(x, "shape") else -1
     except RuntimeError:
@@ -255,8 +256,16 @@ def _ndim(x: Any) -> int:
         raise
 
 
+def _check_subclass_kind(x: Any) -> None:
+    """A jagged nested tensor (a tensor subclass) has a symbolic shape, which must not reach the
+    spec cache: refuse it (and other subclasses fastdrop cannot read) before its shape is read."""
+    if type(x) is not np.ndarray and type(x) is not _TENSOR and is_torch_tensor(x):
+        _torch_module()._check_kind(x)
+
+
 def _shape(x: Any) -> tuple:
     """The shape of an input (of anything else: (), and `_run` raises its TypeError)."""
+    _check_subclass_kind(x)
     try:
         return getattr(x, "shape", ())
     except RuntimeError:
