@@ -146,7 +146,7 @@ def test_the_most_dimensions_numpy_has_are_supported():
     y = fastdrop.feature_alpha_dropout(x, 0.5, True)
     assert y.shape == x.shape
     with pytest.raises(ShapeError, match="received a 64D input"):
-        fastdrop.dropout2d(x, 0.5)
+        fastdrop.dropout2d(x, 0.5, strict_shapes=True)
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -279,16 +279,16 @@ ERRORS = [
         "optional batch dimension (i.e. 2D or 3D inputs).",
     ),
     (
-        "fastdrop.dropout2d(np.ones((2, 3)))",
-        lambda: fastdrop.dropout2d(S),
+        "fastdrop.dropout2d(np.ones((2, 3)), strict_shapes=True)",
+        lambda: fastdrop.dropout2d(S, strict_shapes=True),
         ShapeError,
         "dropout2d: Expected 3D or 4D input, but received a 2D input. dropout2d exists to provide "
         "channel-wise dropout on inputs with 2 spatial dimensions, a channel dimension, and an "
         "optional batch dimension (i.e. 3D or 4D inputs).",
     ),
     (
-        "fastdrop.dropout3d(np.ones((2, 3)))",
-        lambda: fastdrop.dropout3d(S),
+        "fastdrop.dropout3d(np.ones((2, 3)), strict_shapes=True)",
+        lambda: fastdrop.dropout3d(S, strict_shapes=True),
         ShapeError,
         "dropout3d: Expected 4D or 5D input, but received a 2D input. dropout3d exists to provide "
         "channel-wise dropout on inputs with 3 spatial dimensions, a channel dimension, and an "

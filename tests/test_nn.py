@@ -97,9 +97,9 @@ def test_timm_module_reprs_and_drop_block_kwargs():
         fnn.DropBlock2d(0.1, 5, bogus=1)
 
 
-def test_dropout2d_rejects_deprecated_shapes_torch_only_warns_on():
+def test_dropout2d_with_strict_shapes_rejects_deprecated_shapes_torch_only_warns_on():
     with pytest.raises(RuntimeError, match="received a 5D input"):
-        fnn.Dropout2d(0.5)(torch.randn(2, 3, 4, 5, 6))
+        fnn.Dropout2d(0.5, strict_shapes=True)(torch.randn(2, 3, 4, 5, 6))
 
 
 def test_training_a_small_model_reduces_loss():

@@ -167,6 +167,11 @@ CHANNEL = [
 ]
 
 
+def strict(f) -> dict:
+    """The documented reading of shapes (torch's deprecated one is tested in test_parity)."""
+    return {} if f is fastdrop.dropout1d else {"strict_shapes": True}
+
+
 def channel_mask_shape(f, shape):
     unbatched = {fastdrop.dropout1d: 2, fastdrop.dropout2d: 3, fastdrop.dropout3d: 4}[f]
     lead = 1 if len(shape) == unbatched else 2
@@ -178,7 +183,7 @@ def channel_mask_shape(f, shape):
 @pytest.mark.parametrize("p", [0.25, 0.5])
 def test_channel_dropout_values_and_mask_shape(f, shape, dtype, p):
     x = positive(shape, dtype)
-    y, mask = f(x, p, generator=Generator(6), return_mask=True)
+    y, mask = f(x, p, generator=Generator(6), return_mask=True, **strict(f))
     assert y.shape == shape and y.dtype == dtype
     assert mask.shape == channel_mask_shape(f, shape)
     keep = broadcast_mask(mask, shape)
@@ -218,7 +223,7 @@ def test_channel_dropout_wrong_dims_is_a_shape_error(f, bad, training):
     }[f]
     for shape in bad:
         with pytest.raises(ShapeError) as e:
-            f(np.ones(shape, np.float32), 0.5, training=training)
+            f(np.ones(shape, np.float32), 0.5, training=training, **strict(f))
         assert isinstance(e.value, ValueError) and isinstance(e.value, RuntimeError)
         msg = str(e.value)
         assert f"received a {len(shape)}D input" in msg and allowed in msg, msg
@@ -772,7 +777,7 @@ def test_drop_path_and_drop_block_argument_errors():
             "at least 2 dimensions",
         ),
         (
-            lambda: fastdrop.feature_alpha_dropout(np.ones(()), 0.5, False),
+            lambda: fastdrop.feature_alpha_dropout(np.ones(()), 0.5, True),
             ShapeError,
             "received a 0D input",
         ),

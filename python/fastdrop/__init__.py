@@ -29,6 +29,7 @@ from .functional import (
     dropout_add,
     feature_alpha_dropout,
 )
+from .schedules import calculate_drop_path_rates
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "Mask",
     "ShapeError",
     "alpha_dropout",
+    "calculate_drop_path_rates",
     "default_generator",
     "drop_block_2d",
     "drop_path",

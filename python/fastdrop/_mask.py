@@ -103,7 +103,9 @@ class Mask:
     @property
     def shape(self) -> tuple[int, ...]:
         """The mask's broadcastable shape."""
-        return self._shape
+        # A complex tensor's mask is drawn over its (..., 2) float pairs with a trailing 1, which
+        # is not part of the shape it broadcasts to over the complex elements.
+        return self._shape[: len(self._input_shape)]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -154,7 +156,10 @@ class Mask:
 
             return _torch.mask_backward(self, grad_output)
         out = _core.empty_like(grad_output)
-        self._apply(grad_output, out)
+        if len(self._shape) > len(shape):  # drawn for a complex tensor's float pairs
+            self._apply(grad_output[..., None], out[..., None])
+        else:
+            self._apply(grad_output, out)
         return out
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ imports torch. Three paths, chosen per call:
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any, List, Optional, Tuple
 
@@ -28,7 +29,9 @@ from . import _core
 from ._mask import Mask
 from .functional import _apply, _scale_spec, _Spec
 
+#: What the kernels read directly; a complex tensor is read as its float pairs (view_as_real).
 _HOST_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 # --- keys and views ---------------------------------------------------------------------------
 
@@ -94,10 +97,47 @@ def _host(t: torch.Tensor):
 
 
 def _check_host_dtype(t: torch.Tensor, name: str = "input") -> None:
-    if t.dtype not in _HOST_DTYPES:
+    if t.dtype not in _HOST_DTYPES and t.dtype not in _COMPLEX_DTYPES:
         raise TypeError(
-            f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
+            f"{name} must be a float16, bfloat16, float32, float64, complex64 or complex128 "
+            f"tensor, got {t.dtype}"
         )
+
+
+def _check_kind(t: torch.Tensor, name: str = "input") -> None:
+    """A TypeError for a tensor whose elements are not one strided block of memory (sparse,
+    nested, MKL-DNN): the kernels could not read it, and torch's dropout family mostly refuses
+    it too."""
+    if t.is_nested:
+        raise TypeError(
+            f"{name} is a nested tensor; fastdrop takes dense (strided) tensors: apply it to "
+            "each component, or to the nested tensor's values()"
+        )
+    if t.layout is not torch.strided:
+        raise TypeError(
+            f"{name} has layout {t.layout}; fastdrop takes dense (strided) tensors: convert it "
+            "with .to_dense()"
+        )
+
+
+def _materialized(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s values in memory the kernels can read: a tensor with the negative or conjugate bit
+    resolved (its storage holds the other sign), a ZeroTensor (no storage at all) as zeros."""
+    t = t.detach()
+    if t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype)
+    return t.resolve_conj().resolve_neg()
+
+
+def _unusual(t: torch.Tensor) -> bool:
+    """Whether `t`'s storage is not simply its values: complex, or a neg/conj bit, or none."""
+    return t.is_complex() or t.is_neg() or t._is_zerotensor()
+
+
+_ZERO_TENSOR_IMMUTABLE = (
+    "ZeroTensors are immutable. Please use the materialized zero tensor obtained using .clone() "
+    "if you want a mutable tensor."
+)
 
 
 # --- the CPU path -----------------------------------------------------------------------------
@@ -142,6 +182,14 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
 
 def _forward(x, residual, spec, gen, inplace, want_mask):
     """Runs `spec` on CPU tensors; returns (out, mask or None)."""
+    # `_unusual(x)`, inlined: this runs on every CPU call (three checks, about 0.25 us).
+    if (
+        x.is_complex()
+        or x.is_neg()
+        or x._is_zerotensor()
+        or (residual is not None and _unusual(residual))
+    ):
+        return _forward_unusual(x, residual, spec, gen, inplace, want_mask)
     a = _host(x)
     if inplace:
         out, o = x, a
@@ -171,6 +219,79 @@ class _FactorMask:
         self.factor = factor
 
 
+def _forward_unusual(x, residual, spec, gen, inplace, want_mask):
+    """`_forward` for complex tensors and tensors whose storage is not their values."""
+    if inplace and x._is_zerotensor():
+        raise RuntimeError(_ZERO_TENSOR_IMMUTABLE)
+    if inplace and (x.is_neg() or x.is_conj()):
+        # As torch's in-place ops do: the result of the values the view shows, written back
+        # through the view (which stores it with the bit applied).
+        out, mask = _forward_unusual(_materialized(x), residual, spec, gen, False, want_mask)
+        with torch.no_grad():
+            x.copy_(out)
+        return x, mask
+    if x.is_neg() or x.is_conj() or x._is_zerotensor():
+        x = _materialized(x)
+    if residual is not None and (
+        residual.is_neg() or residual.is_conj() or residual._is_zerotensor()
+    ):
+        residual = _materialized(residual)
+    if not x.is_complex():
+        return _forward(x, residual, spec, gen, inplace, want_mask)
+    return _forward_complex(x, residual, spec, gen, inplace, want_mask)
+
+
+def _forward_complex(x, residual, spec, gen, inplace, want_mask):
+    """A complex tensor as its (..., 2) float pairs, in place, with one decision per complex
+    element, as torch's dropout family computes it: a real noise tensor times the complex input,
+    so both parts are scaled by the same factor, and alpha dropout's shift (a real number) is
+    added to the real part only."""
+    if spec.block is not None:
+        raise TypeError(
+            f"drop_block_2d takes real tensors, got {x.dtype} (timm's DropBlock has no complex "
+            "form)"
+        )
+    out = x if inplace else _empty_like(x)
+    xr, outr = torch.view_as_real(x.detach()), torch.view_as_real(out.detach())
+    shape = tuple(x.shape)
+    kind, *args = spec.application
+    if kind == "scale":
+        # The mask gets a trailing 1, so one decision covers both parts of a pair.
+        pairs = _Spec(tuple(spec.mask_shape) + (1,), spec.application, spec.keep, spec.grad_scale)
+        r = None if residual is None else _to_dlpack(torch.view_as_real(residual.detach()))
+        mask = _apply(_to_dlpack(xr), _to_dlpack(outr), r, pairs, gen, want_mask, shape)
+        return out, mask
+    # Alpha dropout (never fused with a residual): the affine map on the real parts, whose mask
+    # then scales the imaginary parts by `a` (kept) or zeroes them (dropped).
+    bits = _core.bernoulli_apply(
+        _to_dlpack(xr[..., 0]),
+        _to_dlpack(outr[..., 0]),
+        None,
+        spec.mask_shape,
+        spec.application,
+        spec.keep,
+        gen,
+        True,
+    )
+    _core.mask_apply(bits, _to_dlpack(xr[..., 1]), _to_dlpack(outr[..., 1]), args[0])
+    return out, Mask(bits, spec.grad_scale, shape) if want_mask else None
+
+
+def _mask_operands(bits_rank: int, grad: torch.Tensor, out: torch.Tensor):
+    """(grad, out) pairs of float views for `_core.mask_apply` with a mask of `bits_rank`
+    dimensions: a complex tensor as its (..., 2) pairs, for a mask drawn for a real input (one
+    dimension fewer) as its real and imaginary parts; a real tensor with a trailing 1 for a mask
+    drawn for a complex input (which has one)."""
+    if grad.is_complex():
+        g, o = torch.view_as_real(grad), torch.view_as_real(out)
+        if bits_rank == g.dim():
+            return [(g, o)]
+        return [(g[..., 0], o[..., 0]), (g[..., 1], o[..., 1])]
+    if bits_rank == grad.dim() + 1:
+        return [(grad.unsqueeze(-1), out.unsqueeze(-1))]
+    return [(grad, out)]
+
+
 def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]]):
     """`grad * mask * scale` into a tensor with `strides` (the forward output's) or grad's.
     `grad` has the mask's input shape: autograd guarantees it, `Mask.backward` checks it."""
@@ -182,11 +303,18 @@ def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]
             keep, grad * mask.scale, torch.zeros((), dtype=grad.dtype, device=grad.device)
         )
     _check_host_dtype(grad, "grad_output")
+    unusual = _unusual(grad)
+    if unusual:
+        grad = _materialized(grad)
     if strides is None or strides == grad.stride():
         out = _empty_like(grad)  # large dense gradients reuse freed buffers, as forwards do
     else:
         out = torch.empty_strided(grad.shape, strides, dtype=grad.dtype)
-    mask._apply(_host(grad), _to_dlpack(out))
+    if not unusual and len(mask._shape) == grad.dim():
+        mask._apply(_host(grad), _to_dlpack(out))
+        return out
+    for g, o in _mask_operands(len(mask._shape), grad.detach(), out):
+        mask._apply(_to_dlpack(g), _to_dlpack(o))
     return out
 
 
@@ -467,18 +595,88 @@ def mask_backward(mask: Mask, grad: torch.Tensor) -> torch.Tensor:
     return _masked(mask, grad, None)
 
 
+_CreationMeta = torch._C._autograd.CreationMeta
+#: The endings of torch's error for in-place on a view autograd cannot rebase (torch's
+#: handle_view_on_rebase, word for word), by how the view was made.
+_VIEW_REBASE_REASONS = {
+    _CreationMeta.MULTI_OUTPUT_NODE: (
+        " This view is the output of a function that returns multiple views. Such functions do "
+        "not allow the output views to be modified inplace. You should replace the inplace "
+        "operation by an out-of-place one."
+    ),
+    _CreationMeta.NO_GRAD_MODE: (
+        " Given that this use case is ambiguous and error-prone, it is forbidden. You can clarify "
+        "your code by moving both the view and the inplace either both inside the no_grad block "
+        "(if you don't want the inplace to be tracked) or both outside (if you want the inplace "
+        "to be tracked)."
+    ),
+    _CreationMeta.INFERENCE_MODE: (
+        " Given that this use case is ambiguous and error-prone, it is forbidden. You can clarify "
+        "your code by moving both the view and the inplace either both inside the inference_mode "
+        "block (if you don't want the inplace to be tracked) or both outside (if you want the "
+        "inplace to be tracked)."
+    ),
+    _CreationMeta.IN_CUSTOM_FUNCTION: (
+        " This view was created inside a custom Function (or because an input was returned "
+        "as-is) and the autograd logic to handle view+inplace would override the custom backward "
+        "associated with the custom Function, leading to incorrect gradients. This behavior is "
+        "forbidden. You can fix this by cloning the output of the custom Function."
+    ),
+}
+_BACKWARD_SUFFIX = re.compile(r"Backward\d*$")
+
+
+def _view_rebase_error(x: torch.Tensor, meta: Any) -> str:
+    """torch's message for an in-place write to a view made as `meta` says."""
+    grad_fn = x.grad_fn
+    name = None if grad_fn is None else _BACKWARD_SUFFIX.sub("", grad_fn.name())
+    if meta in (_CreationMeta.INFERENCE_MODE, _CreationMeta.NO_GRAD_MODE) or grad_fn is None:
+        prefix = (
+            "A view was created in"
+            if grad_fn is None
+            else f"Output {x.output_nr} of {name} is a view of a view which was created in"
+        )
+        if meta == _CreationMeta.INFERENCE_MODE:
+            head = f"{prefix} inference mode and is being modified inplace in normal mode."
+        else:
+            head = f"{prefix} no_grad mode and is being modified inplace with grad mode enabled."
+    else:
+        head = f"Output {x.output_nr} of {name} is a view and is being modified inplace."
+    return head + _VIEW_REBASE_REASONS[meta]
+
+
 def _check_inplace(x: torch.Tensor) -> None:
-    """torch's own errors for in-place on a leaf that requires grad (or a view of one), raised
-    here because autograd would raise them only after the kernel has written."""
+    """torch's own errors for in-place on a tensor that requires grad (with grad mode on), in
+    torch's order (its check_inplace): a view autograd cannot rebase (an output of unbind,
+    split or chunk, of a custom Function, or made in no_grad or inference mode), a view of a
+    leaf, a leaf. Raised here because autograd would raise them only after the kernel wrote."""
+    if x._is_view():
+        meta = torch._C._autograd._get_creation_meta(x)
+        if meta != _CreationMeta.DEFAULT:
+            raise RuntimeError(_view_rebase_error(x, meta))
+        base = x._base
+        if base is not None and base.is_leaf:
+            raise RuntimeError(
+                "a view of a leaf Variable that requires grad is being used in an in-place "
+                "operation."
+            )
     if x.is_leaf:
         raise RuntimeError(
             "a leaf Variable that requires grad is being used in an in-place operation."
         )
-    base = x._base
-    if base is not None and base.is_leaf and base.requires_grad:
+
+
+def _check_writable(x: torch.Tensor) -> None:
+    """torch's errors for writing in place into a tensor that no mode allows writing: an
+    inference tensor outside inference mode, a ZeroTensor (which has no storage)."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(
-            "a view of a leaf Variable that requires grad is being used in an in-place operation."
+            "Inplace update to inference tensor outside InferenceMode is not allowed.You can make "
+            "a clone to get a normal tensor before doing inplace update.See "
+            "https://github.com/pytorch/rfcs/pull/17 for more details."
         )
+    if x._is_zerotensor():
+        raise RuntimeError(_ZERO_TENSOR_IMMUTABLE)
 
 
 def dropout_plain(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -579,7 +777,9 @@ def _bernoulli_on_device(x, spec, inplace, generator):
         and args[0] != 1.0
     ):
         return F.dropout(x, 1.0 - spec.keep, True, inplace)
-    noise = torch.empty(spec.mask_shape, dtype=x.dtype, device=x.device)
+    # Real noise for a complex input, as ATen's (bernoulli_ has no complex kernel).
+    noise_dtype = x.real.dtype if x.is_complex() else x.dtype
+    noise = torch.empty(spec.mask_shape, dtype=noise_dtype, device=x.device)
     noise.bernoulli_(spec.keep, generator=generator)
     if kind == "scale":
         if args[0] != 1.0 and spec.keep > 0.0:
@@ -615,7 +815,10 @@ def _run_on_device(x, spec, inplace, generator, return_mask, residual):
 
 
 def _packed(mask: Mask) -> torch.Tensor:
-    return torch.frombuffer(bytearray(mask._words().to_bytes()), dtype=torch.uint8)
+    data = mask._words().to_bytes()
+    if not data:  # an empty input's mask: torch.frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _packed_len(mask_shape) -> int:
@@ -791,9 +994,25 @@ def run(
         return _run_on_device(x, spec, inplace, generator, return_mask, residual)
     if torch.compiler.is_compiling():
         return _run_compiled(x, spec, inplace, generator, return_mask, residual)
+    if x.layout is not torch.strided or x.is_nested:
+        _check_kind(x)
+    if residual is not None:
+        _check_kind(residual, "residual")
+    if type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
+        if _is_python_subclass(x) or (residual is not None and _is_python_subclass(residual)):
+            # A tensor subclass that overrides torch's ops (a wrapper with no storage of its own,
+            # say) gets them: torch's answer, computed by the subclass.
+            return _run_on_device(x, spec, inplace, generator, return_mask, residual)
     if spec is None:
         out = x if residual is None else x + residual
         if return_mask:
             return out, Mask._full(tuple(x.shape), kept_shape or tuple(x.shape), True, 1.0)
         return out
+    if inplace:
+        _check_writable(x)
     return _run_host(x, spec, inplace, generator, return_mask, residual)
+
+
+def _is_python_subclass(t: torch.Tensor) -> bool:
+    """Whether `t` is a tensor subclass with its own `__torch_dispatch__` (a wrapper tensor)."""
+    return torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -66,6 +67,15 @@ def _check_prob(p: Any, name: str = "dropout probability") -> float:
     if type(p) is float and 0.0 <= p <= 1.0:
         # The common case, without the ABC isinstance below (half a microsecond a call).
         return p
+    if is_torch_tensor(p):
+        # torch's functions and modules take a 0-d tensor as p (and refuse one that needs grad).
+        if p.ndim != 0 or p.requires_grad or p.is_complex():
+            what = "a tensor that requires grad" if p.requires_grad else f"a {p.ndim}-d tensor"
+            raise TypeError(
+                f"{name} must be a real number or a 0-d real tensor that does not require "
+                f"grad, got {what}"
+            )
+        p = p.item()
     if isinstance(p, (str, bytes)) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(p).__name__}")
     p = float(p)
@@ -245,7 +255,31 @@ def _ndim(x: Any) -> int:
     shape but is not an input), so the caller raises a TypeError rather than a ShapeError."""
     if isinstance(x, np.generic) or not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")):
         return -1
-    return len(x.shape) if hasattr(x, "shape") else -1
+    _check_subclass_kind(x)
+    try:
+        return len(x.shape) if hasattr(x, "shape") else -1
+    except RuntimeError:
+        if is_torch_tensor(x):
+            _torch_module()._check_kind(x)  # a nested tensor has no shape: a TypeError saying so
+        raise
+
+
+def _check_subclass_kind(x: Any) -> None:
+    """A jagged nested tensor (a tensor subclass) has a symbolic shape, which must not reach the
+    spec cache: refuse it (and other subclasses fastdrop cannot read) before its shape is read."""
+    if type(x) is not np.ndarray and type(x) is not _TENSOR and is_torch_tensor(x):
+        _torch_module()._check_kind(x)
+
+
+def _shape(x: Any) -> tuple:
+    """The shape of an input (of anything else: (), and `_run` raises its TypeError)."""
+    _check_subclass_kind(x)
+    try:
+        return getattr(x, "shape", ())
+    except RuntimeError:
+        if is_torch_tensor(x):
+            _torch_module()._check_kind(x)  # a nested tensor has no shape: a TypeError saying so
+        raise
 
 
 _SPECS: dict = {}
@@ -290,7 +324,8 @@ def dropout(
     one 0. ``p == 0`` or ``training=False`` returns ``input`` itself; ``p == 1`` gives zeros.
 
     Args:
-        input: a float16/float32/float64 NumPy array (any shape and strides) or torch tensor.
+        input: a float16/float32/float64 NumPy array (any shape and strides) or torch tensor
+            (also bfloat16, complex64 and complex128: one decision per complex element).
         p: probability of an element being zeroed, in [0, 1].
         training: apply dropout if True, else return ``input``.
         inplace: write into ``input`` and return it.
@@ -329,13 +364,17 @@ def dropout(
             return result
         if type(input) is _TENSOR and generator is None:
             # The same for a torch tensor (once fastdrop's torch side is loaded).
-            return _TORCH.dropout_plain(input, p)
+            try:
+                return _TORCH.dropout_plain(input, p)
+            except RuntimeError:
+                _TORCH._check_kind(input)  # a sparse or nested tensor: a TypeError that says so
+                raise
     p = _check_prob(p)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(input, None, inplace, generator, return_mask, out=out)
     return _run(
         input,
-        _scale_spec(getattr(input, "shape", ()), p),
+        _scale_spec(_shape(input), p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
@@ -372,7 +411,7 @@ def alpha_dropout(
         return _run(input, None, inplace, generator, return_mask, out=out)
     return _run(
         input,
-        _alpha_spec(getattr(input, "shape", ()), p),
+        _alpha_spec(_shape(input), p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
@@ -380,14 +419,19 @@ def alpha_dropout(
     )
 
 
-def _channel_mask_shape(name: str, spatial: int, input: Any) -> tuple[int, ...]:
-    """The (N, C, 1, ...) mask shape of channel dropout over `spatial` dimensions, or (C, 1, ...)
-    for an unbatched input; any other rank is a ShapeError in torch's words."""
+def _rank(input: Any) -> int:
     nd = _ndim(input)
     if nd < 0:
         raise TypeError(
             f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
         )
+    return nd
+
+
+def _strict_channel_mask_shape(name: str, spatial: int, nd: int, shape: tuple) -> tuple[int, ...]:
+    """The (N, C, 1, ...) mask shape of channel dropout over `spatial` dimensions, or (C, 1, ...)
+    for an unbatched input, for the ranks torch documents; any other rank is a ShapeError in
+    torch's words."""
     if nd not in (spatial + 1, spatial + 2):
         dims = "dimension" if spatial == 1 else "dimensions"
         ranks = f"{spatial + 1}D or {spatial + 2}D"
@@ -396,25 +440,87 @@ def _channel_mask_shape(name: str, spatial: int, input: Any) -> tuple[int, ...]:
             f"provide channel-wise dropout on inputs with {spatial} spatial {dims}, a channel "
             f"dimension, and an optional batch dimension (i.e. {ranks} inputs)."
         )
-    shape = tuple(input.shape)
     if nd == spatial + 1:
         return (shape[0],) + (1,) * (nd - 1)
     return (shape[0], shape[1]) + (1,) * (nd - 2)
 
 
-def _channel(spatial: int, input, p, training, inplace, generator, return_mask, out):
-    """dropout1d/2d/3d: one decision per (sample, channel) over `spatial` dimensions."""
-    p = _check_prob(p)
-    mask_shape = _channel_mask_shape(f"dropout{spatial}d", spatial, input)
-    if not _check_bool(training, "training") or p == 0.0:
+#: torch's warnings, word for word (torch.nn.functional.dropout2d / dropout3d).
+_DEPRECATED_RANK = (
+    "{name}: Received a {nd}-D input to {name}, which is deprecated and will result in an error "
+    "in a future release. To retain the behavior and silence this warning, please use dropout "
+    "instead. Note that {name} exists to provide channel-wise dropout on inputs with {spatial} "
+    "spatial dimensions, a channel dimension, and an optional batch dimension (i.e. {lo}D or "
+    "{hi}D inputs)."
+)
+_DROPOUT2D_3D_AS_1D = (
+    "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout "
+    "behavior is desired - input is interpreted as shape (N, C, L), where C is the channel dim. "
+    "This behavior will change in a future release to interpret the input as one without a batch "
+    "dimension, i.e. shape (C, H, W). To maintain the 1D channel-wise dropout behavior, please "
+    "switch to using dropout1d instead."
+)
+
+
+def _torch_channel_mask_shape(name: str, spatial: int, nd: int, shape: tuple):
+    """The mask shape torch's dropout2d/dropout3d read today, with torch's warnings: dropout2d
+    reads every rank as batched (N, C, ...), a 3-D input as (N, C, L); dropout3d reads every rank
+    but 5 as unbatched (C, ...). None where that reading has no channel dimension (torch then
+    returns the input untouched, zeros for p = 1, and raises otherwise)."""
+    lo, hi = spatial + 1, spatial + 2
+    if nd not in (lo, hi):
+        msg = _DEPRECATED_RANK.format(name=name, nd=nd, spatial=spatial, lo=lo, hi=hi)
+        warnings.warn(msg, UserWarning, stacklevel=4)
+    if spatial == 2 and nd == 3:
+        warnings.warn(_DROPOUT2D_3D_AS_1D, UserWarning, stacklevel=4)
+    batched = spatial == 2 or nd == hi
+    if nd < (2 if batched else 1):
+        return None
+    if batched:
+        return (shape[0], shape[1]) + (1,) * (nd - 2)
+    return (shape[0],) + (1,) * (nd - 1)
+
+
+def _feature(
+    name, input, nd, mask_shape, spec_for, p, training, inplace, generator, return_mask, out
+):
+    """Runs a feature (channel) variant with `mask_shape`, or, where the input has no channel
+    dimension (`mask_shape` None), does what torch's feature dropout does: returns the input when
+    nothing would be dropped (training off, p = 0, no elements), zeros for p = 1, and raises
+    otherwise."""
+    training = _check_bool(training, "training")
+    if mask_shape is None:
+        shape = tuple(input.shape)
+        if training and p != 0.0 and p != 1.0 and math.prod(shape) != 0:
+            raise ShapeError(
+                f"{name}: Feature dropout requires at least 2 dimensions in the input, but "
+                f"received a {nd}D input"
+            )
+        mask_shape = shape
+    if not training or p == 0.0:
         return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
     return _run(
         input,
-        _scale_spec(mask_shape, p),
+        spec_for(mask_shape, p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
         out=out,
+    )
+
+
+def _channel(spatial: int, input, p, training, inplace, generator, return_mask, out, strict):
+    """dropout1d/2d/3d: one decision per (sample, channel) over `spatial` dimensions."""
+    p = _check_prob(p)
+    name = f"dropout{spatial}d"
+    nd = _rank(input)
+    shape = tuple(input.shape)
+    if strict or spatial == 1:  # torch's dropout1d takes only the ranks it documents
+        mask_shape = _strict_channel_mask_shape(name, spatial, nd, shape)
+    else:
+        mask_shape = _torch_channel_mask_shape(name, spatial, nd, shape)
+    return _feature(
+        name, input, nd, mask_shape, _scale_spec, p, training, inplace, generator, return_mask, out
     )
 
 
@@ -429,8 +535,9 @@ def dropout1d(
     out: Any = None,
 ):
     """Zeroes whole channels of an (N, C, L) or unbatched (C, L) input with probability ``p``
-    and scales the rest by ``1 / (1 - p)``. The mask has shape (N, C, 1): N*C bits."""
-    return _channel(1, input, p, training, inplace, generator, return_mask, out)
+    and scales the rest by ``1 / (1 - p)``. The mask has shape (N, C, 1): N*C bits. Any other
+    rank is a ``ShapeError`` (a ValueError and a RuntimeError), as in torch."""
+    return _channel(1, input, p, training, inplace, generator, return_mask, out, True)
 
 
 def dropout2d(
@@ -442,14 +549,22 @@ def dropout2d(
     generator: Any = None,
     return_mask: bool = False,
     out: Any = None,
+    strict_shapes: bool = False,
 ):
-    """Zeroes whole channels of an (N, C, H, W) or unbatched (C, H, W) input with probability
-    ``p`` and scales the rest by ``1 / (1 - p)``.
+    """Zeroes whole channels of an (N, C, H, W) input with probability ``p`` and scales the rest
+    by ``1 / (1 - p)``: one decision per (sample, channel), mask shape (N, C, 1, 1).
 
-    A 3-D input is unbatched (C, H, W), the meaning torch documents, not the deprecated
-    (N, C, L) fallback; any other rank is a ``ShapeError`` (a ValueError and a RuntimeError).
+    Shapes are read as torch reads them today, with torch's warnings: a 3-D input is (N, C, L)
+    (a ``UserWarning``), and any other rank is (N, C, ...) with a ``UserWarning`` that it is
+    deprecated (a 0-D or 1-D input, which has no channel, is returned untouched when nothing
+    would be dropped, zeroed for ``p == 1``, and otherwise a ``ShapeError``).
+
+    ``strict_shapes=True`` takes the reading torch documents and announces instead: a 3-D input
+    is unbatched (C, H, W), and any rank but 3 or 4 is a ``ShapeError`` (a ValueError and a
+    RuntimeError); no warnings.
     """
-    return _channel(2, input, p, training, inplace, generator, return_mask, out)
+    strict = _check_bool(strict_shapes, "strict_shapes")
+    return _channel(2, input, p, training, inplace, generator, return_mask, out, strict)
 
 
 def dropout3d(
@@ -461,10 +576,19 @@ def dropout3d(
     generator: Any = None,
     return_mask: bool = False,
     out: Any = None,
+    strict_shapes: bool = False,
 ):
     """Zeroes whole channels of an (N, C, D, H, W) or unbatched (C, D, H, W) input with
-    probability ``p`` and scales the rest by ``1 / (1 - p)``."""
-    return _channel(3, input, p, training, inplace, generator, return_mask, out)
+    probability ``p`` and scales the rest by ``1 / (1 - p)``.
+
+    As torch today, any rank but 5 is read as unbatched (C, ...), with a deprecation
+    ``UserWarning`` for ranks other than 4 (a 0-D input, which has no channel, is returned
+    untouched when nothing would be dropped, zeroed for ``p == 1``, and otherwise a
+    ``ShapeError``). ``strict_shapes=True`` makes any rank but 4 or 5 a ``ShapeError``, with no
+    warnings.
+    """
+    strict = _check_bool(strict_shapes, "strict_shapes")
+    return _channel(3, input, p, training, inplace, generator, return_mask, out, strict)
 
 
 def feature_alpha_dropout(
@@ -478,29 +602,25 @@ def feature_alpha_dropout(
     out: Any = None,
 ):
     """Alpha dropout with one decision per (sample, channel): mask shape (N, C, 1, ..., 1).
-    Needs at least 2 dimensions. Evaluation mode by default, as in torch."""
+    Evaluation mode by default, as in torch. As in torch, a 0-D or 1-D input (no channel) is
+    returned untouched when nothing would be dropped (``training=False``, ``p == 0``, no
+    elements), zeroed for ``p == 1``, and otherwise a ``ShapeError``."""
     p = _check_prob(p)
-    nd = _ndim(input)
-    if 0 <= nd < 2:
-        raise ShapeError(
-            f"feature_alpha_dropout: Feature dropout requires at least 2 dimensions in the "
-            f"input, but received a {nd}D input"
-        )
-    if nd < 0:
-        raise TypeError(
-            f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
-        )
+    nd = _rank(input)
     shape = tuple(input.shape)
-    mask_shape = (shape[0], shape[1]) + (1,) * (nd - 2)
-    if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
-    return _run(
+    mask_shape = (shape[0], shape[1]) + (1,) * (nd - 2) if nd >= 2 else None
+    return _feature(
+        "feature_alpha_dropout",
         input,
-        _alpha_spec((shape[0], shape[1]) + (1,) * (nd - 2), p),
-        _check_bool(inplace, "inplace"),
+        nd,
+        mask_shape,
+        _alpha_spec,
+        p,
+        training,
+        inplace,
         generator,
         return_mask,
-        out=out,
+        out,
     )
 
 
@@ -518,7 +638,7 @@ def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> _Spec:
 
 
 def drop_path(
-    input: Any,
+    x: Any,
     drop_prob: float = 0.0,
     training: bool = False,
     scale_by_keep: bool = True,
@@ -532,14 +652,14 @@ def drop_path(
     by ``1 - drop_prob`` when ``scale_by_keep``. Evaluation mode by default, as in timm."""
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
-    spec = _path_spec(input, drop_prob, scale_by_keep)
+    spec = _path_spec(x, drop_prob, scale_by_keep)
     if not _check_bool(training, "training") or drop_prob == 0.0:
-        return _run(input, None, False, generator, return_mask, out=out, kept_shape=spec.mask_shape)
-    return _run(input, spec, False, generator, return_mask, out=out)
+        return _run(x, None, False, generator, return_mask, out=out, kept_shape=spec.mask_shape)
+    return _run(x, spec, False, generator, return_mask, out=out)
 
 
 def drop_block_2d(
-    input: Any,
+    x: Any,
     drop_prob: float = 0.1,
     block_size: int = 7,
     gamma_scale: float = 1.0,
@@ -575,19 +695,17 @@ def drop_block_2d(
     with_noise = _check_bool(with_noise, "with_noise")
     couple_channels = _check_bool(couple_channels, "couple_channels")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
-    nd = _ndim(input)
+    nd = _ndim(x)
     if nd < 0:
-        raise TypeError(
-            f"input must be a numpy.ndarray or a torch.Tensor, got {type(input).__name__}"
-        )
+        raise TypeError(f"input must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}")
     if nd != 4:
         raise ShapeError(
             f"drop_block_2d: Expected 4D (N, C, H, W) input, but received a {nd}D input"
         )
-    n, c, h, w = (int(s) for s in input.shape)
+    n, c, h, w = (int(s) for s in x.shape)
     if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
         kept = (n, 1 if couple_channels else c, h, w)
-        return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=kept)
+        return _run(x, None, inplace, generator, return_mask, out=out, kept_shape=kept)
     kh, kw = min(block_size, h), min(block_size, w)
     gamma = float(gamma_scale) * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
     if gamma > 1.0:
@@ -610,7 +728,7 @@ def drop_block_2d(
             scale_by_keep=scale_by_keep,
         ),
     )
-    return _run(input, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
+    return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
 
 
 def dropout_add(
@@ -630,7 +748,7 @@ def dropout_add(
         return _run(input, None, False, generator, return_mask, residual, out=out)
     return _run(
         input,
-        _scale_spec(getattr(input, "shape", ()), p),
+        _scale_spec(_shape(input), p),
         False,
         generator,
         return_mask,

@@ -60,26 +60,58 @@ class Dropout1d(nn.Dropout1d):
 
 
 class Dropout2d(nn.Dropout2d):
-    """`torch.nn.Dropout2d`, computed by `fastdrop.dropout2d`: a 3-D input is unbatched
-    (C, H, W), and other ranks raise, where torch still warns and guesses."""
+    """`torch.nn.Dropout2d`, computed by `fastdrop.dropout2d`: shapes are read as torch reads
+    them (a 3-D input as (N, C, L), with torch's warning). ``strict_shapes=True`` reads a 3-D
+    input as unbatched (C, H, W) and refuses other ranks but 4 (see `fastdrop.dropout2d`)."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, generator: Any = None):
+    def __init__(
+        self,
+        p: float = 0.5,
+        inplace: bool = False,
+        *,
+        generator: Any = None,
+        strict_shapes: bool = False,
+    ):
         super().__init__(p, inplace)
         self.generator = generator
+        self.strict_shapes = strict_shapes
 
     def forward(self, input):
-        return F.dropout2d(input, self.p, self.training, self.inplace, generator=self.generator)
+        return F.dropout2d(
+            input,
+            self.p,
+            self.training,
+            self.inplace,
+            generator=self.generator,
+            strict_shapes=self.strict_shapes,
+        )
 
 
 class Dropout3d(nn.Dropout3d):
-    """`torch.nn.Dropout3d`, computed by `fastdrop.dropout3d`."""
+    """`torch.nn.Dropout3d`, computed by `fastdrop.dropout3d`: shapes are read as torch reads
+    them; ``strict_shapes=True`` refuses ranks other than 4 and 5."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, generator: Any = None):
+    def __init__(
+        self,
+        p: float = 0.5,
+        inplace: bool = False,
+        *,
+        generator: Any = None,
+        strict_shapes: bool = False,
+    ):
         super().__init__(p, inplace)
         self.generator = generator
+        self.strict_shapes = strict_shapes
 
     def forward(self, input):
-        return F.dropout3d(input, self.p, self.training, self.inplace, generator=self.generator)
+        return F.dropout3d(
+            input,
+            self.p,
+            self.training,
+            self.inplace,
+            generator=self.generator,
+            strict_shapes=self.strict_shapes,
+        )
 
 
 class AlphaDropout(nn.AlphaDropout):
@@ -124,7 +156,7 @@ class DropPath(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+        return f"drop_prob={round(float(self.drop_prob), 3):0.3f}"
 
 
 class DropBlock2d(nn.Module):
