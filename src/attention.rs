@@ -148,9 +148,48 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
-#[inline(always)]
+#[cfg(test)]
 fn bit(words: &[u64], i: usize) -> bool {
     (words[i >> 6] >> (i & 63)) & 1 == 1
+}
+
+/// The 64 keep bits from bit `pos` on (zeros past the end of `words`).
+#[inline(always)]
+fn bits_at(words: &[u64], pos: usize) -> u64 {
+    let (i, sh) = (pos >> 6, pos & 63);
+    let lo = words.get(i).map_or(0, |w| w >> sh);
+    if sh == 0 {
+        lo
+    } else {
+        lo | words.get(i + 1).map_or(0, |w| w << (64 - sh))
+    }
+}
+
+/// `a > b ? a : b`, which ignores a NaN `b` and compiles to one vector max.
+#[inline(always)]
+fn larger<F: SoftmaxFloat>(a: F, b: F) -> F {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+/// `f` folded over `v` in `LANES` interleaved lanes, then across the lanes: a fixed order of
+/// operations (the same result on every path) that vectorises.
+#[inline(always)]
+fn lane_fold<F: SoftmaxFloat>(v: &[F], init: F, f: impl Fn(F, F) -> F) -> F {
+    let mut lanes = [init; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = f(*l, x);
+        }
+    }
+    for (l, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *l = f(*l, x);
+    }
+    lanes.iter().fold(init, |a, &b| f(a, b))
 }
 
 /// Softmax and dropout of one row: `x` holds the row's logits and receives `P`; `d` receives
@@ -171,48 +210,38 @@ fn forward_row<T: Element>(
 {
     let zero = T::from_op(T::Op::ZERO);
     let buf = &mut buf[..visible];
-    for (b, &v) in buf.iter_mut().zip(&x[..visible]) {
-        *b = v.to_op() * logit_scale;
+    // Element-wise maps and 8-lane reductions in separate loops: each vectorises on its own.
+    for (o, &v) in buf.iter_mut().zip(&x[..visible]) {
+        *o = v.to_op() * logit_scale;
     }
-    let mut lanes = [T::Op::NEG_INF; LANES];
-    let mut chunks = buf.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = l.max(v);
-        }
-    }
-    for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
-        *l = l.max(v);
-    }
-    let m = lanes.iter().fold(T::Op::NEG_INF, |a, &b| a.max(b));
+    let m = lane_fold(buf, T::Op::NEG_INF, larger);
     if m == T::Op::NEG_INF {
         // Every key masked (or none visible): zero weights, as torch's `_safe_softmax`.
         x.fill(zero);
         d.fill(zero);
         return;
     }
-    let mut sums = [T::Op::ZERO; LANES];
-    let mut chunks = buf.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
-            *v = (*v - m).exp();
-            *s = *s + *v;
-        }
-    }
-    for (s, v) in sums.iter_mut().zip(chunks.into_remainder()) {
+    for v in buf.iter_mut() {
         *v = (*v - m).exp();
-        *s = *s + *v;
     }
-    let sum = sums.iter().fold(T::Op::ZERO, |a, &b| a + b);
+    let sum = lane_fold(buf, T::Op::ZERO, |a, b| a + b);
     let inv = T::Op::ONE / sum;
-    for (j, (&e, (xo, dout))) in buf.iter().zip(x.iter_mut().zip(d.iter_mut())).enumerate() {
-        let p = T::from_op(e * inv);
-        *xo = p;
-        *dout = if bit(bits, bit0 + j) {
-            T::from_op(p.to_op() * keep_scale)
-        } else {
-            zero
-        };
+    for (j0, ((bb, xb), db)) in buf
+        .chunks(64)
+        .zip(x.chunks_mut(64))
+        .zip(d.chunks_mut(64))
+        .enumerate()
+    {
+        let word = bits_at(bits, bit0 + 64 * j0);
+        for (jj, ((&e, xo), dout)) in bb.iter().zip(xb.iter_mut()).zip(db.iter_mut()).enumerate() {
+            let p = T::from_op(e * inv);
+            *xo = p;
+            *dout = if (word >> jj) & 1 == 1 {
+                T::from_op(p.to_op() * keep_scale)
+            } else {
+                zero
+            };
+        }
     }
     x[visible..].fill(zero);
     d[visible..].fill(zero);
@@ -349,43 +378,69 @@ fn backward_row<T: Element>(
     keep_scale: T::Op,
     bits: &[u64],
     bit0: usize,
-    buf: &mut [T::Op],
+    bufs: (&mut [T::Op], &mut [T::Op]),
 ) where
     T::Op: SoftmaxFloat,
 {
     let zero = T::from_op(T::Op::ZERO);
-    let mut dots = [T::Op::ZERO; LANES];
-    for (j, (b, &gv)) in buf.iter_mut().zip(g.iter()).enumerate() {
-        *b = if bit(bits, bit0 + j) {
-            gv.to_op() * keep_scale
-        } else {
-            T::Op::ZERO
-        };
-    }
-    let mut chunks = buf.chunks_exact(LANES).zip(p.chunks_exact(LANES));
-    for (bc, pc) in &mut chunks {
-        for ((s, &b), &pv) in dots.iter_mut().zip(bc).zip(pc) {
-            *s = *s + b * pv.to_op();
-        }
-    }
-    let tail = buf.len() - buf.len() % LANES;
-    for ((s, &b), &pv) in dots.iter_mut().zip(&buf[tail..]).zip(&p[tail..]) {
-        *s = *s + b * pv.to_op();
-    }
-    let dot = dots.iter().fold(T::Op::ZERO, |a, &b| a + b);
-    for (j, ((&b, &pv), (gv, dv))) in buf
-        .iter()
-        .zip(p)
-        .zip(g.iter_mut().zip(d.iter_mut()))
+    let (dp, pf) = bufs;
+    for (j0, (((dpb, pfb), gb), pb)) in dp
+        .chunks_mut(64)
+        .zip(pf.chunks_mut(64))
+        .zip(g.chunks(64))
+        .zip(p.chunks(64))
         .enumerate()
     {
-        let pv = pv.to_op();
-        *gv = T::from_op(pv * (b - dot));
-        *dv = if bit(bits, bit0 + j) {
-            T::from_op(pv * keep_scale)
-        } else {
-            zero
-        };
+        let word = bits_at(bits, bit0 + 64 * j0);
+        for (jj, (((o, q), &gv), &pv)) in dpb
+            .iter_mut()
+            .zip(pfb.iter_mut())
+            .zip(gb)
+            .zip(pb)
+            .enumerate()
+        {
+            *o = if (word >> jj) & 1 == 1 {
+                gv.to_op() * keep_scale
+            } else {
+                T::Op::ZERO
+            };
+            *q = pv.to_op();
+        }
+    }
+    let mut lanes = [T::Op::ZERO; LANES];
+    let mut chunks = dp.chunks_exact(LANES).zip(pf.chunks_exact(LANES));
+    for (a, b) in &mut chunks {
+        for ((l, &x), &y) in lanes.iter_mut().zip(a).zip(b) {
+            *l = *l + x * y;
+        }
+    }
+    let tail = dp.len() - dp.len() % LANES;
+    for ((l, &x), &y) in lanes.iter_mut().zip(&dp[tail..]).zip(&pf[tail..]) {
+        *l = *l + x * y;
+    }
+    let dot = lanes.iter().fold(T::Op::ZERO, |a, &b| a + b);
+    for (j0, (((dpb, pfb), gb), db)) in dp
+        .chunks(64)
+        .zip(pf.chunks(64))
+        .zip(g.chunks_mut(64))
+        .zip(d.chunks_mut(64))
+        .enumerate()
+    {
+        let word = bits_at(bits, bit0 + 64 * j0);
+        for (jj, (((&x, &pv), gv), dv)) in dpb
+            .iter()
+            .zip(pfb)
+            .zip(gb.iter_mut())
+            .zip(db.iter_mut())
+            .enumerate()
+        {
+            *gv = T::from_op(pv * (x - dot));
+            *dv = if (word >> jj) & 1 == 1 {
+                T::from_op(pv * keep_scale)
+            } else {
+                zero
+            };
+        }
     }
 }
 
@@ -402,14 +457,16 @@ fn backward_item<T: Element>(
     T::Op: SoftmaxFloat,
 {
     let ks = T::Op::from_f64(keep_scale);
-    let mut buf = vec![T::Op::ZERO; lk];
+    let mut dp = vec![T::Op::ZERO; lk];
+    let mut pf = vec![T::Op::ZERO; lk];
     for (i, ((pr, gr), dr)) in p
         .chunks(lk)
         .zip(g.chunks_mut(lk))
         .zip(d.chunks_mut(lk))
         .enumerate()
     {
-        backward_row(pr, gr, dr, ks, words, (first_row + i) * lk, &mut buf);
+        let bit0 = (first_row + i) * lk;
+        backward_row(pr, gr, dr, ks, words, bit0, (&mut dp, &mut pf));
     }
 }
 
