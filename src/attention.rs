@@ -580,9 +580,9 @@ mod tests {
                 continue;
             }
             let sum: f64 = row[..vis].iter().map(|v| (v * scale - m).exp()).sum();
-            for j in 0..vis {
+            for (j, v) in row[..vis].iter().enumerate() {
                 let e = r * rows.lk + j;
-                p[e] = (row[j] * scale - m).exp() / sum;
+                p[e] = (v * scale - m).exp() / sum;
                 d[e] = if bit(words, e) { p[e] * ks } else { 0.0 };
             }
         }
