@@ -122,12 +122,23 @@ def _dl(t: torch.Tensor):
     return _to_dlpack(t.detach() if t.requires_grad else t)
 
 
+def _scratch(shape, dtype) -> torch.Tensor:
+    """A new contiguous tensor for the weights' size: large ones on fastdrop's recycled buffers
+    (see `fastdrop.empty_cache`), which spare the page faults of fresh memory."""
+    from ._torch import _NUMPY_DTYPES
+
+    buf = _core.cached_empty(tuple(shape), _NUMPY_DTYPES[dtype])
+    if buf is None:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(buf).view(dtype)
+
+
 def _logits(q, k, attn_mask, scale) -> Tuple[torch.Tensor, float]:
     """`Q K^T` (a fresh contiguous tensor) and the scale the kernel still has to apply: with a
     mask the scale goes in first, so that the mask adds to (or fills) the scaled logits."""
-    s = torch.matmul(q, k.transpose(-2, -1))
-    if not s.is_contiguous():
-        s = s.contiguous()
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    s = _scratch((*batch, q.shape[-2], k.shape[-2]), q.dtype)
+    torch.matmul(q, k.transpose(-2, -1), out=s)
     if attn_mask is None:
         return s, scale
     s.mul_(scale)
@@ -141,7 +152,7 @@ def _logits(q, k, attn_mask, scale) -> Tuple[torch.Tensor, float]:
 def _forward(q, k, v, attn_mask, scale, causal, keep, gen):
     """(output, softmax P, mask bits) for CPU tensors."""
     s, logit_scale = _logits(q, k, attn_mask, scale)
-    dropped = torch.empty_like(s)
+    dropped = _scratch(s.shape, s.dtype)
     bits = _core.softmax_dropout_forward(_dl(s), _dl(dropped), logit_scale, causal, keep, gen)
     return torch.matmul(dropped, v), s, bits
 
@@ -194,12 +205,9 @@ class _AttentionFunction(torch.autograd.Function):
             return _differentiable_backward(ctx, q, k, v, attn_mask, dout)
         probs = ctx.probs
         dout = dout.contiguous() if dout.dtype == probs.dtype else dout.to(probs.dtype)
-        ds = torch.matmul(dout, v.transpose(-2, -1))
-        if ds.shape != probs.shape:
-            ds = ds.expand(probs.shape)
-        if not ds.is_contiguous():
-            ds = ds.contiguous()
-        dropped = torch.empty_like(probs)
+        ds = _scratch(probs.shape, probs.dtype)
+        torch.matmul(dout, v.transpose(-2, -1), out=ds)
+        dropped = _scratch(probs.shape, probs.dtype)
         _core.softmax_dropout_backward(
             _dl(probs), _dl(ds), _dl(dropped), ctx.bits, _keep_scale(keep)
         )
@@ -417,6 +425,9 @@ _scope = _Scope()
 
 
 def _enter(module, args):
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: the graph keeps torch's own attention (see the README).
+        return
     scope = _scope
     if scope.depth == 0:
         scope.mode = _AttentionMode()
@@ -425,6 +436,8 @@ def _enter(module, args):
 
 
 def _leave(module, args, output):
+    if torch.compiler.is_compiling():
+        return
     scope = _scope
     scope.depth -= 1
     if scope.depth == 0 and scope.mode is not None:
@@ -446,12 +459,14 @@ def _is_attention(module) -> bool:
 def convert_attention(model: torch.nn.Module) -> Dict[str, str]:
     """Routes the attention dropout of `model`'s own module instances through fastdrop (see the
     comment above): installs the two hooks on every module of `model` that lacks them, and
-    returns {qualified name: class} of the attention modules found. Idempotent."""
+    returns {qualified name: class} of the attention modules among those. Idempotent: a second
+    call finds nothing left to convert."""
     found: Dict[str, str] = {}
     for name, module in model.named_modules():
-        if _enter not in module._forward_pre_hooks.values():
-            module.register_forward_pre_hook(_enter)
-            module.register_forward_hook(_leave, always_call=True)
+        if _enter in module._forward_pre_hooks.values():
+            continue
+        module.register_forward_pre_hook(_enter)
+        module.register_forward_hook(_leave, always_call=True)
         if _is_attention(module):
             cls = type(module)
             found[name] = f"{cls.__module__}.{cls.__qualname__} (attention dropout)"
@@ -536,6 +551,88 @@ def benchmark(
     return [_bench_one(name, bhld, dropout_p, rounds, dtype) for name, bhld in shapes]
 
 
+def _without_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Takes `convert_attention`'s hooks off `model` (for benchmarks: replace_dropout's modules
+    alone, as before attention was converted)."""
+    for module in model.modules():
+        for hooks, fn in ((module._forward_pre_hooks, _enter), (module._forward_hooks, _leave)):
+            for key in [k for k, h in hooks.items() if h is fn]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+    return model
+
+
+def _training_models(batch: int):
+    """(name, builder, input) of the end-to-end training steps the issue measures."""
+
+    def encoder():
+        layer = torch.nn.TransformerEncoderLayer(256, 8, 1024, dropout=0.1, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+
+    def vit_tiny():
+        import timm
+
+        return timm.create_model(
+            "vit_tiny_patch16_224",
+            drop_rate=0.1,
+            proj_drop_rate=0.1,
+            attn_drop_rate=0.1,
+            drop_path_rate=0.1,
+        )
+
+    return [
+        ("transformer_encoder", encoder, (batch, 128, 256)),
+        ("vit_tiny", vit_tiny, (batch, 3, 224, 224)),
+    ]
+
+
+def benchmark_training(batch: int = 16, rounds: int = 7) -> List[Dict[str, Any]]:
+    """One SGD training step (forward, backward, update) of each model with torch's dropout,
+    with `replace_dropout`'s modules but torch's attention dropout (the state before attention
+    was converted), and fully converted; the three alternate step by step, the order rotating
+    every round; medians of `rounds` rounds after one warm-up. Returns seconds per step."""
+    import time
+
+    from .nn import replace_dropout
+
+    results = []
+    for name, build, shape in _training_models(batch):
+        torch.manual_seed(0)
+        base = build()
+        variants = {"torch": base}
+        modules_only = build()
+        modules_only.load_state_dict(base.state_dict())
+        variants["fastdrop modules"] = _without_attention(_converted(modules_only, replace_dropout))
+        full = build()
+        full.load_state_dict(base.state_dict())
+        variants["fastdrop + attention"] = _converted(full, replace_dropout)
+        x = torch.randn(shape)
+        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in variants.items()}
+        times: Dict[str, List[float]] = {k: [] for k in variants}
+        labels = list(variants)
+        for r in range(rounds + 1):
+            for label in labels[r % 3 :] + labels[: r % 3]:
+                model, opt = variants[label], opts[label]
+                model.train()
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                model(x).float().square().mean().backward()
+                opt.step()
+                if r:
+                    times[label].append(time.perf_counter() - t0)
+        row: Dict[str, Any] = {"model": name, "batch": batch}
+        row.update({k: sorted(v)[len(v) // 2] for k, v in times.items()})
+        results.append(row)
+    return results
+
+
+def _converted(model, replace):
+    replace(model)
+    return model
+
+
 if __name__ == "__main__":  # pragma: no cover
     for row in benchmark():
+        print(row)
+    for row in benchmark_training():
         print(row)
