@@ -237,6 +237,17 @@ def test_gradcheck(kwargs):
     assert torch.autograd.gradgradcheck(f, (q, k, v))
 
 
+def test_gradgradcheck_self_attention():
+    """q, k and v one tensor: each position's share of the gradient, first and second order."""
+    x = qkv(b=1, h=2, lq=4, lk=4, e=3, dtype=torch.float64)[0].requires_grad_()
+    f = _fixed(0.25, is_causal=True)
+    (plain,) = torch.autograd.grad(f(x, x, x).sum(), x)
+    (graphed,) = torch.autograd.grad(f(x, x, x).sum(), x, create_graph=True)
+    torch.testing.assert_close(graphed, plain)
+    assert torch.autograd.gradcheck(lambda t: f(t, t, t), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: f(t, t, t), (x,))
+
+
 def test_gradcheck_float_mask_and_bool_mask():
     q, k, v = (t.requires_grad_() for t in qkv(b=1, h=2, lq=4, lk=5, e=3, dtype=torch.float64))
     bias = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)

@@ -229,8 +229,13 @@ def _differentiable_backward(ctx, q, k, v, attn_mask, dout):
     the gradients are themselves differentiable (double backward)."""
     scale, causal, keep = ctx.call
     keep_mask = torch.from_numpy(Mask(ctx.bits, 1.0, tuple(ctx.probs.shape)).numpy())
-    inputs = [t for t, need in zip((q, k, v, attn_mask), ctx.needs_input_grad) if need]
     with torch.enable_grad():
+        # One alias per argument: q, k and v may be one tensor (self-attention), and each
+        # position needs its own share of the gradient, not the total.
+        q, k, v = (t.view_as(t) for t in (q, k, v))
+        if attn_mask is not None and attn_mask.requires_grad:
+            attn_mask = attn_mask.view_as(attn_mask)
+        inputs = [t for t, need in zip((q, k, v, attn_mask), ctx.needs_input_grad) if need]
         out = _reference(q, k, v, attn_mask, scale, causal, keep_mask, _keep_scale(keep))
         grads = iter(torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True))
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:4]) + (None,)
