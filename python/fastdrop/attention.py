@@ -99,8 +99,11 @@ def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
             )
 
 
-def _weights_shape(query, key, attn_mask) -> Tuple[int, ...]:
-    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+def _weights_shape(query, key, attn_mask, enable_gqa) -> Tuple[int, ...]:
+    key_batch = tuple(key.shape[:-2])
+    if enable_gqa and query.dim() >= 3:
+        key_batch = (*key_batch[:-1], query.shape[-3])
+    batch = torch.broadcast_shapes(query.shape[:-2], key_batch)
     shape = (*batch, query.shape[-2], key.shape[-2])
     if attn_mask is not None:
         try:
@@ -249,9 +252,6 @@ def _expand_gqa(query, key, value):
     return key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
 
 
-_local = threading.local()
-
-
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -303,7 +303,7 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask, p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
     _check_host(query, key, value, attn_mask, is_causal, enable_gqa)
-    shape = _weights_shape(query, key, attn_mask)
+    shape = _weights_shape(query, key, attn_mask, enable_gqa)
     if p == 0.0:
         out = _torch_sdpa(
             query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa
