@@ -403,6 +403,26 @@ def test_converted_encoder_runs_no_torch_dropout_and_an_unconverted_one_does():
     converted.load_state_dict(plain.state_dict())
     plain.eval(), converted.eval()
     torch.testing.assert_close(converted(x), plain(x))
+    # In eval the converted model keeps torch's fast inference path (no mode in the way).
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        converted(x)
+    assert "aten::_native_multi_head_attention" in {e.name for e in prof.events()}
+
+
+def test_converted_decoder_layer_runs_no_torch_dropout():
+    from fastdrop.nn import replace_dropout
+
+    torch.manual_seed(0)
+    decoder = torch.nn.TransformerDecoderLayer(32, 4, 64, dropout=0.2, batch_first=True)
+    replaced = replace_dropout(decoder)
+    assert {"self_attn", "multihead_attn"} <= set(replaced)
+    tgt, memory = torch.randn(2, 6, 32), torch.randn(2, 9, 32)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(6)
+
+    def step():
+        decoder(tgt, memory, tgt_mask=mask, tgt_is_causal=True).sum().backward()
+
+    assert torch_dropout_ops(step) == set()
 
 
 def test_converted_vit_runs_no_torch_dropout():

@@ -340,15 +340,15 @@ def scaled_dot_product_attention(
 # passes `dropout_p` to `F.scaled_dot_product_attention` (or, returning its weights, calls
 # `F.dropout` on them), timm's `Attention` and Hugging Face models call
 # `F.scaled_dot_product_attention` themselves. So a converted model's modules carry two hooks
-# that, while the outermost of them runs its forward on this thread, keep a torch function mode
-# (`_AttentionMode`) on torch's mode stack. The mode sees every torch function the forward calls
-# and reroutes the dropout family to fastdrop: `F.scaled_dot_product_attention` with a dropout
-# on CPU tensors, `F.dropout` and its variants, and `F.multi_head_attention_forward` (run as a
-# copy of torch's own function whose `dropout` and `scaled_dot_product_attention` are
-# fastdrop's, since torch runs a mode's handler with the mode switched off). Everything else
-# goes to torch untouched. Nothing global changes: another instance of the same class, not
-# converted, runs torch's ops; the hooks are plain functions (the model still pickles, copies
-# and loads its state_dict as before), and the post-hook runs even when forward raises.
+# that, while the outermost of them runs a training forward on this thread, keep a torch function
+# mode (`_AttentionMode`) on torch's mode stack. The mode sees every torch function the forward
+# calls and reroutes the dropout family to fastdrop: `F.scaled_dot_product_attention` with a
+# dropout on CPU tensors, `F.dropout` and its variants, and `F.multi_head_attention_forward` (run
+# as a copy of torch's own function whose `dropout` and `scaled_dot_product_attention` are
+# fastdrop's, since torch runs a mode's handler with the mode switched off). Everything else goes
+# to torch untouched. Nothing global changes: another instance of the same class, not converted,
+# runs torch's ops; the hooks are plain functions (the model still pickles, copies and loads its
+# state_dict as before), and the post-hook runs even when forward raises.
 
 
 def _fd_dropout(input, p=0.5, training=True, inplace=False):
@@ -434,7 +434,9 @@ def _enter(module, args):
         # Traced by torch.compile: the graph keeps torch's own attention (see the README).
         return
     scope = _scope
-    if scope.depth == 0:
+    if scope.depth == 0 and module.training:
+        # Only a training forward: in eval no dropout runs, and an active mode would turn off
+        # torch's fast inference paths (MultiheadAttention's and the transformer layers').
         scope.mode = _AttentionMode()
         scope.mode.__enter__()
     scope.depth += 1
