@@ -1,6 +1,7 @@
 //! The PyO3 layer: turns NumPy arrays into checked strided operands, dispatches on dtype,
 //! releases the GIL around kernels and maps `DropError` to Python exceptions. No maths here.
 
+use crate::attention;
 use crate::buffer::{self, Buffer};
 use crate::error::DropError;
 use crate::generator::{blocks_for_call, blocks_for_decisions, fork_stream, GeneratorState};
@@ -1241,6 +1242,231 @@ fn simd_backend() -> &'static str {
     }
 }
 
+// --- attention: softmax and dropout over the weights -----------------------------------------
+
+/// Whether a view is C-contiguous (size-1 dimensions may have any stride).
+fn is_c_contiguous(v: &View) -> bool {
+    if v.shape.contains(&0) {
+        return true;
+    }
+    let mut acc = v.itemsize() as isize;
+    for (&n, &s) in v.shape.iter().zip(&v.strides).rev() {
+        if n != 1 && s != acc {
+            return false;
+        }
+        acc *= n as isize;
+    }
+    true
+}
+
+/// The attention weights' operands: C-contiguous views of one dtype and shape, the written ones
+/// writeable and disjoint from every other.
+fn weight_views(
+    read: &[(&str, &Bound<'_, PyAny>)],
+    written: &[(&str, &Bound<'_, PyAny>)],
+) -> PyResult<(Vec<View>, Vec<View>)> {
+    let to_views = |list: &[(&str, &Bound<'_, PyAny>)]| -> PyResult<Vec<View>> {
+        list.iter().map(|(name, a)| view(name, a)).collect()
+    };
+    let (r, w) = (to_views(read)?, to_views(written)?);
+    let first = w
+        .first()
+        .or(r.first())
+        .ok_or_else(|| PyValueError::new_err("no operands"))?;
+    let names = read.iter().chain(written).map(|(n, _)| *n);
+    for (v, name) in r.iter().chain(&w).zip(names) {
+        if v.shape != first.shape || v.dtype != first.dtype {
+            return Err(PyValueError::new_err(format!(
+                "{name}: shape {:?} {:?} does not match {:?} {:?}",
+                v.shape, v.dtype, first.shape, first.dtype
+            )));
+        }
+        if !is_c_contiguous(v) {
+            return Err(PyValueError::new_err(format!(
+                "{name} must be C-contiguous"
+            )));
+        }
+    }
+    for (i, (v, (name, _))) in w.iter().zip(written).enumerate() {
+        if !v.writeable {
+            return Err(PyValueError::new_err(format!("{name} is read-only")));
+        }
+        let others = r.iter().chain(
+            w.iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, o)| o),
+        );
+        if others.into_iter().any(|o| o.overlaps(v)) {
+            return Err(PyValueError::new_err(format!(
+                "{name} overlaps another operand"
+            )));
+        }
+    }
+    Ok((r, w))
+}
+
+/// A C-contiguous view's elements as a slice.
+///
+/// # Safety
+/// `v` must be C-contiguous, of element type `T`, and alive (with nothing else writing it) for
+/// `'a`.
+unsafe fn slice_of<'a, T>(v: &View) -> &'a [T] {
+    let n = v.shape.iter().product();
+    if n == 0 {
+        return &[];
+    }
+    std::slice::from_raw_parts(v.ptr as *const T, n)
+}
+
+/// As [`slice_of`], writeable.
+///
+/// # Safety
+/// As [`slice_of`], and no other reference to the view's memory may exist for `'a`.
+unsafe fn slice_of_mut<'a, T>(v: &View) -> &'a mut [T] {
+    let n = v.shape.iter().product();
+    if n == 0 {
+        return &mut [];
+    }
+    std::slice::from_raw_parts_mut(v.ptr as *mut T, n)
+}
+
+/// Attention's forward between its two products: `scores` (`(..., lq, lk)` logits) becomes the
+/// softmax `P` of `logit_scale * scores` (queries past the diagonal masked when `causal`),
+/// `dropped` receives `P * mask / keep`, and the Bernoulli(keep) mask over the weights, drawn
+/// from `generator`, is returned.
+#[pyfunction]
+#[pyo3(signature = (scores, dropped, logit_scale, causal, keep, generator))]
+fn softmax_dropout_forward(
+    py: Python<'_>,
+    scores: &Bound<'_, PyAny>,
+    dropped: &Bound<'_, PyAny>,
+    logit_scale: f64,
+    causal: bool,
+    keep: f64,
+    generator: &Generator,
+) -> PyResult<MaskBits> {
+    check_prob("keep probability", keep)?;
+    let (_, w) = weight_views(&[], &[("scores", scores), ("dropped", dropped)])?;
+    let (sv, dv) = (&w[0], &w[1]);
+    let shape = sv.shape.clone();
+    if shape.len() < 2 {
+        return Err(PyValueError::new_err(format!(
+            "attention weights need (..., lq, lk) dimensions, got shape {shape:?}"
+        )));
+    }
+    let rows = attention::Rows {
+        lq: shape[shape.len() - 2],
+        lk: shape[shape.len() - 1],
+        causal,
+    };
+    let n: usize = shape.iter().product();
+    let (key, first_block) = generator.state.reserve(blocks_for_decisions(n));
+    let drop = attention::WeightDropout {
+        key,
+        first_block,
+        threshold: threshold_for(keep),
+        scale: if keep > 0.0 { 1.0 / keep } else { 0.0 },
+    };
+    let mut words = vec![0u64; attention::mask_words(n)];
+    let dtype = sv.dtype;
+    let (sp, dp) = (sv.ptr as usize, dv.ptr as usize);
+    let work = |words: &mut [u64]| -> crate::error::Result<()> {
+        macro_rules! go {
+            ($t:ty) => {{
+                // SAFETY: `weight_views` checked both views C-contiguous of this dtype, writeable
+                // and disjoint; the tensors they view are kept alive by this call's arguments.
+                let (s, d) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(sp as *mut $t, n),
+                        std::slice::from_raw_parts_mut(dp as *mut $t, n),
+                    )
+                };
+                attention::softmax_dropout_forward::<$t>(s, d, words, rows, logit_scale, &drop)
+            }};
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        match dtype {
+            Dtype::F16 => go!(f16),
+            Dtype::BF16 => go!(bf16),
+            Dtype::F32 => go!(f32),
+            Dtype::F64 => go!(f64),
+        }
+    };
+    if n >= RELEASE_GIL_MIN {
+        py.detach(|| work(&mut words))?;
+    } else {
+        work(&mut words)?;
+    }
+    Ok(MaskBits { shape, words })
+}
+
+/// Attention's backward between its two products: `grad` (of the dropped weights) becomes the
+/// gradient of the logits, and `dropped` receives `probs * mask * keep_scale` again.
+#[pyfunction]
+#[pyo3(signature = (probs, grad, dropped, mask, keep_scale))]
+fn softmax_dropout_backward(
+    py: Python<'_>,
+    probs: &Bound<'_, PyAny>,
+    grad: &Bound<'_, PyAny>,
+    dropped: &Bound<'_, PyAny>,
+    mask: &MaskBits,
+    keep_scale: f64,
+) -> PyResult<()> {
+    let (r, w) = weight_views(&[("probs", probs)], &[("grad", grad), ("dropped", dropped)])?;
+    let (pv, gv, dv) = (&r[0], &w[0], &w[1]);
+    if pv.shape != mask.shape || pv.shape.len() < 2 {
+        return Err(PyValueError::new_err(format!(
+            "probs of shape {:?} do not match the mask's {:?}",
+            pv.shape, mask.shape
+        )));
+    }
+    let lk = pv.shape[pv.shape.len() - 1];
+    let n: usize = pv.shape.iter().product();
+    if n == 0 {
+        return Ok(());
+    }
+    let work = || -> crate::error::Result<()> {
+        macro_rules! go {
+            ($t:ty) => {{
+                // SAFETY: `weight_views` checked the views C-contiguous of this dtype, the
+                // written ones writeable and disjoint from each other and from `probs`; the
+                // tensors are kept alive by this call's arguments.
+                let (p, g, d) = unsafe {
+                    (
+                        slice_of::<$t>(pv),
+                        slice_of_mut::<$t>(gv),
+                        slice_of_mut::<$t>(dv),
+                    )
+                };
+                attention::softmax_dropout_backward::<$t>(p, g, d, &mask.words, lk, keep_scale)
+            }};
+        }
+        match pv.dtype {
+            Dtype::F16 => go!(f16),
+            Dtype::BF16 => go!(bf16),
+            Dtype::F32 => go!(f32),
+            Dtype::F64 => go!(f64),
+        }
+    };
+    struct Send_<F>(F);
+    // SAFETY: the closure only carries the views' addresses into the GIL-free section of this
+    // call, whose arguments keep the memory alive.
+    unsafe impl<F> Send for Send_<F> {}
+    let job = Send_(work);
+    if n >= RELEASE_GIL_MIN {
+        py.detach(move || {
+            let job = job;
+            (job.0)()
+        })?;
+    } else {
+        (job.0)()?;
+    }
+    Ok(())
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Generator>()?;
@@ -1257,5 +1483,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cached_empty, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax_dropout_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax_dropout_backward, m)?)?;
     Ok(())
 }

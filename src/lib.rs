@@ -2,6 +2,7 @@
 //! generic strided kernel that applies a mask to an array. Plain Rust over pointers and strides;
 //! only `bindings` (behind the `python` feature) knows Python.
 
+pub mod attention;
 pub mod buffer;
 pub mod cpu;
 pub mod env;

@@ -106,4 +106,9 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(".nn", __name__)
+    if name == "scaled_dot_product_attention":
+        # Also torch-only (fastdrop.attention imports torch): loaded on first use.
+        from .attention import scaled_dot_product_attention
+
+        return scaled_dot_product_attention
     raise AttributeError(f"module 'fastdrop' has no attribute {name!r}")

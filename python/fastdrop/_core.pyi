@@ -95,3 +95,20 @@ def empty_like(x: np.ndarray) -> np.ndarray: ...
 def cached_empty(shape: tuple[int, ...], dtype: np.dtype) -> Optional[np.ndarray]: ...
 def empty_cache() -> int: ...
 def cached_bytes() -> int: ...
+
+# Attention's softmax and dropout over the (..., lq, lk) weights (fastdrop.attention). The
+# operands are C-contiguous, of one dtype and shape. Forward: `scores` (logits) becomes the
+# softmax P of `logit_scale * scores` (keys past the diagonal masked when `causal`), `dropped`
+# receives P * mask / keep; returns the mask. Backward: `grad` (of the dropped weights) becomes
+# the gradient of the logits, `dropped` receives P * mask * keep_scale again.
+def softmax_dropout_forward(
+    scores: _Array,
+    dropped: _Array,
+    logit_scale: float,
+    causal: bool,
+    keep: float,
+    generator: Generator,
+) -> MaskBits: ...
+def softmax_dropout_backward(
+    probs: _Array, grad: _Array, dropped: _Array, mask: MaskBits, keep_scale: float
+) -> None: ...

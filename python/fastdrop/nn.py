@@ -253,8 +253,15 @@ def replace_dropout(model: nn.Module) -> Dict[str, str]:
     """Swaps, in place, every torch.nn dropout module and timm `DropPath` / `DropBlock2d` in
     `model` for fastdrop's equivalent with the same arguments and train/eval state.
 
-    Returns {qualified module name: original class name} for what was replaced (also logged
-    at INFO level). The model's eval-mode outputs and its `state_dict` do not change.
+    Attention's dropout goes through fastdrop too (`fastdrop.scaled_dot_product_attention`):
+    while a module of `model` runs its forward, a torch function mode reroutes
+    `F.scaled_dot_product_attention` with a dropout, `F.dropout` and its variants and
+    `nn.MultiheadAttention`'s dropout to fastdrop, for this model's instances only (see
+    `fastdrop.attention.convert_attention`).
+
+    Returns {qualified module name: original class name} for what was replaced, the attention
+    modules marked "(attention dropout)" (also logged at INFO level). The model's eval-mode
+    outputs and its `state_dict` do not change.
     """
     replaced: Dict[str, str] = {}
     for parent_name, parent in list(model.named_modules()):
@@ -266,6 +273,10 @@ def replace_dropout(model: nn.Module) -> Dict[str, str]:
             setattr(parent, name, new)
             full = f"{parent_name}.{name}" if parent_name else name
             replaced[full] = f"{type(child).__module__}.{type(child).__qualname__}"
+    # The dropout inside attention, which no module holds (see fastdrop.attention).
+    from .attention import convert_attention
+
+    replaced.update(convert_attention(model))
     log.info("replace_dropout: replaced %d modules: %s", len(replaced), replaced)
     return replaced
 
