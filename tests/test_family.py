@@ -538,6 +538,33 @@ def test_drop_block_3d_is_torchvisions_maths(block_size, shape):
     assert torch.equal(y, torchvision_from_seeds(x, seeds, b, 1e-6))
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 3, 4, 7])
+def test_torchvision_drop_block_2d_module_is_torchvisions_maths(block_size):
+    x = torch.randn(2, 3, 6, 9, dtype=torch.float64)
+    p = 0.3
+    y = fnn.TorchvisionDropBlock2d(p, block_size, generator=Generator(44))(x)
+    b = min(block_size, 6, 9)
+    gamma = p * 6 * 9 / (b**2 * (6 - b + 1) * (9 - b + 1))
+    seeds = fastdrop.functional._seed_map((44, 0, 0), (2, 3, 6 - b + 1, 9 - b + 1), gamma)
+    # torchvision's drop_block2d after its Bernoulli draw (odd sizes; even: the cube after it)
+    noise = torch.from_numpy(seeds.astype(np.float64))
+    if b % 2:
+        noise = nn.functional.pad(noise, [b // 2] * 4, value=0)
+        noise = nn.functional.max_pool2d(noise, stride=(1, 1), kernel_size=b, padding=b // 2)
+    else:
+        noise = nn.functional.max_pool2d(nn.functional.pad(noise, [b - 1] * 4), b, stride=1)
+    noise = 1 - noise
+    assert torch.equal(y, x * noise * (noise.numel() / (1e-6 + noise.sum())))
+    a = fnn.TorchvisionDropBlock2d(p, block_size, generator=Generator(44))(x.numpy())
+    np.testing.assert_array_equal(a, y.numpy())
+    tv = pytest.importorskip("torchvision.ops")
+    assert repr(fnn.TorchvisionDropBlock2d(0.1, 3)) == repr(tv.DropBlock2d(0.1, 3)).replace(
+        "DropBlock2d", "TorchvisionDropBlock2d"
+    )
+    with pytest.raises(ShapeError, match="4D"):
+        fnn.TorchvisionDropBlock2d(0.1, 3)(torch.ones(1, 2, 3, 4, 5))
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_drop_block_3d_values_per_dtype_numpy_torch_and_threads(dtype):
     x = positive((2, 3, 8, 9, 10), dtype)
@@ -721,6 +748,7 @@ def test_replace_dropout_converts_timm_patch_dropout_and_torchvision_modules():
         timm_layers.PatchDropoutWithIndices(0.2, 0),
         tv.StochasticDepth(0.1, "batch"),
         tv.DropBlock3d(0.2, 3, inplace=False, eps=1e-5),
+        tv.DropBlock2d(0.25, 5),
     )
     model[2].eval()
     replaced = fnn.replace_dropout(model)
@@ -729,8 +757,9 @@ def test_replace_dropout_converts_timm_patch_dropout_and_torchvision_modules():
         "1": "timm.layers.patch_dropout.PatchDropoutWithIndices",
         "2": "torchvision.ops.stochastic_depth.StochasticDepth",
         "3": "torchvision.ops.drop_block.DropBlock3d",
+        "4": "torchvision.ops.drop_block.DropBlock2d",
     }
-    a, b, c, d = model
+    a, b, c, d, e = model
     assert isinstance(a, fnn.PatchDropout) and (a.prob, a.num_prefix_tokens, a.ordered) == (
         0.3,
         2,
@@ -739,3 +768,4 @@ def test_replace_dropout_converts_timm_patch_dropout_and_torchvision_modules():
     assert isinstance(b, fnn.PatchDropout) and b.return_indices and b.num_prefix_tokens == 0
     assert isinstance(c, fnn.StochasticDepth) and (c.p, c.mode, c.training) == (0.1, "batch", False)
     assert isinstance(d, fnn.DropBlock3d) and (d.p, d.block_size, d.eps) == (0.2, 3, 1e-5)
+    assert isinstance(e, fnn.TorchvisionDropBlock2d) and (e.p, e.block_size) == (0.25, 5)

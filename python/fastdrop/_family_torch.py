@@ -100,15 +100,16 @@ def patch_dropout(
     return out, idx
 
 
-def drop_block_3d(
+def drop_block_torchvision(
     x: torch.Tensor, p: float, block_size: int, inplace: bool, eps: float, generator: Any
 ) -> torch.Tensor:
+    """torchvision's DropBlock over x's 2 or 3 trailing dimensions; the mask is saved as bits."""
     if not x.is_cpu:
-        return _drop_block_3d_on_device(x, p, block_size, inplace, eps, generator)
+        return _drop_block_torchvision_on_device(x, p, block_size, inplace, eps, generator)
     _check_host_dtype(x)
     key = _f._call_key(_host_generator(generator))
     shape = tuple(x.shape)
-    keep, scale = _f._block_3d_keep(key, shape, p, block_size, eps)
+    keep, scale = _f._torchvision_block_keep(key, shape, p, block_size, eps)
     packed, n = np.packbits(keep, axis=None), keep.size
     op_np = np.float64 if x.dtype == torch.float64 else np.float32
 
@@ -120,18 +121,18 @@ def drop_block_3d(
     return _apply_factor(x, make, inplace)
 
 
-def _drop_block_3d_on_device(x, p, block_size, inplace, eps, generator):
+def _drop_block_torchvision_on_device(x, p, block_size, inplace, eps, generator):
     """torchvision's recipe on the device; a seed at a corner grows into the block after it,
     which also covers even sizes."""
-    n, c, d, h, w = x.shape
-    b = min(block_size, d, h, w)
-    gamma = p * d * h * w / (b**3 * (d - b + 1) * (h - b + 1) * (w - b + 1))
+    spatial = tuple(int(s) for s in x.shape[2:])
+    b, gamma = _f._torchvision_block_seed_rate(spatial, p, block_size)
     gen = _device_generator(generator, x.device)
+    pool = F.max_pool3d if len(spatial) == 3 else F.max_pool2d
     with torch.no_grad():
         seeds = torch.empty(
-            (n, c, d - b + 1, h - b + 1, w - b + 1), dtype=x.dtype, device=x.device
+            tuple(x.shape[:2]) + tuple(s - b + 1 for s in spatial), dtype=x.dtype, device=x.device
         ).bernoulli_(gamma, generator=gen)
-        seeds = F.pad(seeds, [b - 1] * 6, value=0.0)
-        keep = 1.0 - F.max_pool3d(seeds, kernel_size=b, stride=1)
+        seeds = F.pad(seeds, [b - 1] * (2 * len(spatial)), value=0.0)
+        keep = 1.0 - pool(seeds, kernel_size=b, stride=1)
         keep.mul_(keep.numel() / (eps + keep.sum()))
     return x.mul_(keep) if inplace else x * keep

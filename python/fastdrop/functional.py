@@ -1022,26 +1022,47 @@ def drop_block_3d(
 ):
     """DropBlock on (N, C, D, H, W) volumes with torchvision's maths (``ops.drop_block3d``).
 
-    ``block_size`` is clamped to ``min(block_size, D, H, W)``; seeds are Bernoulli(gamma) with
-    ``gamma = p * D * H * W / (block_size^3 * (D - b + 1) * (H - b + 1) * (W - b + 1))`` at
-    every corner where a whole block fits, one map per (sample, channel); a seed at (d, h, w)
-    drops the cube ``[d, d + b) x [h, h + b) x [w, w + b)``. Kept elements are scaled by
+    ``block_size`` is clamped to ``b = min(block_size, D, H, W)``; seeds are Bernoulli(gamma)
+    with ``gamma = p * D * H * W / (b^3 * (D - b + 1) * (H - b + 1) * (W - b + 1))`` at every
+    corner where a whole block fits, one map per (sample, channel); a seed at (d, h, w) drops
+    the cube ``[d, d + b) x [h, h + b) x [w, w + b)``. Kept elements are scaled by
     ``numel / (eps + kept)`` (computed in float64 as torchvision's float64 path computes it,
-    rounded once to the compute type).
-    Even block sizes are allowed (torchvision's pooling refuses them).
+    rounded once to the compute type). Even block sizes are allowed (torchvision's pooling
+    refuses them).
     """
+    return _drop_block_torchvision(
+        "drop_block_3d", 3, input, p, block_size, inplace, eps, training, generator, out
+    )
+
+
+def _drop_block_torchvision(
+    name: str,
+    spatial: int,
+    input: Any,
+    p: Any,
+    block_size: Any,
+    inplace: Any,
+    eps: Any,
+    training: Any,
+    generator: Any,
+    out: Any,
+):
+    """torchvision's DropBlock over `spatial` (2 or 3) dimensions: drop_block_3d, and the
+    module that replaces torchvision's DropBlock2d."""
     p = _check_prob(p, "drop probability")
     block_size = _check_int(block_size, "block_size", 1)
     if isinstance(eps, (str, bytes, bool)) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
     if not (math.isfinite(eps) and eps >= 0.0):
         raise ValueError(f"eps must be finite and non-negative, got {eps}")
     training = _check_bool(training, "training")
     inplace = _check_bool(inplace, "inplace")
     nd = _require_array(input)
-    if nd != 5:
+    if nd != spatial + 2:
+        dims = "(N, C, H, W)" if spatial == 2 else "(N, C, D, H, W)"
         raise ShapeError(
-            f"drop_block_3d: Expected 5D (N, C, D, H, W) input, but received a {nd}D input"
+            f"{name}: Expected {spatial + 2}D {dims} input, but received a {nd}D input"
         )
     if is_torch_tensor(input):
         if out is not None:
@@ -1050,37 +1071,45 @@ def drop_block_3d(
             return input
         from . import _family_torch
 
-        return _family_torch.drop_block_3d(input, p, block_size, inplace, float(eps), generator)
+        return _family_torch.drop_block_torchvision(
+            input, p, block_size, inplace, float(eps), generator
+        )
     a = _as_array(input)
     _check_numpy_target(a, inplace, out)
     gen = _resolve_generator(generator)
     if not training or p == 0.0 or a.size == 0:
         return _run(a, None, inplace, gen, False, out=out)
-    keep, scale = _block_3d_keep(_call_key(gen), a.shape, p, block_size, float(eps))
+    keep, scale = _torchvision_block_keep(_call_key(gen), a.shape, p, block_size, float(eps))
     op = _op_dtype(a.dtype)
     factor = keep.astype(op)
     factor *= op(scale)
     return _numpy_result(a, factor, inplace, out)
 
 
-def _block_3d_keep(
+def _torchvision_block_seed_rate(spatial: tuple, p: float, block_size: int) -> tuple[int, float]:
+    """torchvision's clamped block size and seed rate for maps of shape `spatial`. The rate is
+    at most p: b * (n - b + 1) >= n for 1 <= b <= n, along each axis."""
+    b = min((block_size,) + spatial)
+    gamma = p * math.prod(spatial) / (b ** len(spatial) * math.prod(s - b + 1 for s in spatial))
+    return b, gamma
+
+
+def _torchvision_block_keep(
     key: tuple[int, int, int], shape: tuple, p: float, block_size: int, eps: float
 ) -> tuple[np.ndarray, float]:
-    """The keep map of drop_block_3d (bool, the input's shape) and its scale."""
-    n, c, d, h, w = (int(s) for s in shape)
-    b = min(block_size, d, h, w)
-    corners = (d - b + 1, h - b + 1, w - b + 1)
-    # At most p: b * (n - b + 1) >= n for 1 <= b <= n, along each axis.
-    gamma = p * d * h * w / (b**3 * corners[0] * corners[1] * corners[2])
-    dropped = _seed_map(key, (n, c) + corners, gamma)
-    for axis, size in zip((2, 3, 4), (d, h, w)):
+    """The keep map of torchvision's DropBlock (bool, the input's shape) and its scale."""
+    spatial = tuple(int(s) for s in shape[2:])
+    b, gamma = _torchvision_block_seed_rate(spatial, p, block_size)
+    corners = tuple(s - b + 1 for s in spatial)
+    dropped = _seed_map(key, tuple(int(s) for s in shape[:2]) + corners, gamma)
+    for axis, size in enumerate(spatial, start=2):
         # Grow each seed along this axis: index i is dropped by seeds at i - b + 1 .. i.
         grown_shape = list(dropped.shape)
         grown_shape[axis] = size
         grown = np.zeros(grown_shape, bool)
         span = dropped.shape[axis]
         for j in range(b):
-            sl = [slice(None)] * 5
+            sl = [slice(None)] * dropped.ndim
             sl[axis] = slice(j, j + span)
             grown[tuple(sl)] |= dropped
         dropped = grown

@@ -344,6 +344,7 @@ __all__ += [
     "LockedDropout",
     "PatchDropout",
     "StochasticDepth",
+    "TorchvisionDropBlock2d",
     "WeightDropout",
     "mc_dropout",
     "mc_sample",
@@ -560,6 +561,50 @@ class DropBlock3d(nn.Module):
         )
 
 
+class TorchvisionDropBlock2d(nn.Module):
+    """torchvision's ``ops.DropBlock2d(p, block_size, inplace=False, eps=1e-06)`` with its maths,
+    which are not timm's (see `DropBlock2d`): seeds only where a whole block fits, one map per
+    (sample, channel), kept pixels scaled by ``numel / (eps + kept)``. `replace_dropout` puts it
+    in place of torchvision's module; even block sizes are allowed."""
+
+    def __init__(
+        self,
+        p: float,
+        block_size: int,
+        inplace: bool = False,
+        eps: float = 1e-06,
+        *,
+        generator: Any = None,
+    ):
+        super().__init__()
+        F._check_prob(p, "drop probability")
+        self.p = p
+        self.block_size = block_size
+        self.inplace = inplace
+        self.eps = eps
+        self.generator = generator
+
+    def forward(self, input):
+        return F._drop_block_torchvision(
+            "drop_block_2d",
+            2,
+            input,
+            self.p,
+            self.block_size,
+            self.inplace,
+            self.eps,
+            self.training,
+            self.generator,
+            None,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(p={self.p}, block_size={self.block_size}, "
+            f"inplace={self.inplace})"
+        )
+
+
 class StochasticDepth(nn.Module):
     """torchvision's ``ops.StochasticDepth(p, mode)``, computed by `fastdrop.stochastic_depth`
     (``mode`` "row": one decision per sample; "batch": one for the whole input)."""
@@ -605,6 +650,7 @@ _FASTDROP_FAMILY = (
     WeightDropout,
     PatchDropout,
     DropBlock3d,
+    TorchvisionDropBlock2d,
     StochasticDepth,
 )
 
@@ -767,7 +813,7 @@ def mc_sample(
 
 def _family_equivalent(module: Any) -> Optional[nn.Module]:
     """fastdrop's module for timm's PatchDropout and torchvision's StochasticDepth /
-    DropBlock3d (by class path, neither library imported), or None."""
+    DropBlock2d / DropBlock3d (by class path, neither library imported), or None."""
     cls = type(module)
     name = f"{cls.__module__}.{cls.__qualname__}"
     if name == "timm.layers.patch_dropout.PatchDropout":
@@ -776,6 +822,8 @@ def _family_equivalent(module: Any) -> Optional[nn.Module]:
         return PatchDropout(module.prob, module.num_prefix_tokens, module.ordered, True)
     if name == "torchvision.ops.stochastic_depth.StochasticDepth":
         return StochasticDepth(module.p, module.mode)
+    if name == "torchvision.ops.drop_block.DropBlock2d":
+        return TorchvisionDropBlock2d(module.p, module.block_size, module.inplace, module.eps)
     if name == "torchvision.ops.drop_block.DropBlock3d":
         return DropBlock3d(module.p, module.block_size, module.inplace, module.eps)
     return None
