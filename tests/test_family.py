@@ -66,6 +66,42 @@ def test_noise_shape_of_the_full_shape_is_plain_dropout_and_rates_are_binomial()
     assert_binomial(mask.count_kept(), 400 * 50, 0.7)
 
 
+def keras_on_torch(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("keras was imported with another backend")
+    return keras
+
+
+@pytest.mark.parametrize("noise_shape", NOISE_SHAPES)
+def test_noise_shape_means_what_keras_means(noise_shape, monkeypatch):
+    keras = keras_on_torch(monkeypatch)
+    x = torch.from_numpy(positive((6, 5, 7), np.float32))  # keras's default float32
+    theirs = keras.layers.Dropout(0.4, noise_shape=noise_shape)(x, training=True).cpu()
+    ours = fastdrop.dropout(x, 0.4, noise_shape=noise_shape)
+    for y in (theirs, ours):
+        dropped = (y == 0).numpy()
+        for axis, e in enumerate(noise_shape):
+            if e == 1:  # shared along this axis: the same decision at every index
+                assert np.all(dropped == dropped.take([0], axis=axis)), (axis, noise_shape)
+        kept = ~dropped
+        np.testing.assert_allclose(y.numpy()[kept], x.numpy()[kept] / 0.6, rtol=1e-6)
+
+
+def test_gaussian_dropout_has_kerass_distribution(monkeypatch):
+    keras = keras_on_torch(monkeypatch)
+    p = 0.3
+    x = torch.ones(400, 500, dtype=torch.float64)
+    layer = keras.layers.GaussianDropout(p, dtype="float64")
+    theirs = layer(x, training=True).cpu().numpy().ravel()
+    ours = fastdrop.gaussian_dropout(x, p).numpy().ravel()
+    sigma2 = p / (1 - p)
+    for f in (theirs, ours):
+        assert_normal_mean(f, 1.0, math.sqrt(sigma2), "mean")
+        assert abs(float(f.var(ddof=1)) - sigma2) <= SIGMAS * sigma2 * math.sqrt(2 / (f.size - 1))
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_alpha_dropout_noise_shape_values(dtype):
     x = randn((8, 4, 6), dtype)
@@ -536,6 +572,34 @@ def test_drop_block_3d_is_torchvisions_maths(block_size, shape):
         (40, 0, 0), shape[:2] + (d - b + 1, h - b + 1, w - b + 1), gamma
     )
     assert torch.equal(y, torchvision_from_seeds(x, seeds, b, 1e-6))
+
+
+@pytest.mark.parametrize("spatial", [2, 3])
+@pytest.mark.parametrize("block_size", [1, 3, 5, 11])
+def test_drop_block_equals_torchvisions_own_function_given_the_same_seeds(
+    spatial, block_size, monkeypatch
+):
+    tv = pytest.importorskip("torchvision.ops")
+    shape = (2, 3, 7, 8, 9) if spatial == 3 else (2, 3, 9, 10)
+    x = torch.randn(shape, dtype=torch.float64)
+    p = 0.25
+    if spatial == 3:
+        ours = fastdrop.drop_block_3d(x, p, block_size, generator=Generator(46))
+    else:
+        ours = fnn.TorchvisionDropBlock2d(p, block_size, generator=Generator(46))(x)
+    b = min((block_size,) + shape[2:])
+    corners = tuple(s - b + 1 for s in shape[2:])
+    gamma = p * math.prod(shape[2:]) / (b**spatial * math.prod(corners))
+    seeds = fastdrop.functional._seed_map((46, 0, 0), shape[:2] + corners, gamma)
+
+    def bernoulli_(self, rate, *args, **kwargs):
+        # torchvision's only random draw, answered with the seeds fastdrop drew
+        assert rate == pytest.approx(gamma, rel=1e-14) and tuple(self.shape) == seeds.shape
+        return self.copy_(torch.from_numpy(seeds))
+
+    monkeypatch.setattr(torch.Tensor, "bernoulli_", bernoulli_)
+    theirs = (tv.drop_block3d if spatial == 3 else tv.drop_block2d)(x, p, block_size)
+    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4, 7])
