@@ -1019,5 +1019,40 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cached_empty, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(normal_fill, m)?)?;
     Ok(())
+}
+
+// --- issue 16: the rest of the family ----------------------------------------------------------
+
+/// Fills a contiguous float32 or float64 array with standard normal deviates (element i in C
+/// order is `kernel::normal_at(key, first, i)` rounded to the dtype), from counter blocks
+/// reserved from `generator`: Gaussian dropout's noise.
+#[pyfunction]
+fn normal_fill(py: Python<'_>, out: &Bound<'_, PyAny>, generator: &Generator) -> PyResult<()> {
+    use numpy::PyArrayMethods;
+    fn fill<T: crate::noise::Deviate + numpy::Element>(
+        py: Python<'_>,
+        arr: &Bound<'_, numpy::PyArrayDyn<T>>,
+        generator: &Generator,
+    ) -> PyResult<()> {
+        let mut rw = arr
+            .try_readwrite()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let slice = rw
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("normal_fill needs a C-contiguous array"))?;
+        let (key, first) = generator.state.reserve(blocks_for_normals(slice.len()));
+        py.detach(|| crate::noise::fill_normals(key, first, slice));
+        Ok(())
+    }
+    if let Ok(a) = out.cast::<numpy::PyArrayDyn<f32>>() {
+        fill(py, a, generator)
+    } else if let Ok(a) = out.cast::<numpy::PyArrayDyn<f64>>() {
+        fill(py, a, generator)
+    } else {
+        Err(PyTypeError::new_err(
+            "normal_fill needs a float32 or float64 numpy.ndarray",
+        ))
+    }
 }

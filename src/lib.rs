@@ -7,6 +7,7 @@ pub mod error;
 pub mod generator;
 pub mod kernel;
 pub mod mask;
+pub mod noise;
 pub mod rng;
 pub mod simd;
 

@@ -667,7 +667,7 @@ def drop_path_add(
 # noise_shape (used by dropout and alpha_dropout above), locked_dropout, embedding_dropout,
 # stochastic_depth, gaussian_dropout, patch_dropout, drop_block_3d. Mask-shaped variants are a
 # `_Spec` handed to `_run`; the three that are not masks (Gaussian noise, token selection,
-# torchvision's 3-D blocks) draw their randomness with `_normals` / `_seed_map` below, pure
+# torchvision's blocks) draw their randomness with `_normals` / `_seed_map` below, pure
 # functions of (seed, stream, offset, index) like every mask, and their torch side (autograd,
 # other devices) lives in `_family_torch`.
 
@@ -836,13 +836,10 @@ def _keyed_generator(key: tuple[int, int, int]) -> _core.Generator:
 
 def _normals(key: tuple[int, int, int], shape: tuple, dtype: Any) -> np.ndarray:
     """Standard normal deviates of `shape` (float32 or float64), deviate i a pure function of
-    (key, i): the kernel's noise application with every decision dropped (keep = 0) writes the
-    noise of each index and reads nothing."""
+    (key, i), as DropBlock's noise is."""
     out = np.empty(shape, dtype)
     if out.size:
-        _core.bernoulli_apply(
-            out, out, None, tuple(shape), ("noise", 1.0), 0.0, _keyed_generator(key), False
-        )
+        _core.normal_fill(out, _keyed_generator(key))
     return out
 
 
