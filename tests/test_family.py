@@ -7,6 +7,8 @@ gradients (gradcheck on float64), reproducibility and errors before writes."""
 from __future__ import annotations
 
 import math
+import threading
+from pathlib import Path
 
 import fastdrop
 import numpy as np
@@ -833,3 +835,102 @@ def test_replace_dropout_converts_timm_patch_dropout_and_torchvision_modules():
     assert isinstance(c, fnn.StochasticDepth) and (c.p, c.mode, c.training) == (0.1, "batch", False)
     assert isinstance(d, fnn.DropBlock3d) and (d.p, d.block_size, d.eps) == (0.2, 3, 1e-5)
     assert isinstance(e, fnn.TorchvisionDropBlock2d) and (e.p, e.block_size) == (0.25, 5)
+
+
+# --- errors: the README's table -----------------------------------------------------------------
+
+_x = np.ones((2, 3), np.float32)
+_x4 = np.ones((2, 3, 8, 8), np.float32)
+FAMILY_ERRORS = [
+    (
+        "fastdrop.dropout(x, 0.5, noise_shape=(2, 2))",
+        lambda: fastdrop.dropout(_x, 0.5, noise_shape=(2, 2)),
+        ValueError,
+        "noise_shape (2, 2) does not fit an input of shape (2, 3): it needs 2 entries, each 1, "
+        "None or the input's size in that dimension",
+    ),
+    (
+        "fastdrop.dropout(x, 0.5, noise_shape=(2, 3.0))",
+        lambda: fastdrop.dropout(_x, 0.5, noise_shape=(2, 3.0)),
+        TypeError,
+        "noise_shape entries must be ints or None, got float in (2, 3.0)",
+    ),
+    (
+        "fastdrop.locked_dropout(np.ones(3), 0.5)",
+        lambda: fastdrop.locked_dropout(np.ones(3), 0.5),
+        ShapeError,
+        "locked_dropout: Expected an input with a time and a batch dimension (at least 2D), but "
+        "received a 1D input",
+    ),
+    (
+        "fastdrop.embedding_dropout(np.ones(3), 0.5)",
+        lambda: fastdrop.embedding_dropout(np.ones(3), 0.5),
+        ShapeError,
+        "embedding_dropout: Expected a 2D (num_embeddings, embedding_dim) weight, but received a "
+        "1D input",
+    ),
+    (
+        'fastdrop.stochastic_depth(x, 0.5, "rows", training=False)',
+        lambda: fastdrop.stochastic_depth(_x, 0.5, "rows", training=False),
+        ValueError,
+        "mode has to be either 'batch' or 'row', but got rows",
+    ),
+    (
+        "fastdrop.gaussian_dropout(x, 1.0)",
+        lambda: fastdrop.gaussian_dropout(_x, 1.0),
+        ValueError,
+        "gaussian_dropout: p must be in [0, 1), got 1.0 (the noise variance p / (1 - p) would be "
+        "infinite)",
+    ),
+    (
+        "fastdrop.patch_dropout(np.ones((2, 3, 4)), 0.5, 4)",
+        lambda: fastdrop.patch_dropout(np.ones((2, 3, 4)), 0.5, 4),
+        ValueError,
+        "patch_dropout: num_prefix_tokens (4) exceeds the 3 tokens of the input",
+    ),
+    (
+        "fastdrop.drop_block_3d(x4, 0.1, 3)",
+        lambda: fastdrop.drop_block_3d(_x4, 0.1, 3),
+        ShapeError,
+        "drop_block_3d: Expected 5D (N, C, D, H, W) input, but received a 4D input",
+    ),
+]
+
+
+@pytest.mark.parametrize("shown,call,exc,message", FAMILY_ERRORS, ids=[e[0] for e in FAMILY_ERRORS])
+def test_family_errors_are_the_readmes(shown, call, exc, message):
+    with pytest.raises(exc) as e:
+        call()
+    assert str(e.value) == message
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = f"| `{shown}` | `{exc.__name__}` | {message.replace('|', chr(92) + '|')} |"
+    assert row in readme, f"README.md lacks the row:\n{row}"
+
+
+def test_threads_sharing_a_generator_get_disjoint_noise():
+    """Each Gaussian call reserves its key block atomically, so 6 threads x 10 calls give, as a
+    multiset, exactly the 60 results of sequential calls."""
+    x = np.ones((64, 64), np.float32)
+    g = Generator(70)
+    results: list = []
+    errors: list = []
+    lock = threading.Lock()
+
+    def work():
+        try:
+            for _ in range(10):
+                y = fastdrop.gaussian_dropout(x, 0.3, generator=g)
+                with lock:
+                    results.append(y.tobytes())
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    g2 = Generator(70)
+    want = [fastdrop.gaussian_dropout(x, 0.3, generator=g2).tobytes() for _ in range(60)]
+    assert sorted(results) == sorted(want)
