@@ -934,3 +934,18 @@ def test_threads_sharing_a_generator_get_disjoint_noise():
     g2 = Generator(70)
     want = [fastdrop.gaussian_dropout(x, 0.3, generator=g2).tobytes() for _ in range(60)]
     assert sorted(results) == sorted(want)
+
+
+def test_mask_shaped_members_trace_under_torch_compile():
+    def f(x):
+        y = fastdrop.locked_dropout(x, 0.3)
+        y = fastdrop.stochastic_depth(y, 0.2, "batch")
+        w = fastdrop.embedding_dropout(y[0], 0.2)
+        return fastdrop.dropout(x, 0.5, noise_shape=(1, None, None)).sum() + w.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(4, 5, 6)
+    torch.manual_seed(0)
+    a = compiled(x)
+    torch.manual_seed(0)
+    assert torch.allclose(a, f(x))  # the same masks as eager under the same seed
