@@ -949,3 +949,51 @@ def test_mask_shaped_members_trace_under_torch_compile():
     a = compiled(x)
     torch.manual_seed(0)
     assert torch.allclose(a, f(x))  # the same masks as eager under the same seed
+
+
+MASK_SHAPED = {
+    "noise_shape": lambda x, **k: fastdrop.dropout(x, 0.4, noise_shape=(None, 1, None, 1), **k),
+    "alpha_noise_shape": lambda x, **k: fastdrop.alpha_dropout(
+        x, 0.4, True, noise_shape=(1, None, None, 1), **k
+    ),
+    "locked_dropout": lambda x, **k: fastdrop.locked_dropout(x, 0.4, **k),
+    "stochastic_depth_row": lambda x, **k: fastdrop.stochastic_depth(x, 0.4, "row", **k),
+    "embedding_dropout": lambda x, **k: fastdrop.embedding_dropout(x[0, 0], 0.4, **k),
+    "gaussian_dropout": lambda x, **k: fastdrop.gaussian_dropout(x, 0.4, **k),
+    "drop_block_3d": lambda x, **k: fastdrop.drop_block_3d(x[..., None], 0.3, 3, **k),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASK_SHAPED))
+def test_results_do_not_depend_on_threads_or_layout(name):
+    f = MASK_SHAPED[name]
+    base = positive((8, 16, 36, 36), np.float32)  # above the parallel cut-off
+    fastdrop.set_num_threads(1)
+    ref = f(base, generator=Generator(80))
+    fastdrop.set_num_threads(3)
+    np.testing.assert_array_equal(f(base, generator=Generator(80)), ref)
+    big = np.zeros((16, 32, 72, 72), np.float32)
+    strided = big[::2, ::2, ::2, ::2]
+    strided[...] = base
+    negative = np.ascontiguousarray(base[::-1, :, ::-1])[::-1, :, ::-1]
+    assert negative.strides[0] < 0
+    for layout in (np.asfortranarray(base), strided, negative):
+        np.testing.assert_array_equal(f(layout, generator=Generator(80)), ref, err_msg=name)
+    channels_last = torch.from_numpy(base).to(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(f(channels_last, generator=Generator(80)).numpy(), ref)
+
+
+def test_drop_rate_scheduler_drives_the_new_modules():
+    model = nn.Sequential(
+        fnn.LockedDropout(0.1),
+        fnn.GaussianDropout(0.1),
+        fnn.PatchDropout(0.1),
+        fnn.StochasticDepth(0.1, "row"),
+        fnn.DropBlock3d(0.1, 3),
+        fnn.EmbeddingDropout(nn.Embedding(4, 2), 0.1),
+        fnn.WeightDropout(nn.Linear(2, 2), 0.1),
+    )
+    sched = fnn.DropRateScheduler(model, lambda step: 0.05 * (step + 1))
+    sched.step()
+    rates = [m.prob if isinstance(m, fnn.PatchDropout) else m.p for m in model]
+    assert rates == [pytest.approx(0.1)] * len(model)
