@@ -264,6 +264,8 @@ def test_embedding_dropout_module_is_fastais_and_trains_the_embedding():
     assert torch.equal(m(words), emb(words))
     with pytest.raises(TypeError):
         fnn.EmbeddingDropout(nn.Linear(2, 2), 0.5)
+    with pytest.raises(ValueError, match="dense embedding"):
+        fnn.EmbeddingDropout(nn.Embedding(3, 2, sparse=True), 0.5)
 
 
 # --- stochastic depth -------------------------------------------------------------------------
@@ -771,6 +773,9 @@ def test_mc_dropout_samples_dropout_only_and_restores_modes():
         with fnn.mc_dropout(model):
             raise KeyError
     assert [m.training for m in model.modules()] == modes
+    rnn = nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.5), nn.LSTM(4, 4)).eval()
+    with fnn.mc_dropout(rnn):
+        assert [m.training for m in rnn] == [True, False]  # only the one with dropout
 
 
 def test_mc_sample_is_reproducible_and_passes_are_forks():

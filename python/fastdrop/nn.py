@@ -382,6 +382,13 @@ class EmbeddingDropout(nn.Module):
         super().__init__()
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if embedding.sparse:
+            # The masked weight is a dense tensor computed from the whole weight, so its
+            # gradient is dense too, which sparse optimizers (SparseAdam) refuse.
+            raise ValueError(
+                "EmbeddingDropout needs a dense embedding (sparse=False): the gradient through "
+                "the row mask is dense"
+            )
         F._check_prob(p)
         self.emb = embedding
         self.p = p
@@ -673,6 +680,8 @@ _THIRD_PARTY_FAMILY = frozenset(
 def _is_dropout_module(m: nn.Module) -> bool:
     if isinstance(m, (nn.modules.dropout._DropoutNd, _FASTDROP_FAMILY)):
         return True
+    if isinstance(m, nn.RNNBase) and m.dropout > 0:
+        return True  # its training flag switches only the dropout between its layers
     return f"{type(m).__module__}.{type(m).__qualname__}" in _THIRD_PARTY_FAMILY
 
 
@@ -680,9 +689,9 @@ def _is_dropout_module(m: nn.Module) -> bool:
 def mc_dropout(model: nn.Module):
     """Monte Carlo dropout: inside the block `model` is in eval mode (BatchNorm on its running
     statistics and so on) except its dropout-family modules, which keep sampling: torch's
-    dropout modules, fastdrop's, timm's DropPath / DropBlock2d / PatchDropout and torchvision's
-    StochasticDepth / DropBlock2d / DropBlock3d. Every module's mode is restored on exit, also
-    when the block raises. Yields the model."""
+    dropout modules (and RNNs with ``dropout > 0``), fastdrop's, timm's DropPath / DropBlock2d
+    / PatchDropout and torchvision's StochasticDepth / DropBlock2d / DropBlock3d. Every
+    module's mode is restored on exit, also when the block raises. Yields the model."""
     saved = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
