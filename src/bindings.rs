@@ -1020,6 +1020,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(normal_fill, m)?)?;
+    m.add_function(wrap_pyfunction!(mask_bits_from_packed, m)?)?;
     Ok(())
 }
 
@@ -1055,4 +1056,28 @@ fn normal_fill(py: Python<'_>, out: &Bound<'_, PyAny>, generator: &Generator) ->
             "normal_fill needs a float32 or float64 numpy.ndarray",
         ))
     }
+}
+
+/// A mask of `shape` from little-endian packed bits (bit i of the mask is bit i % 8 of byte
+/// i / 8, as `numpy.packbits(..., bitorder="little")` packs them and `MaskBits.to_bytes`
+/// returns them): for masks decided outside the kernels (torchvision's DropBlock), so that they
+/// apply and differentiate through `mask_apply` like every other.
+#[pyfunction]
+fn mask_bits_from_packed(shape: Vec<usize>, packed: &[u8]) -> PyResult<MaskBits> {
+    let n = (shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))).ok_or_else(|| {
+        PyValueError::new_err(format!("mask shape {shape:?} has more than 2**64 elements"))
+    })?;
+    if packed.len() != n.div_ceil(8) {
+        return Err(PyValueError::new_err(format!(
+            "{} bytes of bits for a mask of shape {shape:?}, which needs {}",
+            packed.len(),
+            n.div_ceil(8)
+        )));
+    }
+    let mut words = vec![0u64; kernel::words_for(n)];
+    for (i, &b) in packed.iter().enumerate() {
+        words[i / 8] |= (b as u64) << (8 * (i % 8));
+    }
+    kernel::clear_tail(&mut words, n);
+    Ok(MaskBits { shape, words })
 }

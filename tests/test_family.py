@@ -650,6 +650,31 @@ def test_drop_block_3d_values_per_dtype_numpy_torch_and_threads(dtype):
     np.testing.assert_array_equal(z, y)
 
 
+def test_drop_block_3d_mask_backward_and_dropped_nans():
+    x = positive((2, 2, 5, 6, 7), np.float64)
+    x[0, 0] = np.nan  # a dropped NaN is exactly 0, as every variant's
+    y, mask = fastdrop.drop_block_3d(x, 0.4, 2, generator=Generator(47), return_mask=True)
+    assert mask.shape == x.shape and mask.input_shape == x.shape
+    keep = mask.numpy()
+    assert 0 < keep.sum() < keep.size
+    assert mask.scale == (1.0 / (1e-6 + keep.sum())) * keep.size
+    assert not np.any(y[~keep]) and not np.isnan(y[~keep]).any()
+    np.testing.assert_array_equal(y[keep], x[keep] * mask.scale)
+    g = randn(x.shape, np.float64, seed=3)
+    np.testing.assert_array_equal(mask.backward(g), np.where(keep, g * mask.scale, 0.0))
+    t, tmask = fastdrop.drop_block_3d(
+        torch.from_numpy(x), 0.4, 2, generator=Generator(47), return_mask=True
+    )
+    np.testing.assert_array_equal(t.numpy(), y)
+    np.testing.assert_array_equal(tmask.numpy(), keep)
+    xt = torch.from_numpy(x).requires_grad_()
+    out = fastdrop.drop_block_3d(xt, 0.4, 2, generator=Generator(47))
+    out.backward(torch.from_numpy(g))
+    np.testing.assert_array_equal(xt.grad.numpy(), mask.backward(g))
+    untouched, full = fastdrop.drop_block_3d(x, 0.4, 2, training=False, return_mask=True)
+    assert untouched is x and full.count_kept() == x.size
+
+
 def test_drop_block_3d_drops_the_target_fraction():
     # gamma is chosen so that the expected dropped fraction of the *valid* seeds region is p;
     # on a volume much larger than the block, overlaps make the dropped fraction
@@ -671,6 +696,13 @@ def test_drop_block_3d_gradients_module_and_errors():
     assert torch.autograd.gradcheck(
         lambda t: fastdrop.drop_block_3d(t, 0.3, 2, generator=Generator(43)), (x,)
     )
+    assert torch.autograd.gradgradcheck(
+        lambda t: fastdrop.drop_block_3d(t, 0.3, 2, generator=Generator(43)), (x,)
+    )
+    leaf = torch.ones(1, 1, 3, 3, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        fastdrop.drop_block_3d(leaf, 0.3, 2, inplace=True)
+    assert torch.equal(leaf.detach(), torch.ones(1, 1, 3, 3, 3))
     m = fnn.DropBlock3d(0.3, 2, generator=Generator(43))
     assert torch.equal(m(x), fastdrop.drop_block_3d(x, 0.3, 2, generator=Generator(43)))
     m.eval()

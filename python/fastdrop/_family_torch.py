@@ -1,11 +1,12 @@
 """The torch side of the family members that are not a mask `_Spec` (issue 16): Gaussian
-dropout, PatchDropout and torchvision's DropBlock3d.
+dropout, PatchDropout and torchvision's DropBlock (2-D and 3-D).
 
 On the CPU their randomness comes from the same keyed draws as NumPy input's
 (`functional._normals`, `functional._seed_map`), so a `fastdrop.Generator` gives the same result
-for both; the backward of a multiplicative factor draws the factor again from the call's key
-(or unpacks its saved bits) instead of keeping a tensor of the input's size. On any other
-device they use torch's own operations on that device. Imported on first use.
+for both. Gaussian dropout's backward draws the factor again from the call's key; DropBlock's
+keeps its mask as bits (a `Mask`) and differentiates through the same masked gradient as every
+other variant; neither keeps a tensor of the input's size. On any other device they use
+torch's own operations on that device. Imported on first use.
 """
 
 from __future__ import annotations
@@ -16,8 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import _core
 from . import functional as _f
-from ._torch import _check_host_dtype, _device_generator, _host_generator
+from ._mask import Mask
+from ._torch import (
+    _check_host_dtype,
+    _check_inplace,
+    _device_generator,
+    _empty_like,
+    _host,
+    _host_generator,
+    _MaskGradFunction,
+    _to_dlpack,
+)
 
 
 def _times(t: torch.Tensor, factor: np.ndarray) -> torch.Tensor:
@@ -28,9 +40,9 @@ def _times(t: torch.Tensor, factor: np.ndarray) -> torch.Tensor:
 
 
 class _FactorFunction(torch.autograd.Function):
-    """``x * factor`` where ``make()`` builds the factor (a NumPy array) from what the call
-    kept: a key or packed bits. The backward builds it again, so nothing of the input's size is
-    saved; it is made of torch ops, so double backward works."""
+    """``x * factor`` where ``make()`` builds the factor (a NumPy array) from the call's key.
+    The backward builds it again, so nothing of the input's size is saved; it is made of torch
+    ops, so double backward works."""
 
     @staticmethod
     def forward(ctx, x, make):
@@ -101,24 +113,62 @@ def patch_dropout(
 
 
 def drop_block_torchvision(
-    x: torch.Tensor, p: float, block_size: int, inplace: bool, eps: float, generator: Any
-) -> torch.Tensor:
-    """torchvision's DropBlock over x's 2 or 3 trailing dimensions; the mask is saved as bits."""
+    x: torch.Tensor,
+    p: float,
+    block_size: int,
+    inplace: bool,
+    eps: float,
+    generator: Any,
+    return_mask: bool,
+):
+    """torchvision's DropBlock over x's 2 or 3 trailing dimensions; the mask is kept as bits."""
     if not x.is_cpu:
+        if return_mask:
+            raise ValueError(
+                f"return_mask needs a CPU tensor; a mask for a tensor on {x.device} would have "
+                "to leave the device"
+            )
         return _drop_block_torchvision_on_device(x, p, block_size, inplace, eps, generator)
     _check_host_dtype(x)
     key = _f._call_key(_host_generator(generator))
-    shape = tuple(x.shape)
-    keep, scale = _f._torchvision_block_keep(key, shape, p, block_size, eps)
-    packed, n = np.packbits(keep, axis=None), keep.size
-    op_np = np.float64 if x.dtype == torch.float64 else np.float32
+    mask = _f._torchvision_block_mask(key, tuple(x.shape), p, block_size, eps)
+    if torch.is_grad_enabled() and x.requires_grad:
+        if inplace:
+            _check_inplace(x)
+        out = _MaskedFunction.apply(x, mask, inplace)
+    else:
+        out = _masked(x, mask, inplace)
+        if inplace:
+            torch.autograd.graph.increment_version(x)
+    return (out, mask) if return_mask else out
 
-    def make() -> np.ndarray:
-        factor: np.ndarray = np.unpackbits(packed, count=n).reshape(shape).astype(op_np)
-        factor *= op_np(scale)
-        return factor
 
-    return _apply_factor(x, make, inplace)
+def _masked(x: torch.Tensor, mask: Mask, inplace: bool) -> torch.Tensor:
+    """`x * mask * scale` by the kernel (dropped elements exactly 0), into x or a new tensor laid
+    out as torch's dropout lays it out."""
+    a = _host(x)
+    if inplace:
+        _core.mask_apply(mask._bits, a, a, mask.scale)
+        return x
+    out = _empty_like(x)
+    _core.mask_apply(mask._bits, a, _to_dlpack(out), mask.scale)
+    return out
+
+
+class _MaskedFunction(torch.autograd.Function):
+    """A mask decided outside the kernels, applied to x; the backward is the masked gradient."""
+
+    @staticmethod
+    def forward(ctx, x, mask, inplace):
+        out = _masked(x, mask, inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.mask, ctx.strides = mask, out.stride()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _MaskGradFunction.apply(grad, ctx.mask, ctx.strides), None, None
 
 
 def _drop_block_torchvision_on_device(x, p, block_size, inplace, eps, generator):

@@ -1015,6 +1015,7 @@ def drop_block_3d(
     training: bool = True,
     *,
     generator: Any = None,
+    return_mask: bool = False,
     out: Any = None,
 ):
     """DropBlock on (N, C, D, H, W) volumes with torchvision's maths (``ops.drop_block3d``).
@@ -1024,11 +1025,22 @@ def drop_block_3d(
     corner where a whole block fits, one map per (sample, channel); a seed at (d, h, w) drops
     the cube ``[d, d + b) x [h, h + b) x [w, w + b)``. Kept elements are scaled by
     ``numel / (eps + kept)`` (computed in float64 as torchvision's float64 path computes it,
-    rounded once to the compute type). Even block sizes are allowed (torchvision's pooling
-    refuses them).
+    rounded once to the compute type); dropped ones are 0. Even block sizes are allowed
+    (torchvision's pooling refuses them). The mask has the input's shape (one map per channel,
+    as torchvision's) and is kept as bits for the backward.
     """
     return _drop_block_torchvision(
-        "drop_block_3d", 3, input, p, block_size, inplace, eps, training, generator, out
+        "drop_block_3d",
+        3,
+        input,
+        p,
+        block_size,
+        inplace,
+        eps,
+        training,
+        generator,
+        return_mask,
+        out,
     )
 
 
@@ -1042,6 +1054,7 @@ def _drop_block_torchvision(
     eps: Any,
     training: Any,
     generator: Any,
+    return_mask: Any,
     out: Any,
 ):
     """torchvision's DropBlock over `spatial` (2 or 3) dimensions: drop_block_3d, and the
@@ -1065,22 +1078,22 @@ def _drop_block_torchvision(
         if out is not None:
             raise TypeError("out= takes a NumPy array and is not supported for torch tensors")
         if not training or p == 0.0 or input.numel() == 0:
-            return input
+            return _run(input, None, inplace, generator, return_mask)
         from . import _family_torch
 
         return _family_torch.drop_block_torchvision(
-            input, p, block_size, inplace, float(eps), generator
+            input, p, block_size, inplace, eps, generator, return_mask
         )
     a = _as_array(input)
     _check_numpy_target(a, inplace, out)
     gen = _resolve_generator(generator)
     if not training or p == 0.0 or a.size == 0:
-        return _run(a, None, inplace, gen, False, out=out)
-    keep, scale = _torchvision_block_keep(_call_key(gen), a.shape, p, block_size, float(eps))
-    op = _op_dtype(a.dtype)
-    factor = keep.astype(op)
-    factor *= op(scale)
-    return _numpy_result(a, factor, inplace, out)
+        return _run(a, None, inplace, gen, return_mask, out=out)
+    mask = _torchvision_block_mask(_call_key(gen), a.shape, p, block_size, eps)
+    if out is None:
+        out = a if inplace else _core.empty_like(a)
+    _core.mask_apply(mask._bits, a, out, mask.scale)
+    return (out, mask) if return_mask else out
 
 
 def _torchvision_block_seed_rate(spatial: tuple, p: float, block_size: int) -> tuple[int, float]:
@@ -1091,10 +1104,10 @@ def _torchvision_block_seed_rate(spatial: tuple, p: float, block_size: int) -> t
     return b, gamma
 
 
-def _torchvision_block_keep(
+def _torchvision_block_mask(
     key: tuple[int, int, int], shape: tuple, p: float, block_size: int, eps: float
-) -> tuple[np.ndarray, float]:
-    """The keep map of torchvision's DropBlock (bool, the input's shape) and its scale."""
+) -> Mask:
+    """The keep map of torchvision's DropBlock (the input's shape) and its scale, as a Mask."""
     spatial = tuple(int(s) for s in shape[2:])
     b, gamma = _torchvision_block_seed_rate(spatial, p, block_size)
     corners = tuple(s - b + 1 for s in spatial)
@@ -1112,4 +1125,6 @@ def _torchvision_block_keep(
         dropped = grown
     keep = ~dropped
     # torchvision's `numel / (eps + sum)` on a tensor is evaluated as `reciprocal(...) * numel`.
-    return keep, (1.0 / (eps + int(np.count_nonzero(keep)))) * keep.size
+    scale = (1.0 / (eps + int(np.count_nonzero(keep)))) * keep.size
+    packed = np.packbits(keep, axis=None, bitorder="little").tobytes()
+    return Mask(_core.mask_bits_from_packed(keep.shape, packed), scale, keep.shape)

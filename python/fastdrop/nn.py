@@ -602,6 +602,7 @@ class TorchvisionDropBlock2d(nn.Module):
             self.eps,
             self.training,
             self.generator,
+            False,
             None,
         )
 
