@@ -1034,3 +1034,17 @@ def test_drop_rate_scheduler_drives_the_new_modules():
     sched.step()
     rates = [m.prob if isinstance(m, fnn.PatchDropout) else m.p for m in model]
     assert rates == [pytest.approx(0.1)] * len(model)
+
+
+def test_in_place_calls_on_non_leaf_tensors_differentiate_correctly():
+    ones = torch.ones(2, 1, 4, 4, 4, dtype=torch.float64)
+    for call in (
+        lambda t, **k: fastdrop.gaussian_dropout(t, 0.3, generator=Generator(90), **k),
+        lambda t, **k: fastdrop.drop_block_3d(t, 0.3, 2, generator=Generator(90), **k),
+    ):
+        a = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+        h = a * 2
+        assert call(h, inplace=True) is h
+        h.sum().backward()
+        # d/da sum(f(2a)) = 2 * factor, and the factor is the call's output on ones
+        assert torch.allclose(a.grad, 2 * call(ones))
