@@ -666,10 +666,10 @@ def drop_path_add(
 # === NEW: the rest of the family (issue 16) ==================================================
 # noise_shape (used by dropout and alpha_dropout above), locked_dropout, embedding_dropout,
 # stochastic_depth, gaussian_dropout, patch_dropout, drop_block_3d. Mask-shaped variants are a
-# `_Spec` handed to `_run`; the three that are not masks (Gaussian noise, token selection,
-# torchvision's blocks) draw their randomness with `_normals` / `_seed_map` below, pure
-# functions of (seed, stream, offset, index) like every mask, and their torch side (autograd,
-# other devices) lives in `_family_torch`.
+# `_Spec` handed to `_run`; the others (Gaussian noise, token selection, torchvision's blocks,
+# whose seeds only fit where a whole block does) draw their randomness with `_normals` /
+# `_seed_map` below, pure functions of (seed, stream, offset, index) like every mask, and their
+# torch side (autograd, other devices) lives in `_family_torch`.
 
 __all__ += [
     "locked_dropout",
@@ -811,14 +811,6 @@ def stochastic_depth(
 # --- randomness that is not a mask: normal deviates and seed maps ------------------------------
 
 
-def _call_generator(x: Any, generator: Any) -> _core.Generator:
-    """The fastdrop Generator a call on `x` draws from: for torch input a torch key (or
-    torch.Generator) becomes one, as the mask-shaped variants' keys do."""
-    if is_torch_tensor(x):
-        return _torch_module()._host_generator(generator)
-    return _resolve_generator(generator)
-
-
 def _call_key(gen: _core.Generator) -> tuple[int, int, int]:
     """Reserves one counter block of `gen` for a call and returns (seed, stream, block): the
     call's values are drawn on the stream forked from that block, so they are a pure function
@@ -863,7 +855,7 @@ def _op_dtype(dtype: Any) -> Any:
 def _numpy_result(a: np.ndarray, factor: np.ndarray, inplace: bool, out: Any) -> np.ndarray:
     """`a * factor` computed in the factor's type and rounded once to a's dtype."""
     if out is None:
-        out = a if inplace else np.empty_like(a)
+        out = a if inplace else _core.empty_like(a)
     np.multiply(a, factor, out=out, casting="unsafe")
     return out
 
