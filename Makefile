@@ -14,14 +14,15 @@ $(STAMP)/venv:
 	$(PIP) install -q --upgrade pip
 	mkdir -p $(STAMP) && touch $@
 
-# Build and run: numpy, maturin. Tests add torch (the CPU-capable PyPI build), timm,
+# Build and run: numpy, maturin. Tests add torch (the CPU-capable PyPI build), timm, keras
+# (its torch backend: the reference for noise_shape and GaussianDropout),
 # scikit-learn, hypothesis and the linters.
 $(STAMP)/base: $(STAMP)/venv Makefile
 	$(PIP) install -q "numpy>=1.23" "maturin>=1.9,<2"
 	touch $@
 
 $(STAMP)/test: $(STAMP)/base Makefile
-	$(PIP) install -q torch timm scikit-learn matplotlib "pytest>=7" pytest-timeout hypothesis ruff mypy expecttest
+	$(PIP) install -q torch timm scikit-learn matplotlib "pytest>=7" pytest-timeout hypothesis ruff mypy expecttest keras
 	touch $@
 
 venv: $(STAMP)/base

@@ -4,7 +4,9 @@
 use crate::attention;
 use crate::buffer::{self, Buffer};
 use crate::error::DropError;
-use crate::generator::{blocks_for_call, blocks_for_decisions, fork_stream, GeneratorState};
+use crate::generator::{
+    blocks_for_call, blocks_for_decisions, blocks_for_normals, fork_stream, GeneratorState,
+};
 use crate::kernel::{self, Application, Bits, Operand};
 use crate::mask::{block_keep_words, BlockGeometry};
 use crate::rng::{self, threshold_for, Key};
@@ -1261,12 +1263,13 @@ fn is_c_contiguous(v: &View) -> bool {
 
 /// The attention weights' operands: C-contiguous views of one dtype and shape, the written ones
 /// writeable and disjoint from every other.
-fn weight_views(
-    read: &[(&str, &Bound<'_, PyAny>)],
-    written: &[(&str, &Bound<'_, PyAny>)],
+fn weight_views<'py>(
+    read: &[(&str, &Bound<'py, PyAny>)],
+    written: &[(&str, &Bound<'py, PyAny>)],
+    pins: &mut Vec<Bound<'py, PyAny>>,
 ) -> PyResult<(Vec<View>, Vec<View>)> {
-    let to_views = |list: &[(&str, &Bound<'_, PyAny>)]| -> PyResult<Vec<View>> {
-        list.iter().map(|(name, a)| view(name, a)).collect()
+    let mut to_views = |list: &[(&str, &Bound<'py, PyAny>)]| -> PyResult<Vec<View>> {
+        list.iter().map(|(name, a)| view(name, a, pins)).collect()
     };
     let (r, w) = (to_views(read)?, to_views(written)?);
     let first = w
@@ -1347,7 +1350,9 @@ fn softmax_dropout_forward(
     generator: &Generator,
 ) -> PyResult<MaskBits> {
     check_prob("keep probability", keep)?;
-    let (_, w) = weight_views(&[], &[("scores", scores), ("dropped", dropped)])?;
+    // Pinned for the call: the kernel runs with the GIL released.
+    let mut pins = Vec::new();
+    let (_, w) = weight_views(&[], &[("scores", scores), ("dropped", dropped)], &mut pins)?;
     let (sv, dv) = (&w[0], &w[1]);
     let shape = sv.shape.clone();
     if shape.len() < 2 {
@@ -1361,7 +1366,7 @@ fn softmax_dropout_forward(
         causal,
     };
     let n: usize = shape.iter().product();
-    let (key, first_block) = generator.state.reserve(blocks_for_decisions(n));
+    let (key, first_block) = generator.state.reserve(blocks_for_decisions(n))?;
     let drop = attention::WeightDropout {
         key,
         first_block,
@@ -1415,7 +1420,13 @@ fn softmax_dropout_backward(
     mask: &MaskBits,
     keep_scale: f64,
 ) -> PyResult<()> {
-    let (r, w) = weight_views(&[("probs", probs)], &[("grad", grad), ("dropped", dropped)])?;
+    // Pinned for the call: the kernel runs with the GIL released.
+    let mut pins = Vec::new();
+    let (r, w) = weight_views(
+        &[("probs", probs)],
+        &[("grad", grad), ("dropped", dropped)],
+        &mut pins,
+    )?;
     let (pv, gv, dv) = (&r[0], &w[0], &w[1]);
     if pv.shape != mask.shape || pv.shape.len() < 2 {
         return Err(PyValueError::new_err(format!(
@@ -1485,5 +1496,73 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_dropout_forward, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_dropout_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(normal_fill, m)?)?;
+    m.add_function(wrap_pyfunction!(mask_bits_from_packed, m)?)?;
     Ok(())
+}
+
+// --- issue 16: the rest of the family ----------------------------------------------------------
+
+/// Fills a contiguous float32 or float64 array with standard normal deviates (element i in C
+/// order is `kernel::normal_at(key, first, i)` rounded to the dtype), from counter blocks
+/// reserved from `generator`: Gaussian dropout's noise.
+#[pyfunction]
+fn normal_fill(py: Python<'_>, out: &Bound<'_, PyAny>, generator: &Generator) -> PyResult<()> {
+    use numpy::PyArrayMethods;
+    fn fill<T: crate::noise::Deviate + numpy::Element>(
+        py: Python<'_>,
+        arr: &Bound<'_, numpy::PyArrayDyn<T>>,
+        generator: &Generator,
+    ) -> PyResult<()> {
+        // Element i in C order gets deviate i: a Fortran-ordered slice would be filled in the
+        // wrong order.
+        if !arr.is_c_contiguous() {
+            return Err(PyValueError::new_err(
+                "normal_fill needs a C-contiguous array",
+            ));
+        }
+        let mut rw = arr
+            .try_readwrite()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let slice = rw
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("normal_fill needs a C-contiguous array"))?;
+        let (key, first) = generator.state.reserve(blocks_for_normals(slice.len()))?;
+        py.detach(|| crate::noise::fill_normals(key, first, slice));
+        Ok(())
+    }
+    if let Ok(a) = out.cast::<numpy::PyArrayDyn<f32>>() {
+        fill(py, a, generator)
+    } else if let Ok(a) = out.cast::<numpy::PyArrayDyn<f64>>() {
+        fill(py, a, generator)
+    } else {
+        Err(PyTypeError::new_err(
+            "normal_fill needs a float32 or float64 numpy.ndarray",
+        ))
+    }
+}
+
+/// A mask of `shape` from little-endian packed bits (bit i of the mask is bit i % 8 of byte
+/// i / 8, as `numpy.packbits(..., bitorder="little")` packs them and `MaskBits.to_bytes`
+/// returns them): for masks decided outside the kernels (torchvision's DropBlock), so that they
+/// apply and differentiate through `mask_apply` like every other.
+#[pyfunction]
+fn mask_bits_from_packed(shape: &Bound<'_, PyAny>, packed: &[u8]) -> PyResult<MaskBits> {
+    let shape = shape_arg("shape", shape)?;
+    let n = (shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))).ok_or_else(|| {
+        PyValueError::new_err(format!("mask shape {shape:?} has more than 2**64 elements"))
+    })?;
+    if packed.len() != n.div_ceil(8) {
+        return Err(PyValueError::new_err(format!(
+            "{} bytes of bits for a mask of shape {shape:?}, which needs {}",
+            packed.len(),
+            n.div_ceil(8)
+        )));
+    }
+    let mut words = vec![0u64; kernel::words_for(n)];
+    for (i, &b) in packed.iter().enumerate() {
+        words[i / 8] |= (b as u64) << (8 * (i % 8));
+    }
+    kernel::clear_tail(&mut words, n);
+    Ok(MaskBits { shape, words })
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod generator;
 pub mod kernel;
 pub mod mask;
+pub mod noise;
 pub mod rng;
 pub mod simd;
 

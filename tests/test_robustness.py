@@ -373,6 +373,12 @@ def _capsule(consumed=False):
     return c
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    b = a.copy()
+    b.flags.writeable = False
+    return b
+
+
 HOSTILE = [
     # bernoulli_apply(x, out, residual, mask_shape, application, keep, generator, store_mask)
     (lambda: _core.bernoulli_apply(A, A.copy(), None, [4, 8], (), 0.5, G, False), ValueError),
@@ -468,6 +474,41 @@ HOSTILE = [
     (lambda: _core.mask_apply(A, A, A.copy(), 1.0), TypeError),
     (
         lambda: _core.mask_apply(_core.MaskBits.filled([4, 8], True), A, A.copy(), 1.0, A.T),
+        ValueError,
+    ),
+    # normal_fill(out, generator): a C-contiguous, writeable float32/float64 array
+    (lambda: _core.normal_fill(A.astype(object), G), TypeError),
+    (lambda: _core.normal_fill(A.copy().T, G), ValueError),
+    (lambda: _core.normal_fill(np.zeros((4, 8), np.float32)[:, ::2], G), ValueError),
+    (lambda: _core.normal_fill(_read_only(A), G), ValueError),
+    (lambda: _core.normal_fill(A.copy(), 3), TypeError),
+    # mask_bits_from_packed(shape, packed)
+    (lambda: _core.mask_bits_from_packed([-1], b""), ValueError),
+    (lambda: _core.mask_bits_from_packed([4, 8], b"\x00"), ValueError),
+    (lambda: _core.mask_bits_from_packed([2**40, 2**40], b"\x00"), ValueError),
+    # softmax_dropout_forward(scores, dropped, logit_scale, causal, keep, generator)
+    (lambda: _core.softmax_dropout_forward(A.copy(), A[:2].copy(), 1.0, False, 0.9, G), ValueError),
+    (lambda: _core.softmax_dropout_forward(A.copy(), A.copy(), 1.0, False, 1.5, G), ValueError),
+    (
+        lambda: _core.softmax_dropout_forward(A[0].copy(), A[0].copy(), 1.0, False, 0.5, G),
+        ValueError,
+    ),
+    (lambda: _core.softmax_dropout_forward(A.copy(), A.copy().T, 1.0, False, 0.5, G), ValueError),
+    (
+        lambda: _core.softmax_dropout_forward(A.copy(), A.astype(object), 1.0, False, 0.5, G),
+        TypeError,
+    ),
+    # softmax_dropout_backward(probs, grad, dropped, mask, keep_scale)
+    (
+        lambda: _core.softmax_dropout_backward(
+            A.copy(), A.copy(), A.copy(), _core.MaskBits.filled([2], True), 1.0
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.softmax_dropout_backward(
+            A.copy(), A.copy(), A.astype(np.float64), _core.MaskBits.filled([4, 8], True), 1.0
+        ),
         ValueError,
     ),
     # the rest

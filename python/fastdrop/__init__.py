@@ -20,6 +20,8 @@ from .functional import (
     alpha_dropout,
     default_generator,
     drop_block_2d,
+    # issue 16: the rest of the family
+    drop_block_3d,
     drop_path,
     drop_path_add,
     dropout,
@@ -27,7 +29,12 @@ from .functional import (
     dropout2d,
     dropout3d,
     dropout_add,
+    embedding_dropout,
     feature_alpha_dropout,
+    gaussian_dropout,
+    locked_dropout,
+    patch_dropout,
+    stochastic_depth,
 )
 from .schedules import calculate_drop_path_rates
 
@@ -60,6 +67,14 @@ __all__ = [
     "set_num_threads",
     "simd_backend",
     "empty_cache",
+    # issue 16: the rest of the family
+    "drop_block_3d",
+    "embedding_dropout",
+    "gaussian_dropout",
+    "locked_dropout",
+    "mc_sample",
+    "patch_dropout",
+    "stochastic_depth",
 ]
 
 
@@ -98,6 +113,16 @@ def empty_cache() -> int:
     in and zero (which costs about as much as the dropout). At most 8 buffers and
     ``FASTDROP_CACHE_BYTES`` bytes (default 1 GiB; ``0`` disables the cache) are kept."""
     return int(_core.empty_cache())
+
+
+def mc_sample(model, x, n: int, *, generator=None, passes_per_batch: int = 1, progress=False):
+    """``n`` stochastic forward passes of a torch model under MC dropout, stacked on a new first
+    dimension: `fastdrop.nn.mc_sample` (imported here on first use, as it needs torch)."""
+    from .nn import mc_sample as sample
+
+    return sample(
+        model, x, n, generator=generator, passes_per_batch=passes_per_batch, progress=progress
+    )
 
 
 def __getattr__(name: str):

@@ -316,6 +316,7 @@ def dropout(
     generator: Any = None,
     return_mask: bool = False,
     out: Any = None,
+    noise_shape: Any = None,
 ):
     """Zeroes each element with probability ``p`` and scales the rest by ``1 / (1 - p)``.
 
@@ -334,6 +335,10 @@ def dropout(
         return_mask: also return the ``Mask`` (for ``mask.backward(grad)``).
         out: a preallocated NumPy array of the input's shape and dtype to write the result
             into (and return); every function takes it. Not for torch tensors.
+        noise_shape: the mask's shape, as Keras's ``noise_shape``: a tuple of the input's rank
+            whose entries are 1 (one decision shared along that dimension), the dimension's
+            size or None (a decision per index). ``(N, 1, 1, C)`` on an (N, H, W, C) input is
+            channels-last spatial dropout.
 
     Returns:
         The result (same shape and dtype), or ``(result, mask)`` with ``return_mask=True``.
@@ -345,6 +350,7 @@ def dropout(
         and inplace is False
         and return_mask is False
         and out is None
+        and noise_shape is None
     ):
         # The most common call, with defaults, goes straight to the kernel: the same spec,
         # output and generator as the general path below, without its checks and dispatch,
@@ -370,11 +376,12 @@ def dropout(
                 _TORCH._check_kind(input)  # a sparse or nested tensor: a TypeError that says so
                 raise
     p = _check_prob(p)
+    mask_shape = _noise_mask_shape(input, noise_shape)
     if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask, out=out)
+        return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
     return _run(
         input,
-        _scale_spec(_shape(input), p),
+        _scale_spec(_shape(input) if mask_shape is None else mask_shape, p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
@@ -399,19 +406,22 @@ def alpha_dropout(
     generator: Any = None,
     return_mask: bool = False,
     out: Any = None,
+    noise_shape: Any = None,
 ):
     """Alpha dropout (for SELU networks): keeps zero mean and unit variance.
 
     With ``alpha = 1.7580993408473766`` and ``a = 1 / sqrt((alpha^2 p + 1)(1 - p))``, a kept
     element becomes ``a * x + alpha * a * p`` and a dropped one ``-alpha * a * (1 - p)``.
     Evaluation mode by default, as in torch. ``p == 1`` gives zeros, as torch does.
+    ``noise_shape`` shares decisions along dimensions, as in ``dropout``.
     """
     p = _check_prob(p)
+    mask_shape = _noise_mask_shape(input, noise_shape)
     if not _check_bool(training, "training") or p == 0.0:
-        return _run(input, None, inplace, generator, return_mask, out=out)
+        return _run(input, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
     return _run(
         input,
-        _alpha_spec(_shape(input), p),
+        _alpha_spec(_shape(input) if mask_shape is None else mask_shape, p),
         _check_bool(inplace, "inplace"),
         generator,
         return_mask,
@@ -777,3 +787,462 @@ def drop_path_add(
             branch, None, False, generator, return_mask, x, out=out, kept_shape=spec.mask_shape
         )
     return _run(branch, spec, False, generator, return_mask, x, out=out)
+
+
+# === NEW: the rest of the family (issue 16) ==================================================
+# noise_shape (used by dropout and alpha_dropout above), locked_dropout, embedding_dropout,
+# stochastic_depth, gaussian_dropout, patch_dropout, drop_block_3d. Mask-shaped variants are a
+# `_Spec` handed to `_run`; the others (Gaussian noise, token selection, torchvision's blocks,
+# whose seeds only fit where a whole block does) draw their randomness with `_normals` /
+# `_seed_map` below, pure functions of (seed, stream, offset, index) like every mask, and their
+# torch side (autograd, other devices) lives in `_family_torch`.
+
+__all__ += [
+    "locked_dropout",
+    "embedding_dropout",
+    "stochastic_depth",
+    "gaussian_dropout",
+    "patch_dropout",
+    "drop_block_3d",
+]
+
+
+def _require_array(x: Any) -> int:
+    """The rank of an input, or a TypeError for anything that is not an array or tensor."""
+    nd = _ndim(x)
+    if nd < 0:
+        raise TypeError(f"input must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}")
+    return nd
+
+
+def _noise_mask_shape(input: Any, noise_shape: Any) -> Optional[tuple]:
+    """Keras's ``noise_shape`` as a mask shape (None stays None): a tuple of the input's rank
+    whose entries are 1, the dimension's size or None (the dimension's size)."""
+    if noise_shape is None:
+        return None
+    nd = _require_array(input)
+    if not isinstance(noise_shape, (tuple, list)):
+        raise TypeError(f"noise_shape must be a tuple, got {type(noise_shape).__name__}")
+    for e in noise_shape:
+        if e is not None and (isinstance(e, bool) or not isinstance(e, numbers.Integral)):
+            raise TypeError(
+                f"noise_shape entries must be ints or None, got {type(e).__name__} in "
+                f"{tuple(noise_shape)}"
+            )
+    shape = tuple(int(s) for s in input.shape)
+    if len(noise_shape) != nd or any(
+        e is not None and int(e) != 1 and int(e) != s for e, s in zip(noise_shape, shape)
+    ):
+        raise ValueError(
+            f"noise_shape {tuple(noise_shape)} does not fit an input of shape {shape}: it needs "
+            f"{nd} entries, each 1, None or the input's size in that dimension"
+        )
+    return tuple(s if e is None else int(e) for e, s in zip(noise_shape, shape))
+
+
+def locked_dropout(
+    input: Any,
+    p: float = 0.5,
+    training: bool = True,
+    batch_first: bool = False,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+    out: Any = None,
+):
+    """Sequence (locked, variational) dropout: one mask per (batch, feature), shared by every
+    time step, as fastai's ``RNNDropout`` and AWD-LSTM's ``LockedDropout``.
+
+    ``input`` is (seq, batch, feature ...) or, with ``batch_first``, (batch, seq, feature ...);
+    the mask has the input's shape with the time dimension set to 1. Kept values are scaled by
+    ``1 / (1 - p)``, dropped ones are 0.
+    """
+    p = _check_prob(p)
+    batch_first = _check_bool(batch_first, "batch_first")
+    nd = _require_array(input)
+    if nd < 2:
+        raise ShapeError(
+            f"locked_dropout: Expected an input with a time and a batch dimension (at least "
+            f"2D), but received a {nd}D input"
+        )
+    time = 1 if batch_first else 0
+    shape = tuple(int(s) for s in input.shape)
+    mask_shape = shape[:time] + (1,) + shape[time + 1 :]
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(input, None, False, generator, return_mask, out=out, kept_shape=mask_shape)
+    return _run(input, _scale_spec(mask_shape, p), False, generator, return_mask, out=out)
+
+
+def embedding_dropout(
+    weight: Any,
+    p: float,
+    training: bool = True,
+    scale: bool = True,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+    out: Any = None,
+):
+    """Word dropout on an embedding matrix (fastai's ``EmbeddingDropout``): drops whole rows of
+    the (num_embeddings, embedding_dim) ``weight`` with probability ``p`` and returns the masked
+    weight, for ``torch.nn.functional.embedding``. Kept rows are scaled by ``1 / (1 - p)`` when
+    ``scale``, left as they are otherwise. The mask has shape (num_embeddings, 1)."""
+    p = _check_prob(p)
+    scale = _check_bool(scale, "scale")
+    nd = _require_array(weight)
+    if nd != 2:
+        raise ShapeError(
+            f"embedding_dropout: Expected a 2D (num_embeddings, embedding_dim) weight, but "
+            f"received a {nd}D input"
+        )
+    mask_shape = (int(weight.shape[0]), 1)
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(weight, None, False, generator, return_mask, out=out, kept_shape=mask_shape)
+    spec = _scale_spec(mask_shape, p) if scale else _Spec(mask_shape, ("scale", 1.0), 1.0 - p, 1.0)
+    return _run(weight, spec, False, generator, return_mask, out=out)
+
+
+def stochastic_depth(
+    input: Any,
+    p: float,
+    mode: str,
+    training: bool = True,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+    out: Any = None,
+):
+    """torchvision's ``ops.stochastic_depth``: with ``mode="row"`` each sample (dimension 0) is
+    zeroed with probability ``p`` (timm's ``drop_path``), with ``mode="batch"`` the whole input
+    at once; survivors are divided by ``1 - p``. The mode is checked even when not training,
+    as torchvision does. The mask has shape (N, 1, ..., 1) or (1, ..., 1)."""
+    p = _check_prob(p, "drop probability")
+    if mode not in ("batch", "row"):
+        raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
+    nd = _require_array(input)
+    if mode == "row":
+        if nd == 0:
+            raise ShapeError(
+                "stochastic_depth: mode='row' expects an input with a batch dimension, got a "
+                "0D input"
+            )
+        mask_shape: tuple = (int(input.shape[0]),) + (1,) * (nd - 1)
+    else:
+        mask_shape = (1,) * nd
+    if not _check_bool(training, "training") or p == 0.0:
+        return _run(input, None, False, generator, return_mask, out=out, kept_shape=mask_shape)
+    return _run(input, _scale_spec(mask_shape, p), False, generator, return_mask, out=out)
+
+
+# --- randomness that is not a mask: normal deviates and seed maps ------------------------------
+
+
+def _call_key(gen: _core.Generator) -> tuple[int, int, int]:
+    """Reserves one counter block of `gen` for a call and returns (seed, stream, block): the
+    call's values are drawn on the stream forked from that block, so they are a pure function
+    of the key and an index, whatever their number, and a backward can draw them again."""
+    seed, stream, _ = gen.get_state()
+    return seed, stream, gen._reserve(1)
+
+
+def _keyed_generator(key: tuple[int, int, int]) -> _core.Generator:
+    seed, stream, block = key
+    g = _core.Generator(seed)
+    g.set_state((seed, stream, 0))
+    return g.fork(block)
+
+
+def _normals(key: tuple[int, int, int], shape: tuple, dtype: Any) -> np.ndarray:
+    """Standard normal deviates of `shape` (float32 or float64), deviate i a pure function of
+    (key, i), as DropBlock's noise is."""
+    out = np.empty(shape, dtype)
+    if out.size:
+        _core.normal_fill(out, _keyed_generator(key))
+    return out
+
+
+def _seed_map(key: tuple[int, int, int], shape: tuple, rate: float) -> np.ndarray:
+    """Bernoulli(rate) decisions of `shape` as a bool array, decision i a pure function of
+    (key, i): the kernel's scale application on ones writes each decision as 1 or 0."""
+    out = np.empty(shape, np.float16)
+    if out.size:
+        ones = np.broadcast_to(np.float16(1.0), shape)
+        _core.bernoulli_apply(
+            ones, out, None, tuple(shape), ("scale", 1.0), rate, _keyed_generator(key), False
+        )
+    return out != 0
+
+
+def _op_dtype(dtype: Any) -> Any:
+    """The type fastdrop computes a dtype in: float64 for float64, float32 otherwise."""
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _numpy_result(a: np.ndarray, factor: np.ndarray, inplace: bool, out: Any) -> np.ndarray:
+    """`a * factor` computed in the factor's type and rounded once to a's dtype."""
+    if out is None:
+        out = a if inplace else _core.empty_like(a)
+    np.multiply(a, factor, out=out, casting="unsafe")
+    return out
+
+
+def _check_numpy_target(a: np.ndarray, inplace: bool, out: Any) -> None:
+    if out is not None:
+        _check_out(out, a, inplace)
+    if inplace and not a.flags.writeable:
+        raise ValueError("inplace=True needs a writeable array, but the input is read-only")
+
+
+def gaussian_dropout(
+    input: Any,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Any = None,
+    out: Any = None,
+):
+    """Multiplicative Gaussian noise, ``x * N(1, p / (1 - p))`` (``keras.layers.GaussianDropout``):
+    every element is multiplied by ``1 + sigma * z`` with ``sigma = sqrt(p / (1 - p))`` and
+    ``z`` a standard normal deviate. ``p`` is in [0, 1); ``training=False`` or ``p == 0``
+    returns ``input``.
+
+    The factor is computed in float32 (float64 for float64 input) and the product rounded once
+    to the input's dtype. Deviate i is a pure function of the call's key and i, so NumPy and
+    torch input agree under the same generator and the backward (``grad * factor``) draws the
+    same noise again instead of storing it.
+    """
+    p = _check_prob(p)
+    if p == 1.0:
+        raise ValueError(
+            "gaussian_dropout: p must be in [0, 1), got 1.0 (the noise variance p / (1 - p) "
+            "would be infinite)"
+        )
+    training = _check_bool(training, "training")
+    inplace = _check_bool(inplace, "inplace")
+    sigma = math.sqrt(p / (1.0 - p))
+    if is_torch_tensor(input):
+        if out is not None:
+            raise TypeError("out= takes a NumPy array and is not supported for torch tensors")
+        if not training or p == 0.0:
+            return input
+        from . import _family_torch
+
+        return _family_torch.gaussian_dropout(input, sigma, inplace, generator)
+    a = _as_array(input)
+    _check_numpy_target(a, inplace, out)
+    gen = _resolve_generator(generator)
+    if not training or p == 0.0:
+        return _run(a, None, inplace, gen, False, out=out)
+    factor = _gaussian_factor(_call_key(gen), a.shape, _op_dtype(a.dtype), sigma)
+    return _numpy_result(a, factor, inplace, out)
+
+
+def _gaussian_factor(key: tuple[int, int, int], shape: tuple, dtype: Any, sigma: float):
+    """``1 + sigma * z`` in `dtype`, with `sigma` rounded once to it."""
+    factor = _normals(key, shape, dtype)
+    factor *= dtype(sigma)
+    factor += dtype(1.0)
+    return factor
+
+
+def _check_int(v: Any, name: str, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {v}")
+    return int(v)
+
+
+def patch_dropout(
+    x: Any,
+    prob: float,
+    num_prefix_tokens: int = 1,
+    ordered: bool = False,
+    return_indices: bool = False,
+    *,
+    training: bool = True,
+    generator: Any = None,
+):
+    """PatchDropout (timm's ``PatchDropout``): keeps ``num_keep = max(1, int(L * (1 - prob)))``
+    random tokens of each sample of a (B, num_prefix_tokens + L, ...) input, behind its prefix
+    tokens (class and register tokens, always kept, in front). With ``ordered`` the kept tokens
+    stay in their original order; otherwise they come in random order, as timm's do.
+
+    With ``return_indices`` returns ``(out, keep_indices)``, the kept tokens' indices among the
+    non-prefix tokens, of shape (B, num_keep) (None when nothing was dropped), like timm's.
+    Which tokens are kept is a pure function of the generator's key.
+    """
+    prob = _check_prob(prob, "prob")
+    num_prefix_tokens = _check_int(num_prefix_tokens, "num_prefix_tokens", 0)
+    ordered = _check_bool(ordered, "ordered")
+    return_indices = _check_bool(return_indices, "return_indices")
+    training = _check_bool(training, "training")
+    nd = _require_array(x)
+    if nd < 2:
+        raise ShapeError(
+            f"patch_dropout: Expected a (B, L, ...) input of at least 2D, but received a "
+            f"{nd}D input"
+        )
+    if num_prefix_tokens > int(x.shape[1]):
+        raise ValueError(
+            f"patch_dropout: num_prefix_tokens ({num_prefix_tokens}) exceeds the {int(x.shape[1])} "
+            f"tokens of the input"
+        )
+    if is_torch_tensor(x):
+        from . import _family_torch
+
+        out, idx = _family_torch.patch_dropout(
+            x, prob, num_prefix_tokens, ordered, training, generator
+        )
+        return (out, idx) if return_indices else out
+    a = _as_array(x)
+    gen = _resolve_generator(generator)
+    if not training or prob == 0.0:
+        return (a, None) if return_indices else a
+    b, tokens = int(a.shape[0]), int(a.shape[1]) - num_prefix_tokens
+    keep = _keep_indices(_call_key(gen), b, tokens, prob, ordered)
+    body = np.take_along_axis(
+        a[:, num_prefix_tokens:], keep.reshape(keep.shape + (1,) * (nd - 2)), axis=1
+    )
+    result = np.concatenate((a[:, :num_prefix_tokens], body), axis=1)
+    return (result, keep) if return_indices else result
+
+
+def _keep_indices(
+    key: tuple[int, int, int], batch: int, tokens: int, prob: float, ordered: bool
+) -> np.ndarray:
+    """timm's token choice: the first ``max(1, int(L * (1 - prob)))`` of a random permutation
+    per sample (argsort of normal deviates; a stable sort breaks any tie by index)."""
+    num_keep = max(1, int(tokens * (1.0 - prob)))
+    if tokens == 0:
+        return np.zeros((batch, 0), np.int64)
+    order = np.argsort(_normals(key, (batch, tokens), np.float64), axis=-1, kind="stable")
+    idx = order[:, :num_keep].astype(np.int64)
+    if ordered:
+        idx.sort(axis=-1)
+    return idx
+
+
+def drop_block_3d(
+    input: Any,
+    p: float,
+    block_size: int,
+    inplace: bool = False,
+    eps: float = 1e-6,
+    training: bool = True,
+    *,
+    generator: Any = None,
+    return_mask: bool = False,
+    out: Any = None,
+):
+    """DropBlock on (N, C, D, H, W) volumes with torchvision's maths (``ops.drop_block3d``).
+
+    ``block_size`` is clamped to ``b = min(block_size, D, H, W)``; seeds are Bernoulli(gamma)
+    with ``gamma = p * D * H * W / (b^3 * (D - b + 1) * (H - b + 1) * (W - b + 1))`` at every
+    corner where a whole block fits, one map per (sample, channel); a seed at (d, h, w) drops
+    the cube ``[d, d + b) x [h, h + b) x [w, w + b)``. Kept elements are scaled by
+    ``numel / (eps + kept)`` (computed in float64 as torchvision's float64 path computes it,
+    rounded once to the compute type); dropped ones are 0. Even block sizes are allowed
+    (torchvision's pooling refuses them). The mask has the input's shape (one map per channel,
+    as torchvision's) and is kept as bits for the backward.
+    """
+    return _drop_block_torchvision(
+        "drop_block_3d",
+        3,
+        input,
+        p,
+        block_size,
+        inplace,
+        eps,
+        training,
+        generator,
+        return_mask,
+        out,
+    )
+
+
+def _drop_block_torchvision(
+    name: str,
+    spatial: int,
+    input: Any,
+    p: Any,
+    block_size: Any,
+    inplace: Any,
+    eps: Any,
+    training: Any,
+    generator: Any,
+    return_mask: Any,
+    out: Any,
+):
+    """torchvision's DropBlock over `spatial` (2 or 3) dimensions: drop_block_3d, and the
+    module that replaces torchvision's DropBlock2d."""
+    p = _check_prob(p, "drop probability")
+    block_size = _check_int(block_size, "block_size", 1)
+    if isinstance(eps, (str, bytes, bool)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    training = _check_bool(training, "training")
+    inplace = _check_bool(inplace, "inplace")
+    nd = _require_array(input)
+    if nd != spatial + 2:
+        dims = "(N, C, H, W)" if spatial == 2 else "(N, C, D, H, W)"
+        raise ShapeError(
+            f"{name}: Expected {spatial + 2}D {dims} input, but received a {nd}D input"
+        )
+    if is_torch_tensor(input):
+        if out is not None:
+            raise TypeError("out= takes a NumPy array and is not supported for torch tensors")
+        if not training or p == 0.0 or input.numel() == 0:
+            return _run(input, None, inplace, generator, return_mask)
+        from . import _family_torch
+
+        return _family_torch.drop_block_torchvision(
+            input, p, block_size, inplace, eps, generator, return_mask
+        )
+    a = _as_array(input)
+    _check_numpy_target(a, inplace, out)
+    gen = _resolve_generator(generator)
+    if not training or p == 0.0 or a.size == 0:
+        return _run(a, None, inplace, gen, return_mask, out=out)
+    mask = _torchvision_block_mask(_call_key(gen), a.shape, p, block_size, eps)
+    if out is None:
+        out = a if inplace else _core.empty_like(a)
+    _core.mask_apply(mask._bits, a, out, mask.scale)
+    return (out, mask) if return_mask else out
+
+
+def _torchvision_block_seed_rate(spatial: tuple, p: float, block_size: int) -> tuple[int, float]:
+    """torchvision's clamped block size and seed rate for maps of shape `spatial`. The rate is
+    at most p: b * (n - b + 1) >= n for 1 <= b <= n, along each axis."""
+    b = min((block_size,) + spatial)
+    gamma = p * math.prod(spatial) / (b ** len(spatial) * math.prod(s - b + 1 for s in spatial))
+    return b, gamma
+
+
+def _torchvision_block_mask(
+    key: tuple[int, int, int], shape: tuple, p: float, block_size: int, eps: float
+) -> Mask:
+    """The keep map of torchvision's DropBlock (the input's shape) and its scale, as a Mask."""
+    spatial = tuple(int(s) for s in shape[2:])
+    b, gamma = _torchvision_block_seed_rate(spatial, p, block_size)
+    corners = tuple(s - b + 1 for s in spatial)
+    dropped = _seed_map(key, tuple(int(s) for s in shape[:2]) + corners, gamma)
+    for axis, size in enumerate(spatial, start=2):
+        # Grow each seed along this axis: index i is dropped by seeds at i - b + 1 .. i.
+        grown_shape = list(dropped.shape)
+        grown_shape[axis] = size
+        grown = np.zeros(grown_shape, bool)
+        span = dropped.shape[axis]
+        for j in range(b):
+            sl = [slice(None)] * dropped.ndim
+            sl[axis] = slice(j, j + span)
+            grown[tuple(sl)] |= dropped
+        dropped = grown
+    keep = ~dropped
+    # torchvision's `numel / (eps + sum)` on a tensor is evaluated as `reciprocal(...) * numel`.
+    scale = (1.0 / (eps + int(np.count_nonzero(keep)))) * keep.size
+    packed = np.packbits(keep, axis=None, bitorder="little").tobytes()
+    return Mask(_core.mask_bits_from_packed(keep.shape, packed), scale, keep.shape)

@@ -246,7 +246,7 @@ def _equivalent(module: Any) -> Optional[nn.Module]:
             getattr(module, "couple_channels", True),
             getattr(module, "scale_by_keep", True),
         )
-    return None
+    return _family_equivalent(module)
 
 
 def replace_dropout(model: nn.Module) -> Dict[str, str]:
@@ -368,3 +368,515 @@ class DropRateScheduler:
             f"DropRateScheduler(schedule={self.schedule!r}, modules={len(self._targets)}, "
             f"last_step={self.last_step}, rate={self._rate})"
         )
+
+
+# === NEW: the rest of the family (issue 16) ==================================================
+# LockedDropout, EmbeddingDropout, GaussianDropout, WeightDropout, PatchDropout, DropBlock3d,
+# StochasticDepth, mc_dropout / mc_sample, and replace_dropout's conversions of timm's
+# PatchDropout and torchvision's StochasticDepth / DropBlock2d / DropBlock3d.
+
+import contextlib  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+__all__ += [
+    "DropBlock3d",
+    "EmbeddingDropout",
+    "GaussianDropout",
+    "LockedDropout",
+    "PatchDropout",
+    "StochasticDepth",
+    "TorchvisionDropBlock2d",
+    "WeightDropout",
+    "mc_dropout",
+    "mc_sample",
+]
+
+
+class LockedDropout(nn.Module):
+    """Sequence (variational) dropout, computed by `fastdrop.locked_dropout`: one mask per
+    (batch, feature) shared by every time step of a (seq, batch, feature) input, or
+    (batch, seq, feature) with ``batch_first`` (fastai's ``RNNDropout``)."""
+
+    def __init__(self, p: float = 0.5, batch_first: bool = False, *, generator: Any = None):
+        super().__init__()
+        F._check_prob(p)
+        self.p = p
+        self.batch_first = batch_first
+        self.generator = generator
+
+    def forward(self, x):
+        return F.locked_dropout(
+            x, self.p, self.training, self.batch_first, generator=self.generator
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, batch_first={self.batch_first}"
+
+
+class EmbeddingDropout(nn.Module):
+    """Wraps an ``nn.Embedding`` and drops whole rows of its weight while training (word
+    dropout, fastai's ``EmbeddingDropout``), kept rows scaled by ``1 / (1 - p)``, through
+    `fastdrop.embedding_dropout`. The embedding's own weight stays the only parameter; its
+    padding index, ``max_norm`` and the rest are honoured."""
+
+    def __init__(self, embedding: nn.Embedding, p: float, *, generator: Any = None):
+        super().__init__()
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if embedding.sparse:
+            # The masked weight is a dense tensor computed from the whole weight, so its
+            # gradient is dense too, which sparse optimizers (SparseAdam) refuse.
+            raise ValueError(
+                "EmbeddingDropout needs a dense embedding (sparse=False): the gradient through "
+                "the row mask is dense"
+            )
+        F._check_prob(p)
+        self.emb = embedding
+        self.p = p
+        self.generator = generator
+
+    def forward(self, words):
+        e = self.emb
+        weight = F.embedding_dropout(e.weight, self.p, self.training, generator=self.generator)
+        return nn.functional.embedding(
+            words, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class GaussianDropout(nn.Module):
+    """Multiplicative Gaussian noise ``x * N(1, p / (1 - p))`` while training (Keras's
+    ``GaussianDropout``), computed by `fastdrop.gaussian_dropout`; ``p`` in [0, 1)."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, generator: Any = None):
+        super().__init__()
+        if F._check_prob(p) == 1.0:
+            raise ValueError("GaussianDropout: p must be in [0, 1), got 1.0")
+        self.p = p
+        self.inplace = inplace
+        self.generator = generator
+
+    def forward(self, x):
+        return F.gaussian_dropout(x, self.p, self.training, self.inplace, generator=self.generator)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, inplace={self.inplace}"
+
+
+class WeightDropout(nn.Module):
+    """DropConnect on the named parameters of a wrapped module (fastai's ``WeightDropout``,
+    AWD-LSTM's weight drop): each named parameter moves to this module as ``<name>_raw``, and
+    every training forward sets the wrapped module's ``<name>`` to
+    ``fastdrop.dropout(<name>_raw, p)``, a fresh mask each time (kept weights scaled by
+    ``1 / (1 - p)``); in eval mode the raw weight is used as it is. Gradients reach the raw
+    parameters, the only trainable tensors of those shapes. Works with ``nn.Linear``
+    (``names=("weight",)``) and RNNs such as ``nn.LSTM`` (``names=("weight_hh_l0",)``)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        p: float,
+        names: Iterable[str] = ("weight",),
+        *,
+        generator: Any = None,
+    ):
+        super().__init__()
+        F._check_prob(p)
+        self.module = module
+        self.p = p
+        self.names = (names,) if isinstance(names, str) else tuple(names)
+        self.generator = generator
+        for name in self.names:
+            w = getattr(module, name, None)
+            if not isinstance(w, nn.Parameter):
+                raise ValueError(
+                    f"WeightDropout: {type(module).__name__} has no parameter named {name!r}"
+                )
+        for name in self.names:
+            w = getattr(module, name)
+            delattr(module, name)
+            self.register_parameter(f"{name}_raw", nn.Parameter(w.detach()))
+            setattr(module, name, w.detach().clone())
+        if isinstance(module, nn.RNNBase):
+            # The weights are plain tensors now; flattening them into one buffer would undo the
+            # per-forward masks (fastai does the same).
+            module.flatten_parameters = _no_flatten  # type: ignore[method-assign]
+
+    def _set_weights(self) -> None:
+        for name in self.names:
+            raw = getattr(self, f"{name}_raw")
+            if self.training and self.p:
+                w = F.dropout(raw, self.p, True, generator=self.generator)
+            else:
+                w = raw.view_as(raw)  # a plain tensor: setattr must not register raw twice
+            setattr(self.module, name, w)
+
+    def forward(self, *args, **kwargs):
+        self._set_weights()
+        with warnings.catch_warnings():
+            # RNNs warn that non-flattened weights are slower.
+            warnings.simplefilter("ignore", category=UserWarning)
+            return self.module(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, names={self.names}"
+
+
+def _no_flatten() -> None:
+    pass
+
+
+class PatchDropout(nn.Module):
+    """timm's ``PatchDropout``, computed by `fastdrop.patch_dropout`: keeps
+    ``max(1, int(L * (1 - prob)))`` random tokens per sample behind the prefix tokens while
+    training. With ``return_indices`` (timm's ``PatchDropoutWithIndices``) forward returns
+    ``(out, keep_indices)``."""
+
+    def __init__(
+        self,
+        prob: float = 0.5,
+        num_prefix_tokens: int = 1,
+        ordered: bool = False,
+        return_indices: bool = False,
+        *,
+        generator: Any = None,
+    ):
+        super().__init__()
+        if not 0.0 <= F._check_prob(prob, "prob") < 1.0:
+            raise ValueError(f"PatchDropout: prob must be in [0, 1), got {prob}")
+        self.prob = prob
+        self.num_prefix_tokens = num_prefix_tokens
+        self.ordered = ordered
+        self.return_indices = return_indices
+        self.generator = generator
+
+    def forward(self, x):
+        return F.patch_dropout(
+            x,
+            self.prob,
+            self.num_prefix_tokens,
+            self.ordered,
+            self.return_indices,
+            training=self.training,
+            generator=self.generator,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}, "
+            f"ordered={self.ordered}, return_indices={self.return_indices}"
+        )
+
+
+class DropBlock3d(nn.Module):
+    """torchvision's ``ops.DropBlock3d``, computed by `fastdrop.drop_block_3d` (even block
+    sizes allowed)."""
+
+    def __init__(
+        self,
+        p: float,
+        block_size: int,
+        inplace: bool = False,
+        eps: float = 1e-06,
+        *,
+        generator: Any = None,
+    ):
+        super().__init__()
+        F._check_prob(p, "drop probability")
+        self.p = p
+        self.block_size = block_size
+        self.inplace = inplace
+        self.eps = eps
+        self.generator = generator
+
+    def forward(self, input):
+        return F.drop_block_3d(
+            input,
+            self.p,
+            self.block_size,
+            self.inplace,
+            self.eps,
+            self.training,
+            generator=self.generator,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(p={self.p}, block_size={self.block_size}, "
+            f"inplace={self.inplace})"
+        )
+
+
+class TorchvisionDropBlock2d(nn.Module):
+    """torchvision's ``ops.DropBlock2d(p, block_size, inplace=False, eps=1e-06)`` with its maths,
+    which are not timm's (see `DropBlock2d`): seeds only where a whole block fits, one map per
+    (sample, channel), kept pixels scaled by ``numel / (eps + kept)``. `replace_dropout` puts it
+    in place of torchvision's module; even block sizes are allowed."""
+
+    def __init__(
+        self,
+        p: float,
+        block_size: int,
+        inplace: bool = False,
+        eps: float = 1e-06,
+        *,
+        generator: Any = None,
+    ):
+        super().__init__()
+        F._check_prob(p, "drop probability")
+        self.p = p
+        self.block_size = block_size
+        self.inplace = inplace
+        self.eps = eps
+        self.generator = generator
+
+    def forward(self, input):
+        return F._drop_block_torchvision(
+            "drop_block_2d",
+            2,
+            input,
+            self.p,
+            self.block_size,
+            self.inplace,
+            self.eps,
+            self.training,
+            self.generator,
+            False,
+            None,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(p={self.p}, block_size={self.block_size}, "
+            f"inplace={self.inplace})"
+        )
+
+
+class StochasticDepth(nn.Module):
+    """torchvision's ``ops.StochasticDepth(p, mode)``, computed by `fastdrop.stochastic_depth`
+    (``mode`` "row": one decision per sample; "batch": one for the whole input)."""
+
+    def __init__(self, p: float, mode: str, *, generator: Any = None):
+        super().__init__()
+        self.p = p
+        self.mode = mode
+        self.generator = generator
+
+    def forward(self, input):
+        return F.stochastic_depth(input, self.p, self.mode, self.training, generator=self.generator)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(p={self.p}, mode={self.mode})"
+
+
+_FAMILY_RATE_ATTR: Dict[Any, str] = {
+    LockedDropout: "p",
+    EmbeddingDropout: "p",
+    GaussianDropout: "p",
+    WeightDropout: "p",
+    PatchDropout: "prob",
+    DropBlock3d: "p",
+    StochasticDepth: "p",
+}
+_RATE_ATTR.update(_FAMILY_RATE_ATTR)
+
+# --- MC dropout -------------------------------------------------------------------------------
+
+_FASTDROP_FAMILY = (
+    Dropout,
+    Dropout1d,
+    Dropout2d,
+    Dropout3d,
+    AlphaDropout,
+    FeatureAlphaDropout,
+    DropPath,
+    DropBlock2d,
+    LockedDropout,
+    EmbeddingDropout,
+    GaussianDropout,
+    WeightDropout,
+    PatchDropout,
+    DropBlock3d,
+    TorchvisionDropBlock2d,
+    StochasticDepth,
+)
+
+#: Third-party dropout modules, by where their classes live (neither library is imported).
+_THIRD_PARTY_FAMILY = frozenset(
+    {
+        "timm.layers.drop.DropPath",
+        "timm.models.layers.drop.DropPath",
+        "timm.layers.drop.DropBlock2d",
+        "timm.models.layers.drop.DropBlock2d",
+        "timm.layers.patch_dropout.PatchDropout",
+        "timm.layers.patch_dropout.PatchDropoutWithIndices",
+        "torchvision.ops.stochastic_depth.StochasticDepth",
+        "torchvision.ops.drop_block.DropBlock2d",
+        "torchvision.ops.drop_block.DropBlock3d",
+    }
+)
+
+
+def _is_dropout_module(m: nn.Module) -> bool:
+    if isinstance(m, (nn.modules.dropout._DropoutNd, _FASTDROP_FAMILY)):
+        return True
+    if isinstance(m, nn.RNNBase) and m.dropout > 0:
+        return True  # its training flag switches only the dropout between its layers
+    return f"{type(m).__module__}.{type(m).__qualname__}" in _THIRD_PARTY_FAMILY
+
+
+@contextlib.contextmanager
+def mc_dropout(model: nn.Module):
+    """Monte Carlo dropout: inside the block `model` is in eval mode (BatchNorm on its running
+    statistics and so on) except its dropout-family modules, which keep sampling: torch's
+    dropout modules (and RNNs with ``dropout > 0``), fastdrop's, timm's DropPath / DropBlock2d
+    / PatchDropout and torchvision's StochasticDepth / DropBlock2d / DropBlock3d. Every
+    module's mode is restored on exit, also when the block raises. Yields the model."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for m in model.modules():
+            if _is_dropout_module(m):
+                m.training = True  # this module only: a wrapped module keeps eval mode
+        yield model
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def _pass_randomness(model: nn.Module, generator: Any, index: int, device: torch.device):
+    """Keys pass `index` from ``generator.fork(index)``: fastdrop modules draw from that fork,
+    and torch's default generator (which torch's own dropout modules use) is seeded from it for
+    the pass and restored after."""
+    if generator is None:
+        yield
+        return
+    fork = generator.fork(index)
+    seed, stream, _ = fork.get_state()
+    torch_seed = hash((seed, stream)) & 0x7FFF_FFFF_FFFF_FFFF
+    modules = [m for m in model.modules() if isinstance(m, _FASTDROP_FAMILY)]
+    saved = [m.generator for m in modules]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.default_generator.manual_seed(torch_seed)
+            if devices:
+                torch.cuda.manual_seed(torch_seed)
+            for m in modules:
+                m.generator = fork
+            yield
+    finally:
+        for m, g in zip(modules, saved):
+            m.generator = g
+
+
+class _Progress:
+    """tqdm when installed, else one rewritten stderr line; off unless asked for and stderr is
+    a terminal."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done = total, 0
+        self.bar: Any = None
+        self.enabled = enabled and sys.stderr.isatty()
+        if self.enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, desc="mc_sample", unit="pass")
+
+    def update(self, k: int) -> None:
+        self.done += k
+        if self.bar is not None:
+            self.bar.update(k)
+        elif self.enabled:
+            sys.stderr.write(f"\rmc_sample: {self.done}/{self.total} passes")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
+
+
+def mc_sample(
+    model: nn.Module,
+    x: torch.Tensor,
+    n: int,
+    *,
+    generator: Any = None,
+    passes_per_batch: int = 1,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Runs `model` on `x` `n` times under `mc_dropout` and returns the outputs stacked on a
+    new first dimension, shape (n, *output.shape), for uncertainty estimates.
+
+    With a `fastdrop.Generator`, pass i is keyed by ``generator.fork(i)`` (fastdrop modules
+    draw from it and torch's default generator is seeded from it for the pass), so passes have
+    independent masks and the same seed gives the same samples. ``passes_per_batch = k > 1``
+    runs k passes as one forward on k copies of `x` stacked along dimension 0 (faster when
+    memory allows; the model's output must keep x's batch dimension first); such a chunk is
+    keyed by the fork of its first pass, so its masks differ from one-at-a-time passes.
+    ``progress=True`` shows a progress bar on a terminal (tqdm if installed). Gradients are
+    recorded as the caller's grad mode says; wrap the call in ``torch.no_grad()`` to save
+    memory.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if isinstance(passes_per_batch, bool) or not isinstance(passes_per_batch, int):
+        raise TypeError(f"passes_per_batch must be an int, got {type(passes_per_batch).__name__}")
+    if passes_per_batch < 1:
+        raise ValueError(f"passes_per_batch must be at least 1, got {passes_per_batch}")
+    if generator is not None and not isinstance(generator, F._core.Generator):
+        raise TypeError(
+            f"generator must be a fastdrop.Generator or None, got {type(generator).__name__}"
+        )
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    outputs: List[torch.Tensor] = []
+    bar = _Progress(n, progress)
+    try:
+        with mc_dropout(model):
+            i = 0
+            while i < n:
+                k = min(passes_per_batch, n - i)
+                with _pass_randomness(model, generator, i, x.device):
+                    if k == 1:
+                        outputs.append(model(x))
+                    else:
+                        y = model(torch.cat([x] * k, dim=0))
+                        outputs.extend(y.reshape((k, -1) + tuple(y.shape[1:])).unbind(0))
+                bar.update(k)
+                i += k
+    finally:
+        bar.close()
+    return torch.stack(outputs)
+
+
+# --- replace_dropout: timm's PatchDropout and torchvision's modules ----------------------------
+
+
+def _family_equivalent(module: Any) -> Optional[nn.Module]:
+    """fastdrop's module for timm's PatchDropout and torchvision's StochasticDepth /
+    DropBlock2d / DropBlock3d (by class path, neither library imported), or None."""
+    cls = type(module)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if name == "timm.layers.patch_dropout.PatchDropout":
+        return PatchDropout(module.prob, module.num_prefix_tokens, module.ordered)
+    if name == "timm.layers.patch_dropout.PatchDropoutWithIndices":
+        return PatchDropout(module.prob, module.num_prefix_tokens, module.ordered, True)
+    if name == "torchvision.ops.stochastic_depth.StochasticDepth":
+        return StochasticDepth(module.p, module.mode)
+    if name == "torchvision.ops.drop_block.DropBlock2d":
+        return TorchvisionDropBlock2d(module.p, module.block_size, module.inplace, module.eps)
+    if name == "torchvision.ops.drop_block.DropBlock3d":
+        return DropBlock3d(module.p, module.block_size, module.inplace, module.eps)
+    return None
