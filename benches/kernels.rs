@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fastdrop::kernel::{
     apply_contiguous, apply_in_place, bernoulli_words, Application, Bits, Config, Element,
 };
-use fastdrop::rng::{threshold_for, Key};
+use fastdrop::rng::{keep_words, threshold_for, Key};
 use half::f16;
 use std::hint::black_box;
 use std::time::Duration;
@@ -178,11 +178,77 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
     }
 }
 
+/// In-cache calls on one thread, taken apart: the whole kernel, the keep decisions alone
+/// (`keep_words`), the application of given bits alone, against `copy_from_slice`, at p = 0.1
+/// and 0.5 (the decisions need about 10 random bits at 0.1, one at 0.5).
+fn incache(c: &mut Criterion) {
+    let config = Config {
+        threads: 1,
+        ..Config::current()
+    };
+    for (n, label) in [(1usize << 16, "64K"), (1 << 20, "1M")] {
+        let mut g = c.benchmark_group(format!("incache/{label}"));
+        g.sample_size(20)
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_millis(800))
+            .throughput(Throughput::Bytes(8 * n as u64));
+        let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.01 - 5.0).collect();
+        let mut out = vec![0f32; n];
+        g.bench_function("memcpy", |b| b.iter(|| out.copy_from_slice(black_box(&x))));
+        for p in [0.1, 0.5] {
+            let threshold = threshold_for(1.0 - p);
+            let app = Application::Scale {
+                scale: 1.0 / (1.0 - p),
+            };
+            g.bench_function(format!("dropout p={p}"), |b| {
+                b.iter(|| {
+                    let bits = Bits::Fresh {
+                        key: KEY,
+                        first_block: 0,
+                        threshold,
+                        store: None,
+                    };
+                    apply_contiguous(
+                        config,
+                        &[n],
+                        &[n],
+                        black_box(&x),
+                        &mut out,
+                        None,
+                        bits,
+                        &app,
+                    )
+                })
+            });
+            let mut words = vec![0u64; n / 64];
+            g.bench_function(format!("keep_words p={p}"), |b| {
+                b.iter(|| keep_words(KEY, black_box(0), threshold, &mut words))
+            });
+            g.bench_function(format!("apply given p={p}"), |b| {
+                b.iter(|| {
+                    let bits = Bits::Given(&words);
+                    apply_contiguous(
+                        config,
+                        &[n],
+                        &[n],
+                        black_box(&x),
+                        &mut out,
+                        None,
+                        bits,
+                        &app,
+                    )
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
 fn kernels(c: &mut Criterion) {
     bench_dtype::<f32>(c, "f32", |v| v);
     bench_dtype::<f16>(c, "f16", f16::from_f32);
     bench_dtype::<f64>(c, "f64", f64::from);
 }
 
-criterion_group!(benches, kernels);
+criterion_group!(benches, incache, kernels);
 criterion_main!(benches);

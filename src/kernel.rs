@@ -1027,13 +1027,20 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(
     if n == 0 {
         return;
     }
-    if let Bits::Given(words) = bits {
-        if let Some(run) = short_broadcast_run(shape, mask_shape).filter(|_| R::CONST_DROPPED) {
-            // One decision per run of fewer than 64 elements (the channels of small maps, the
-            // samples of small inputs): spread the decisions to one bit per element first, so
-            // the vector loops see whole mask words instead of a call per short run. The
-            // dropped value does not depend on the mask index here, so nothing else changes.
-            let spread = spread_bits(words, n / run, run);
+    if let (Bits::Given(words), true) = (&bits, R::CONST_DROPPED) {
+        // One decision per run of fewer than 64 elements (the channels of small maps, the
+        // samples of small inputs), or a mask broadcast over a middle dimension whose runs are
+        // that short (a channel-coupled DropBlock mask over 5x5 maps): spread the decisions to
+        // one bit per element first, so the vector loops see whole mask words instead of a
+        // scalar loop per short run. The dropped value does not depend on the mask index here,
+        // so nothing else changes.
+        let spread = match short_broadcast_run(shape, mask_shape) {
+            Some(run) => Some(spread_bits(words, n / run, run)),
+            None => {
+                short_mask_runs(shape, mask_shape).then(|| expand_bits(words, shape, mask_shape))
+            }
+        };
+        if let Some(spread) = spread {
             return run_rule::<T, R>(
                 config,
                 shape,
@@ -1137,6 +1144,101 @@ fn short_broadcast_run(shape: &[usize], mask_shape: &[usize]) -> Option<usize> {
     }
     let run: usize = shape[k..].iter().product();
     (run > 1 && run < SPREAD_BELOW).then_some(run)
+}
+
+/// Whether a mask that broadcasts over some dimension other than trailing ones (those are
+/// `short_broadcast_run`'s) leaves the kernel runs shorter than `SPREAD_BELOW` elements that
+/// an element mask of the whole shape would merge into longer ones.
+fn short_mask_runs(shape: &[usize], mask_shape: &[usize]) -> bool {
+    if mask_shape == shape {
+        return false;
+    }
+    let inner = |mask: &[usize]| {
+        let strides = mask_bit_strides(shape, mask);
+        let dims = shape.len();
+        let mut run = 1usize;
+        // The innermost dimensions merge while each one's stride is the product of those
+        // inside it (for a broadcast dimension: all strides 0).
+        for d in (0..dims).rev() {
+            if shape[d] == 1 {
+                continue;
+            }
+            let merged = if strides[d] == 0 {
+                (d + 1..dims).all(|e| shape[e] == 1 || strides[e] == 0)
+            } else {
+                strides[d] == run as isize
+            };
+            if !merged {
+                break;
+            }
+            run *= shape[d];
+        }
+        run
+    };
+    let run = inner(mask_shape);
+    run < SPREAD_BELOW && inner(shape) > run
+}
+
+/// The element mask of `shape` that `words` (C-ordered over `mask_shape`, which broadcasts to
+/// `shape`) stands for: bit i is the decision of logical element i.
+fn expand_bits(words: &[u64], shape: &[usize], mask_shape: &[usize]) -> Vec<u64> {
+    let n: usize = shape.iter().product();
+    let mut out = vec![0u64; words_for(n)];
+    let zeros = vec![0isize; shape.len()];
+    // A walk over the mask strides alone: runs are the innermost merged dimension.
+    let plan = Plan::new(
+        shape,
+        mask_shape,
+        [&zeros, &zeros, &zeros],
+        std::ptr::null(),
+        std::ptr::null_mut(),
+        None,
+    );
+    let m_in = plan.strides[3][plan.shape.len() - 1];
+    let mut pos = 0usize;
+    plan.walk(0, n, |_, mbit, len| {
+        let mbit = mbit as usize;
+        match m_in {
+            0 => {
+                if bit(words, mbit) {
+                    or_ones(&mut out, pos, len);
+                }
+            }
+            1 => copy_bits(words, mbit, &mut out, pos, len),
+            _ => {
+                for j in 0..len {
+                    if bit(words, (mbit as isize + j as isize * m_in) as usize) {
+                        out[(pos + j) / 64] |= 1 << ((pos + j) % 64);
+                    }
+                }
+            }
+        }
+        pos += len;
+    });
+    out
+}
+
+/// ORs `len` one bits into `dst` from bit `to` on.
+fn or_ones(dst: &mut [u64], to: usize, len: usize) {
+    let mut at = to;
+    let end = to + len;
+    while at < end {
+        let take = (64 - at % 64).min(end - at);
+        dst[at / 64] |= (u64::MAX >> (64 - take)) << (at % 64);
+        at += take;
+    }
+}
+
+/// ORs bits `from .. from + len` of `src` into `dst` from bit `to` on.
+fn copy_bits(src: &[u64], from: usize, dst: &mut [u64], to: usize, len: usize) {
+    let mut done = 0;
+    while done < len {
+        let at = to + done;
+        let take = (64 - at % 64).min(len - done);
+        let bits = crate::simd::word_at(src, from + done) & (u64::MAX >> (64 - take));
+        dst[at / 64] |= bits << (at % 64);
+        done += take;
+    }
 }
 
 /// Bit `m * run + j` (j < run) of the result is bit `m` of `words`, for `decisions` bits and
@@ -1614,6 +1716,92 @@ mod tests {
                     .sum::<usize>(),
                 (0..decisions).filter(|&m| bit(&words, m)).count() * run
             );
+        }
+    }
+
+    /// Bit i of the element mask of `shape` that a mask of `mask_shape` broadcasts to, one
+    /// element at a time.
+    fn broadcast_reference(words: &[u64], shape: &[usize], mask_shape: &[usize]) -> Vec<bool> {
+        let n: usize = shape.iter().product();
+        (0..n)
+            .map(|i| {
+                let (mut rem, mut m, mut stride) = (i, 0, 1);
+                for d in (0..shape.len()).rev() {
+                    let idx = rem % shape[d];
+                    rem /= shape[d];
+                    if mask_shape[d] != 1 {
+                        m += idx * stride;
+                    }
+                    stride *= mask_shape[d];
+                }
+                bit(words, m)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn masks_broadcast_over_a_middle_dimension_expand_bit_for_bit() {
+        // (shape, mask shape, expanded before the kernel?)
+        let cases: [(&[usize], &[usize], bool); 8] = [
+            (&[8, 2048, 5, 5], &[8, 1, 5, 5], true),
+            (&[3, 5, 2, 3], &[3, 1, 2, 3], true),
+            (&[3, 2, 7], &[1, 2, 7], true),
+            (&[2, 3, 4, 5], &[2, 1, 4, 1], true),
+            (&[4, 9, 1, 7], &[4, 1, 1, 7], true),
+            (&[2, 3, 10, 10], &[2, 1, 10, 10], false),
+            (&[4, 3, 2, 2], &[4, 3, 1, 1], true), // spread_bits takes this one first
+            (&[4, 3, 2, 2], &[4, 3, 2, 2], false),
+        ];
+        for (shape, mask_shape, expands) in cases {
+            assert_eq!(
+                short_mask_runs(shape, mask_shape),
+                expands,
+                "{shape:?} {mask_shape:?}"
+            );
+            let m: usize = mask_shape.iter().product();
+            let words = bernoulli_words(KEY, 3, rng::threshold_for(0.5), m);
+            let want = broadcast_reference(&words, shape, mask_shape);
+            let got = expand_bits(&words, shape, mask_shape);
+            let n = want.len();
+            assert_eq!(got.len(), words_for(n));
+            for (i, &w) in want.iter().enumerate() {
+                assert_eq!(bit(&got, i), w, "{shape:?} {mask_shape:?} element {i}");
+            }
+            assert!(n.is_multiple_of(64) || got[n / 64] >> (n % 64) == 0);
+            // The kernel gives, on every path and thread count, what the element mask gives.
+            let element: Vec<u64> = (0..words_for(n))
+                .map(|w| {
+                    (0..64)
+                        .filter(|b| want.get(64 * w + b) == Some(&true))
+                        .fold(0u64, |acc, b| acc | 1 << b)
+                })
+                .collect();
+            let x: Vec<f32> = values(n, 4).into_iter().map(|v| v as f32).collect();
+            let app = Application::Scale { scale: 1.25 };
+            let mut want_out = vec![0f32; n];
+            apply_contiguous(
+                PORTABLE,
+                shape,
+                shape,
+                &x,
+                &mut want_out,
+                None,
+                Bits::Given(&element),
+                &app,
+            );
+            for threads in [1, 2] {
+                for isa in [best_isa(), Isa::Portable] {
+                    let mut out = vec![0f32; n];
+                    let config = Config { isa, threads };
+                    let bits = Bits::Given(&words);
+                    apply_contiguous(config, shape, mask_shape, &x, &mut out, None, bits, &app);
+                    assert_same(
+                        &want_out,
+                        &out,
+                        &format!("{shape:?} {mask_shape:?} {config:?}"),
+                    );
+                }
+            }
         }
     }
 

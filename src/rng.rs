@@ -235,26 +235,38 @@ fn bitsliced<const B: usize>(
     let mut out = [[0u64; 4]; B];
     let mut first = [0u64; B];
     let mut group = [0usize; B];
+    let mut plane = [0usize; B];
     for (wi, win) in words.chunks_mut(WINDOW * WORDS_PER_GROUP).enumerate() {
         let groups = win.len().div_ceil(WORDS_PER_GROUP);
         let base = first_block.wrapping_add((wi * WINDOW) as u64 * BLOCKS_PER_GROUP);
         let at = |g: usize, k: usize| base.wrapping_add(g as u64 * BLOCKS_PER_GROUP + 2 * k as u64);
         let mut w = Window::new(thr);
+        // The leading planes of the groups `lead_group` leaves, in batches that run across
+        // groups: with few planes to draw (p = 0.5 needs one) a batch per group would mostly
+        // compute planes nobody folds. Each group's planes still fold in increasing order.
+        let mut n = 0;
         for g in 0..groups {
             if lead == FIRST_PLANES as usize
                 && lead_group(at(g, 0), &w.thr_bits, &mut w.keep[g], &mut w.open[g])
             {
                 continue;
             }
-            for k0 in (0..lead).step_by(B) {
-                let n = B.min(lead - k0);
-                for (i, f) in first.iter_mut().enumerate() {
-                    *f = at(g, k0 + i);
+            for k in 0..lead {
+                (first[n], group[n], plane[n]) = (at(g, k), g, k);
+                n += 1;
+                if n == B {
+                    draw(&first, n, &mut out);
+                    for i in 0..n {
+                        w.fold(group[i], plane[i], &out[i]);
+                    }
+                    n = 0;
                 }
-                draw(&first, n, &mut out);
-                for (i, plane) in out[..n].iter().enumerate() {
-                    w.fold(g, k0 + i, plane);
-                }
+            }
+        }
+        if n > 0 {
+            draw(&first, n, &mut out);
+            for i in 0..n {
+                w.fold(group[i], plane[i], &out[i]);
             }
         }
         for k in lead..last {
@@ -1113,12 +1125,14 @@ mod tests {
         }
     }
 
-    const THRESHOLDS: [u64; 11] = [
+    const THRESHOLDS: [u64; 13] = [
         0,
         1,
         12345,
         1 << 30,
         3 << 30,
+        0xC800_0000, // 5 planes at most: leading batches run across groups
+        0xE580_0000, // 9 planes at most
         1 << 31,
         (1 << 31) + 1,
         3_865_470_566, // keep 0.9: no early stop at a low set bit

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from fastdrop import bench
+from fastdrop import bench, bench_train
 
 
 def test_sizes_parse_with_binary_suffixes():
@@ -104,5 +104,136 @@ def test_module_entry_point_runs():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "dropout (float32; floor: np.copyto)" in proc.stdout
+    assert "dropout (float32; floor: torch copy_, " in proc.stdout
     assert "threads" in proc.stdout.splitlines()[0]
+
+
+def test_the_floor_uses_fastdrops_thread_count(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--sizes", "1K", "--repeats", "1", "--variants", "dropout,dropout_add"]
+    assert bench.main(args + ["--threads", "2", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    floors = {r["variant"]: r["floor"] for r in recs if r["impl"] == "floor"}
+    assert floors == {
+        "dropout": "torch copy_, 2 threads",
+        "dropout_add": "torch.add(a, b, out=c), 2 threads",
+    }
+    # The single-threaded NumPy floor is still measured, beside it.
+    assert {r["variant"] for r in recs if r["impl"] == "np_floor"} == {"dropout", "dropout_add"}
+
+
+def test_incache_rows_cover_both_sizes_and_rates(tmp_path, capsys):
+    out = tmp_path / "incache.json"
+    assert bench.main(["--incache", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "threaded copy floor (torch copy_, 1 threads)" in text
+    assert "64K  0.1" in text and "1M  0.5" in text
+    recs = json.loads(out.read_text())["incache"]
+    cells = {(r["size"], r["impl"], r["p"]) for r in recs}
+    for n in (1 << 16, 1 << 20):
+        assert (n, "floor", None) in cells and (n, "np_floor", None) in cells
+        for p in (0.1, 0.5):
+            for impl in ("fastdrop", "fastdrop_out", "fastdrop_torch"):
+                assert (n, impl, p) in cells
+    for r in recs:
+        assert r["seconds"] > 0 and r["x_floor"] > 0
+        assert r["floor"] == "torch copy_, 1 threads"
+        assert (r["target"] is None) == (r["p"] is None)
+    floor = {r["size"]: r["seconds"] for r in recs if r["impl"] == "floor"}
+    for r in recs:
+        assert r["x_floor"] == pytest.approx(r["seconds"] / floor[r["size"]])
+
+
+def test_train_gives_a_row_per_model_and_setting(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    code = bench.main(
+        [
+            "--train",
+            "--quick",
+            "--models",
+            "mlp,encoder",
+            "--batch",
+            "2",
+            "--rounds",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "training step (forward, backward, SGD)" in text
+    assert "speedup" in text and "mlp (2)" in text and "encoder (2)" in text
+    result = json.loads(out.read_text())
+    rows = {(r["model"], r["setting"]): r for r in result["train"]}
+    assert set(rows) == {(m, s) for m in ("mlp", "encoder") for s in bench_train.SETTINGS}
+    for (model, _), r in rows.items():
+        assert r["batch"] == 2
+        assert r["fastdrop_threads"] == 1 and r["torch_threads"] == 1
+        assert r["torch_seconds"] > 0 and r["fastdrop_seconds"] > 0
+        assert r["speedup"] == pytest.approx(r["torch_seconds"] / r["fastdrop_seconds"])
+        # The MLP's two dropouts and the encoder's three per layer (4 layers) are converted.
+        assert r["replaced"] == {"mlp": 2, "encoder": 12}[model]
+        # torch's dropout is a real part of the torch step; the converted encoder still runs
+        # torch's attention dropout (inside MultiheadAttention), the converted MLP none.
+        assert 0 < r["dropout_share"] < 1
+        assert (r["dropout_share_after"] > 0) == (model == "encoder")
+    # --train also gives the layer rows of its models (the MLP's tiny layers only on --layers).
+    layers = result["layers"]
+    assert {(r["layer"], tuple(r["shape"])) for r in layers} == {
+        ("Dropout(0.1)", (2, 32, 256)),
+        ("Dropout(0.1)", (2, 32, 1024)),
+    }
+
+
+def test_layers_rows_are_the_shapes_the_modules_really_see(capsys):
+    records = bench_train.layers(["mlp"], rounds=1, threads=1, batch=3, log=lambda _: None)
+    assert [(r["layer"], r["shape"]) for r in records] == [
+        ("Dropout(0.2)", [3, 256]),
+        ("Dropout(0.5)", [3, 256]),
+    ]
+    for r in records:
+        assert r["replaces"] == "torch.nn.modules.dropout.Dropout"
+        assert r["torch_seconds"] > 0 and r["fastdrop_seconds"] > 0
+        assert r["fastdrop_1thread_seconds"] > 0
+    table = bench_train.layers_table(records)
+    assert "Dropout(0.2)" in table and "(3, 256)" in table
+
+
+def test_layer_shapes_of_a_timm_resnet_include_dropblock_and_drop_path():
+    pytest.importorskip("timm")
+    rows = bench_train.layer_shapes(["resnet50"], batch=1, quick=True)
+    kinds = {(layer, shape) for _, layer, shape, _ in rows}
+    # timm's ResNet: DropBlock (block 5) in stage 3 and (block 3) in stage 4, drop path in every
+    # block but the first; the highest stochastic-depth rate (0.1) at the last stage.
+    assert ("DropBlock2d(0.1, 5)", (1, 256, 10, 10)) in kinds
+    assert ("DropBlock2d(0.1, 3)", (1, 512, 5, 5)) in kinds
+    assert ("DropPath(0.1)", (1, 2048, 5, 5)) in kinds
+
+
+def test_dropout_share_counts_the_dropout_modules_and_their_backward():
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5))
+    x = torch.randn(4, 8)
+
+    def step():
+        model(x).sum().backward()
+
+    share = bench_train.dropout_share(step, model)
+    assert 0 < share < 1
+    # Without dropout modules nothing is counted.
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert bench_train.dropout_share(lambda: plain(x).sum().backward(), plain) == 0
+
+
+def test_new_modes_refuse_bad_arguments():
+    for args in (
+        ["--train", "--models", "alexnet"],
+        ["--train", "--settings", "sometimes"],
+        ["--train", "--batch", "0"],
+        ["--layers", "--rounds", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            bench.main(args)

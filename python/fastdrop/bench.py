@@ -2,16 +2,24 @@
 
 For every variant and size the same data goes through each implementation; the table gives
 throughput in GB/s (bytes read + written, so every row is comparable) and two ratios: fastdrop's
-time over the floor's (``np.copyto`` into a preallocated array; ``np.multiply(x, c, out=x)`` for
-the in-place variant; ``np.add(a, b, out=c)`` for the fused ones), the same over the
-allocating floor (``np.copy(x)``, ``np.add(a, b)``: an out-of-place call pays for fresh output
-pages as these do), and torch's time over fastdrop's. Timings are medians of several runs after a
-warm-up, from ``time.perf_counter``.
+time over the floor's and over the allocating floor's, and torch's time over fastdrop's. The
+floor uses as many threads as fastdrop: with torch installed it is torch's ``copy_`` into a
+preallocated tensor (``mul_`` in place, ``torch.add(a, b, out=c)`` for the fused variants) with
+torch at fastdrop's thread count, and the allocating floor is ``clone`` (``torch.add(a, b)``),
+which pays for fresh output pages as an out-of-place call does; without torch they are NumPy's
+single-threaded ``np.copyto`` / ``np.copy`` and the header says so. ``np.copyto`` is always
+shown beside them. Timings are medians of several runs after a warm-up, from
+``time.perf_counter``.
+
+``--incache`` gives the in-cache rows (64K and 1M float32 at p = 0.1 and 0.5 against the
+threaded copy floor), ``--train`` the training-step table and ``--layers`` the per-layer-shape
+forward + backward rows (see `fastdrop.bench_train`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -46,9 +54,14 @@ IMPLS = {
     "torch": "torch",
     "numpy": "numpy naive",
     "unfused": "fastdrop+np.add",
+    "np_floor": "np floor",
     "floor": "floor",
     "alloc_floor": "alloc floor",
 }
+#: In-cache rows: sizes (float32 elements), rates, and the targets (fastdrop / threaded copy).
+INCACHE_SIZES = (1 << 16, 1 << 20)
+INCACHE_P = (0.1, 0.5)
+INCACHE_TARGET = {1 << 16: 1.5, 1 << 20: 1.1}
 
 
 def parse_size(text: str) -> int:
@@ -182,21 +195,51 @@ def _cases(variant: str, n: int, dtype: np.dtype, rng: np.random.Generator):
         raise ValueError(f"unknown variant {variant!r}")
     if variant in FUSED:
         floor_name = "np.add(a, b, out=c)"
-        fns["floor"] = lambda: np.add(x, r, out=out)
+        fns["np_floor"] = lambda: np.add(x, r, out=out)
         fns["alloc_floor"] = lambda: np.add(x, r)
         moved = 3 * size
     elif variant == "dropout_inplace":
         floor_name = "np.multiply(x, c, out=x)"
         c = x.dtype.type(1.0)
-        fns["floor"] = lambda: np.multiply(x, c, out=x)
+        fns["np_floor"] = lambda: np.multiply(x, c, out=x)
         moved = 2 * size
     else:
         floor_name = "np.copyto"
-        fns["floor"] = lambda: np.copyto(out, x)
+        fns["np_floor"] = lambda: np.copyto(out, x)
         fns["alloc_floor"] = lambda: np.copy(x)
         moved = 2 * size
+    fns["floor"] = fns["np_floor"]
+    torch_floor = _torch_floors(variant, x, r, fns)
+    if torch_floor is not None:
+        floor_name = torch_floor
+    else:
+        del fns["np_floor"]
     _torch_cases(variant, x, r, fns)
     return x, fns, floor_name, moved
+
+
+def _torch_floors(
+    variant: str, x: np.ndarray, r: np.ndarray, fns: Dict[str, Callable[[], Any]]
+) -> Optional[str]:
+    """Sets the floors to torch's multi-threaded ops (torch runs at fastdrop's thread count,
+    see `run`) and returns the floor's name; None without torch."""
+    torch = _torch()
+    if torch is None:
+        return None
+    t = torch.from_numpy(x.copy())
+    tr = torch.from_numpy(r.copy())
+    tout = torch.empty_like(t)
+    threads = torch.get_num_threads()
+    if variant in FUSED:
+        fns["floor"] = lambda: torch.add(t, tr, out=tout)
+        fns["alloc_floor"] = lambda: torch.add(t, tr)
+        return f"torch.add(a, b, out=c), {threads} threads"
+    if variant == "dropout_inplace":
+        fns["floor"] = lambda: t.mul_(1.0)
+        return f"torch mul_(1.0), {threads} threads"
+    fns["floor"] = lambda: tout.copy_(t)
+    fns["alloc_floor"] = lambda: t.clone()
+    return f"torch copy_, {threads} threads"
 
 
 def _torch_cases(
@@ -280,6 +323,95 @@ def run(variants, sizes, dtypes, repeats: int, threads: int, log=print) -> Dict[
                         }
                     )
     return {"machine": machine(threads), "p": P, "repeats": repeats, "records": records}
+
+
+def incache(repeats: int, threads: int) -> Dict[str, Any]:
+    """The in-cache rows: float32 dropout of `INCACHE_SIZES` elements at each of `INCACHE_P`,
+    fastdrop (NumPy with and without out=, torch tensor) against the threaded copy floor
+    (torch's ``copy_`` at fastdrop's thread count; ``np.copyto`` without torch), alternating
+    the candidates in each round, medians over ``5 * repeats`` rounds."""
+    fastdrop.set_num_threads(threads)
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    records: List[Dict[str, Any]] = []
+    for n in INCACHE_SIZES:
+        records += _incache_size(rng.standard_normal(n, dtype=np.float32), repeats, threads)
+    return {"machine": machine(threads), "repeats": repeats, "incache": records}
+
+
+def _incache_size(x: np.ndarray, repeats: int, threads: int) -> List[Dict[str, Any]]:
+    n = x.size
+    torch = _torch()
+    out = np.empty_like(x)
+    fns: Dict[str, Callable[[], Any]] = {"np_floor": lambda: np.copyto(out, x)}
+    if torch is not None:
+        t = torch.from_numpy(x.copy())
+        tout = torch.empty_like(t)
+        fns["floor"] = lambda: tout.copy_(t)
+        floor = f"torch copy_, {threads} threads"
+    else:
+        fns["floor"] = fns["np_floor"]
+        floor = "np.copyto, 1 thread (torch not installed)"
+    for p in INCACHE_P:
+        fns[f"fastdrop_out {p}"] = functools.partial(fastdrop.dropout, x, p, out=out)
+        fns[f"fastdrop {p}"] = functools.partial(fastdrop.dropout, x, p)
+        if torch is not None and _has_fastdrop_torch():
+            fns[f"fastdrop_torch {p}"] = functools.partial(fastdrop.dropout, t, p)
+    # Calls per timed sample, so the timer's resolution does not count.
+    batch = max(1, (1 << 21) // n)
+    batched = {k: _batched(f, batch) for k, f in fns.items()}
+    for f in batched.values():
+        f()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(5 * repeats):
+        for k, f in batched.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) / batch)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    records = []
+    for k, secs in med.items():
+        impl, _, p_text = k.partition(" ")
+        records.append(
+            {
+                "size": n,
+                "impl": impl,
+                "p": float(p_text) if p_text else None,
+                "seconds": secs,
+                "x_floor": secs / med["floor"],
+                "floor": floor,
+                "target": INCACHE_TARGET[n] if p_text else None,
+            }
+        )
+    return records
+
+
+def incache_table(result: Dict[str, Any]) -> str:
+    recs = result["incache"]
+    floor = recs[0]["floor"] if recs else "-"
+    lines = [
+        f"in cache, float32 dropout: time / threaded copy floor ({floor}); "
+        "np.copyto (1 thread) shown for reference",
+        f"{'size':>6} {'p':>4} {'floor us':>9} {'np.copyto':>9} {'fastdrop(out=)':>15} "
+        f"{'fastdrop':>9} {'fastdrop(torch)':>16} {'target':>7}",
+    ]
+    for n in sorted({r["size"] for r in recs}):
+        base = {r["impl"]: r for r in recs if r["size"] == n and r["p"] is None}
+        for p in sorted({r["p"] for r in recs if r["size"] == n and r["p"] is not None}):
+            row = {r["impl"]: r for r in recs if r["size"] == n and r["p"] == p}
+
+            def cell(impl: str, width: int, row=row, base=base) -> str:
+                r = row.get(impl) or base.get(impl)
+                return f"{r['x_floor']:{width - 1}.2f}x" if r else f"{'-':>{width}}"
+
+            lines.append(
+                f"{label(n):>6} {p:4.1f} {1e6 * base['floor']['seconds']:9.1f} "
+                f"{cell('np_floor', 9)} {cell('fastdrop_out', 15)} {cell('fastdrop', 9)} "
+                f"{cell('fastdrop_torch', 16)} {'<= ' + str(INCACHE_TARGET[n]):>7}"
+            )
+    return "\n".join(lines)
 
 
 def _fmt_gbps(v: Optional[float]) -> str:
@@ -403,6 +535,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="comma-separated subset of " + ", ".join(VARIANTS),
     )
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median)")
+    ap.add_argument(
+        "--incache",
+        action="store_true",
+        help="in-cache rows: 64K and 1M float32 at p = 0.1 and 0.5 against the threaded copy",
+    )
+    ap.add_argument(
+        "--train",
+        action="store_true",
+        help="training-step table (torch's modules vs replace_dropout) and the layer rows",
+    )
+    ap.add_argument(
+        "--layers",
+        action="store_true",
+        help="forward + backward of every dropout layer shape of the --train models",
+    )
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of the --train/--layers models: "
+        "encoder, vit_tiny, resnet50, mixer, mlp",
+    )
+    ap.add_argument("--batch", type=int, default=None, help="batch size for every --train model")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="alternating rounds for --train and --layers"
+    )
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="comma-separated --train rows: 'default', '1 thread', 'busy core' (default: all)",
+    )
     ap.add_argument("--json", metavar="FILE", help="write the machine and every record as JSON")
     ap.add_argument("--plot", metavar="FILE", help="write a PNG of GB/s against size")
     args = ap.parse_args(argv)
@@ -421,8 +583,46 @@ def main(argv: Optional[List[str]] = None) -> int:
     if threads < 1:
         ap.error("--threads must be at least 1")
 
-    result = run(variants, sizes, dtypes, repeats, threads)
-    print(table(result))
+    if args.batch is not None and args.batch < 1:
+        ap.error("--batch must be at least 1")
+    if args.rounds is not None and args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if args.incache or args.train or args.layers:
+        from . import bench_train
+
+        models = [m.strip() for m in (args.models or ",".join(bench_train.MODELS)).split(",")]
+        for m in models:
+            if m not in bench_train.MODELS:
+                ap.error(f"unknown model {m!r}; choose from {', '.join(bench_train.MODELS)}")
+        settings = [v.strip() for v in (args.settings or ",".join(bench_train.SETTINGS)).split(",")]
+        for v in settings:
+            if v not in bench_train.SETTINGS:
+                ap.error(f"unknown setting {v!r}; choose from {', '.join(bench_train.SETTINGS)}")
+        result: Dict[str, Any] = {"machine": machine(threads)}
+        if args.incache:
+            result.update(incache(repeats, threads))
+            print(incache_table(result))
+        if args.train or args.layers:
+            torch = _torch()
+            if torch is None:
+                ap.error("--train and --layers need torch")
+            torch.set_num_threads(threads)
+            result["machine"] = machine(threads)
+            rounds = args.rounds or (2 if args.quick else 15)
+            progress = lambda line: print(line, file=sys.stderr)  # noqa: E731
+            if args.train:
+                result["train"] = bench_train.train(
+                    models, rounds, threads, args.batch, args.quick, settings, log=progress
+                )
+                print(bench_train.train_table(result["train"]))
+            layer_models = models if args.layers else [m for m in models if m != "mlp"]
+            result["layers"] = bench_train.layers(
+                layer_models, 5 * rounds, threads, args.batch, args.quick, log=progress
+            )
+            print(bench_train.layers_table(result["layers"]))
+    else:
+        result = run(variants, sizes, dtypes, repeats, threads)
+        print(table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
