@@ -174,12 +174,13 @@ def test_train_gives_a_row_per_model_and_setting(tmp_path, capsys):
         assert r["fastdrop_threads"] == 1 and r["torch_threads"] == 1
         assert r["torch_seconds"] > 0 and r["fastdrop_seconds"] > 0
         assert r["speedup"] == pytest.approx(r["torch_seconds"] / r["fastdrop_seconds"])
-        # The MLP's two dropouts and the encoder's three per layer (4 layers) are converted.
-        assert r["replaced"] == {"mlp": 2, "encoder": 12}[model]
-        # torch's dropout is a real part of the torch step; the converted encoder still runs
-        # torch's attention dropout (inside MultiheadAttention), the converted MLP none.
+        # The MLP's two dropouts, and the encoder's three per layer plus its attention (4
+        # layers) are converted.
+        assert r["replaced"] == {"mlp": 2, "encoder": 16}[model]
+        # torch's dropout is a real part of the torch step; a converted model runs none, the
+        # encoder's attention dropout (inside MultiheadAttention) included.
         assert 0 < r["dropout_share"] < 1
-        assert (r["dropout_share_after"] > 0) == (model == "encoder")
+        assert r["dropout_share_after"] == 0
     # --train also gives the layer rows of its models (the MLP's tiny layers only on --layers).
     layers = result["layers"]
     assert {(r["layer"], tuple(r["shape"])) for r in layers} == {
