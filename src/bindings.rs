@@ -994,6 +994,12 @@ fn get_num_threads() -> usize {
     kernel::get_num_threads()
 }
 
+/// Why `FASTDROP_NUM_THREADS` was ignored, or None; `fastdrop` warns with it at import.
+#[pyfunction]
+fn num_threads_env_warning() -> Option<String> {
+    crate::threads::num_threads_env_warning()
+}
+
 /// The generator backend in use: "vaes", "aesni" or "portable".
 #[pyfunction]
 fn simd_backend() -> &'static str {
@@ -1014,6 +1020,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mask_apply, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads_env_warning, m)?)?;
+    m.add("MAX_THREADS", crate::threads::MAX_THREADS)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(empty_like, m)?)?;
     m.add_function(wrap_pyfunction!(cached_empty, m)?)?;

@@ -9,6 +9,7 @@ pub mod kernel;
 pub mod mask;
 pub mod rng;
 pub mod simd;
+pub mod threads;
 
 #[cfg(feature = "python")]
 mod bindings;
