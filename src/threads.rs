@@ -8,14 +8,18 @@
 //! - the calling thread works beside the helpers, and a helper that arrives after the last
 //!   chunk was taken finds nothing to do and goes back to sleep;
 //! - waiting for a helper's last chunk spins only briefly and then sleeps, which leaves the
-//!   core idle, so the scheduler can move a helper that another thread preempted onto it;
+//!   core to whoever can use it (a helper that another thread preempted included);
+//! - a call whose helpers cost more than they saved (every core busy: torch's threads, other
+//!   processes) sends the next calls to the calling thread alone, 1, 2, 4 ... up to 64 of
+//!   them, before the helpers are tried again; so N threads are not slower than one;
 //! - a child made by `fork` (which inherits the pool but none of its threads) builds a pool of
 //!   its own;
 //! - a thread count is capped at [`MAX_THREADS`], and a pool that cannot be built (threads that
 //!   cannot be spawned) leaves the call on the calling thread instead of failing it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Below this many elements a call runs on the calling thread: waking the pool costs more.
 pub const PARALLEL_MIN: usize = 1 << 17;
@@ -57,9 +61,8 @@ fn env_threads() -> &'static (usize, Option<String>) {
             Ok(n) => (n, None),
             Err(why) => {
                 let n = available_cpus();
-                let msg = format!(
-                    "{ENV_NUM_THREADS}={why}; using the default, {n} (the CPUs available)"
-                );
+                let msg =
+                    format!("{ENV_NUM_THREADS}={why}; using the default, {n} (the CPUs available)");
                 (n, Some(msg))
             }
         },
@@ -146,10 +149,11 @@ fn pool(helpers: usize) -> Option<Arc<rayon::ThreadPool>> {
     built
 }
 
-/// Spins this many times waiting for a helper's last chunk before sleeping: about the time a
-/// chunk takes, so a helper that is running finishes within the spin, and one that another
-/// thread preempted gets the core this thread leaves idle.
-const SPINS_BEFORE_SLEEP: u32 = 1 << 12;
+/// Spins this many times (a few microseconds) waiting for the helpers' last chunks before
+/// sleeping. Measured on a loaded 2-core machine (benches/threads.py), spinning 4,096 times
+/// or yielding in a loop made 2 threads 0.75-0.8x as fast as 1; sleeping soon leaves the core to
+/// whoever can use it, a helper that was preempted included.
+const SPINS_BEFORE_SLEEP: u32 = 256;
 
 /// Runs `f(chunk)` for chunk in 0..chunks on up to `threads` threads, on the calling thread
 /// when `elements` is too few to pay for waking the pool.
@@ -166,7 +170,7 @@ pub(crate) fn for_each_chunk(
 ) {
     let threads = threads.min(MAX_THREADS);
     let helpers = threads.saturating_sub(1).min(chunks.saturating_sub(1));
-    let pool = if elements < PARALLEL_MIN || helpers == 0 {
+    let pool = if elements < PARALLEL_MIN || helpers == 0 || BACKOFF.solo_turn() {
         None
     } else {
         pool(threads - 1)
@@ -176,15 +180,20 @@ pub(crate) fn for_each_chunk(
         return;
     };
     let next = AtomicUsize::new(0);
-    let work = || loop {
-        let c = next.fetch_add(1, Ordering::Relaxed);
-        if c >= chunks {
-            break;
+    let work = || {
+        let mut done = 0usize;
+        loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= chunks {
+                break done;
+            }
+            f(c);
+            done += 1;
         }
-        f(c);
     };
     let pending = AtomicUsize::new(helpers);
     let caller = std::thread::current();
+    let start = Instant::now();
     pool.in_place_scope(|s| {
         for _ in 0..helpers {
             s.spawn(|_| {
@@ -194,7 +203,8 @@ pub(crate) fn for_each_chunk(
                 work();
             });
         }
-        work();
+        let mine = work();
+        let worked = start.elapsed();
         // The helpers are at most one chunk from done: spin briefly, then sleep until the last
         // one wakes this thread (park returns at once if it already did, and may return
         // spuriously, hence the loop).
@@ -207,7 +217,62 @@ pub(crate) fn for_each_chunk(
                 std::thread::park();
             }
         }
+        BACKOFF.judge(helpers_paid(start.elapsed(), worked, mine, chunks));
     });
+}
+
+/// When helpers cost more than they save (every core busy with other work: torch's threads,
+/// other processes), the calls after run on the calling thread alone for a while, then the
+/// helpers are tried again. Which thread runs a chunk never changes a result, so this only
+/// trades time.
+struct Backoff {
+    /// Parallel calls still to run on the calling thread alone.
+    solo_left: AtomicU32,
+    /// How many calls the last losing call sent to the calling thread alone.
+    last: AtomicU32,
+}
+
+static BACKOFF: Backoff = Backoff::new();
+
+/// The most calls in a row that run alone before the helpers are tried again.
+const MAX_BACKOFF: u32 = 64;
+
+impl Backoff {
+    const fn new() -> Backoff {
+        Backoff {
+            solo_left: AtomicU32::new(0),
+            last: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether this call runs on the calling thread alone (and counts it).
+    fn solo_turn(&self) -> bool {
+        // Races between callers only shift a turn or two; results never depend on it.
+        let left = self.solo_left.load(Ordering::Relaxed);
+        if left == 0 {
+            return false;
+        }
+        self.solo_left.store(left - 1, Ordering::Relaxed);
+        true
+    }
+
+    /// After a win the helpers stay; after a loss the next calls run alone, twice as many as
+    /// after the previous loss (up to `MAX_BACKOFF`), then the helpers are tried again.
+    fn judge(&self, paid: bool) {
+        if paid {
+            self.last.store(0, Ordering::Relaxed);
+        } else {
+            let b = (self.last.load(Ordering::Relaxed) * 2).clamp(1, MAX_BACKOFF);
+            self.last.store(b, Ordering::Relaxed);
+            self.solo_left.store(b, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether a parallel call beat the caller alone: `total` against the time the caller, at the
+/// pace it kept over its own `mine` chunks (`worked`), would have taken for all `chunks`.
+fn helpers_paid(total: Duration, worked: Duration, mine: usize, chunks: usize) -> bool {
+    mine == 0 || total.as_nanos() * (mine as u128) < worked.as_nanos() * (chunks as u128)
 }
 
 /// Counts a helper out when dropped, and wakes the caller when it was the last.
@@ -254,13 +319,24 @@ mod tests {
         assert_eq!(parse_num_threads("4"), Ok(4));
         assert_eq!(parse_num_threads(" 1 \n"), Ok(1));
         assert_eq!(parse_num_threads("1024"), Ok(MAX_THREADS));
-        for bad in ["0", "1025", "1000000", "99999999999999999999999999999999999"] {
+        for bad in [
+            "0",
+            "1025",
+            "1000000",
+            "99999999999999999999999999999999999",
+        ] {
             let e = parse_num_threads(bad).unwrap_err();
-            assert!(e.contains("out of range") && e.contains("1 to 1024"), "{bad}: {e}");
+            assert!(
+                e.contains("out of range") && e.contains("1 to 1024"),
+                "{bad}: {e}"
+            );
         }
         for bad in ["-2", "abc", "", "2.0", "1e3", "+-1"] {
             let e = parse_num_threads(bad).unwrap_err();
-            assert!(e.contains("not a thread count") && e.contains("1 to 1024"), "{bad}: {e}");
+            assert!(
+                e.contains("not a thread count") && e.contains("1 to 1024"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -275,6 +351,36 @@ mod tests {
             );
         }
         assert_eq!(get_num_threads(), before);
+    }
+
+    #[test]
+    fn helpers_pay_when_the_call_beats_the_callers_own_pace() {
+        let us = Duration::from_micros;
+        // 32 chunks, 16 by the caller in 100 us: alone it would take 200 us.
+        assert!(helpers_paid(us(150), us(100), 16, 32));
+        assert!(!helpers_paid(us(200), us(100), 16, 32));
+        assert!(!helpers_paid(us(900), us(100), 16, 32)); // a helper was preempted
+        assert!(!helpers_paid(us(310), us(300), 32, 32)); // the helper came too late to help
+        assert!(helpers_paid(us(10), us(0), 0, 32)); // the helpers did everything
+    }
+
+    #[test]
+    fn losses_send_doubling_runs_of_calls_to_the_caller_alone() {
+        let b = Backoff::new();
+        assert!(!b.solo_turn());
+        let solo_runs = |b: &Backoff| (0..200).take_while(|_| b.solo_turn()).count();
+        b.judge(false);
+        assert_eq!(solo_runs(&b), 1);
+        b.judge(false);
+        assert_eq!(solo_runs(&b), 2);
+        for _ in 0..10 {
+            b.judge(false);
+        }
+        assert_eq!(solo_runs(&b), MAX_BACKOFF as usize);
+        b.judge(true); // a win resets it
+        assert!(!b.solo_turn());
+        b.judge(false);
+        assert_eq!(solo_runs(&b), 1);
     }
 
     #[test]
