@@ -56,8 +56,10 @@ def report(title: str, results: dict, unit: str, scale: float, base: str | None 
     for name, xs in results.items():
         med, lo, hi = spread(xs)
         ratio = f"  {base_med / med:5.2f}x vs {base}" if base_med else ""
-        print(f"  {name:<24} {med * scale:9.1f} {unit}  (quartiles {lo * scale:.1f}-"
-              f"{hi * scale:.1f}){ratio}")
+        print(
+            f"  {name:<24} {med * scale:9.1f} {unit}  (quartiles {lo * scale:.1f}-"
+            f"{hi * scale:.1f}){ratio}"
+        )
     sys.stdout.flush()
 
 
@@ -77,15 +79,20 @@ def micro(rounds: int, threads: int, busy: int | None, calls: int = 50):
                     times.append(time.perf_counter() - t0)
                 results[name].append(statistics.median(times))
     where = "idle" if busy is None else f"core {busy} busy"
-    report(f"1M float32 dropout in place, p=0.1 ({where}; median of {calls} calls a round, "
-           f"{rounds} rounds)", results, "us", 1e6, base=next(iter(cands)))
+    report(
+        f"1M float32 dropout in place, p=0.1 ({where}; median of {calls} calls a round, "
+        f"{rounds} rounds)",
+        results,
+        "us",
+        1e6,
+        base=next(iter(cands)),
+    )
 
 
 def train(rounds: int, threads: int, busy: int | None, batch: int, steps: int):
+    import fastdrop.nn
     import timm
     import torch
-
-    import fastdrop.nn
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -123,8 +130,14 @@ def train(rounds: int, threads: int, busy: int | None, batch: int, steps: int):
                     step(model)
                 results[name].append((time.perf_counter() - t0) / steps)
     where = "idle" if busy is None else f"core {busy} busy"
-    report(f"vit_tiny_patch16_224 training step, batch {batch}, torch {threads} threads ({where};"
-           f" {steps} steps a round, {rounds} rounds)", results, "ms", 1e3, base="torch dropout")
+    report(
+        f"vit_tiny_patch16_224 training step, batch {batch}, torch {threads} threads ({where};"
+        f" {steps} steps a round, {rounds} rounds)",
+        results,
+        "ms",
+        1e3,
+        base="torch dropout",
+    )
 
 
 def main():
@@ -136,8 +149,10 @@ def main():
     ap.add_argument("--busy-cpu", type=int, default=(os.cpu_count() or 2) - 1)
     ap.add_argument("--only", choices=["micro", "train"])
     args = ap.parse_args()
-    print(f"{os.cpu_count()} CPUs, fastdrop default {fastdrop.get_num_threads()} threads, "
-          f"{fastdrop.simd_backend()}")
+    print(
+        f"{os.cpu_count()} CPUs, fastdrop default {fastdrop.get_num_threads()} threads, "
+        f"{fastdrop.simd_backend()}"
+    )
     for busy in (None, args.busy_cpu):
         if args.only in (None, "micro"):
             micro(args.rounds * 2, args.threads, busy)

@@ -19,9 +19,7 @@ import pytest
 from fastdrop import Generator
 
 pytestmark = [
-    pytest.mark.skipif(
-        sys.platform == "win32" or not hasattr(os, "fork"), reason="needs fork"
-    ),
+    pytest.mark.skipif(sys.platform == "win32" or not hasattr(os, "fork"), reason="needs fork"),
     pytest.mark.timeout(180),
 ]
 
