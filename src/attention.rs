@@ -20,7 +20,15 @@
 use crate::error::Result;
 use crate::kernel::{self, Element, OpFloat};
 use crate::rng::{self, Key};
-use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// One chunk's slices, taken by the thread that runs the chunk.
+type Slot<S> = Mutex<Option<S>>;
+
+fn take<S>(slot: &Slot<S>) -> Option<S> {
+    // Nothing panics while the lock is held, but poisoning must not become a panic either.
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
 use std::ops::{Div, Sub};
 
 /// Lanes of the running sums and maxima: a fixed number, so that the order of the additions,
@@ -346,24 +354,31 @@ where
     let item_rows = forward_item_rows(rows.lk);
     let per = item_rows * rows.lk;
     let avx2 = use_avx2();
-    scores
-        .par_chunks_mut(per)
-        .zip(dropped.par_chunks_mut(per))
-        .zip(words.par_chunks_mut(per / 64))
-        .enumerate()
-        .for_each(|(c, ((x, d), w))| {
-            // Element e's group starts at block e / 4 (64 blocks per 256 decisions).
-            let first = drop.first_block.wrapping_add((c * per / 4) as u64);
-            let first_row = c * item_rows;
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: `use_avx2` saw AVX2 on this CPU.
-                unsafe { forward_item_avx2(x, d, w, first_row, rows, logit_scale, drop, first) };
-                return;
-            }
-            let _ = avx2;
-            forward_item(x, d, w, first_row, rows, logit_scale, drop, first);
-        });
+    // fastdrop's own pool (fork-safe, set_num_threads, backs off when helpers do not pay), not
+    // rayon's global one: each chunk's slices are taken out of its slot by whichever thread runs
+    // it, and a chunk's bits depend on its index alone.
+    let slots: Vec<Slot<(&mut [T], &mut [T], &mut [u64])>> = scores
+        .chunks_mut(per)
+        .zip(dropped.chunks_mut(per))
+        .zip(words.chunks_mut(per / 64))
+        .map(|((x, d), w)| Mutex::new(Some((x, d, w))))
+        .collect();
+    kernel::for_each_chunk(kernel::get_num_threads(), n, slots.len(), |c| {
+        let Some((x, d, w)) = take(&slots[c]) else {
+            return;
+        };
+        // Element e's group starts at block e / 4 (64 blocks per 256 decisions).
+        let first = drop.first_block.wrapping_add((c * per / 4) as u64);
+        let first_row = c * item_rows;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: `use_avx2` saw AVX2 on this CPU.
+            unsafe { forward_item_avx2(x, d, w, first_row, rows, logit_scale, drop, first) };
+            return;
+        }
+        let _ = avx2;
+        forward_item(x, d, w, first_row, rows, logit_scale, drop, first);
+    });
     kernel::clear_tail(words, n);
     Ok(())
 }
@@ -518,22 +533,26 @@ where
     let item_rows = ITEM_ELEMENTS.div_ceil(lk).max(1);
     let per = item_rows * lk;
     let avx2 = use_avx2();
-    probs
-        .par_chunks(per)
-        .zip(grad.par_chunks_mut(per))
-        .zip(dropped.par_chunks_mut(per))
-        .enumerate()
-        .for_each(|(c, ((p, g), d))| {
-            let first_row = c * item_rows;
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: `use_avx2` saw AVX2 on this CPU.
-                unsafe { backward_item_avx2(p, g, d, words, first_row, lk, keep_scale) };
-                return;
-            }
-            let _ = avx2;
-            backward_item(p, g, d, words, first_row, lk, keep_scale);
-        });
+    let slots: Vec<Slot<(&[T], &mut [T], &mut [T])>> = probs
+        .chunks(per)
+        .zip(grad.chunks_mut(per))
+        .zip(dropped.chunks_mut(per))
+        .map(|((p, g), d)| Mutex::new(Some((p, g, d))))
+        .collect();
+    kernel::for_each_chunk(kernel::get_num_threads(), n, slots.len(), |c| {
+        let Some((p, g, d)) = take(&slots[c]) else {
+            return;
+        };
+        let first_row = c * item_rows;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: `use_avx2` saw AVX2 on this CPU.
+            unsafe { backward_item_avx2(p, g, d, words, first_row, lk, keep_scale) };
+            return;
+        }
+        let _ = avx2;
+        backward_item(p, g, d, words, first_row, lk, keep_scale);
+    });
     Ok(())
 }
 

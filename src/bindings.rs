@@ -1231,7 +1231,9 @@ fn get_num_threads() -> usize {
 /// read once per process, at the latest now); `fastdrop` warns with them when it is imported.
 #[pyfunction]
 fn _env_warnings() -> Vec<String> {
-    crate::env::diagnostics()
+    let mut messages = crate::env::diagnostics();
+    messages.extend(crate::threads::num_threads_env_warning());
+    messages
 }
 
 /// The generator backend in use: "vaes", "aesni" or "portable".
@@ -1488,6 +1490,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mask_apply, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add("MAX_THREADS", crate::threads::MAX_THREADS)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(_env_warnings, m)?)?;
     m.add_function(wrap_pyfunction!(empty_like, m)?)?;

@@ -10,8 +10,7 @@ use crate::rng::{self, Key};
 use crate::simd::{Linear, RunMask};
 use half::{bf16, f16};
 use std::ops::{Add, Mul};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Elements per parallel work item. A multiple of the generator's 256-decision group, so that
 /// every chunk starts on a mask word and a group, and small enough that a chunk's bits
@@ -24,8 +23,6 @@ pub const CHUNK: usize = 1 << 15;
 /// only when several groups are still open together.
 const SUB: usize = 4096;
 const _: () = assert!(SUB.is_multiple_of(rng::GROUP) && CHUNK.is_multiple_of(SUB));
-/// Below this many elements a call runs on the calling thread: waking the pool costs more.
-pub const PARALLEL_MIN: usize = 1 << 17;
 /// Out-of-place outputs at least this large (bytes) are written with non-temporal stores: they
 /// cannot stay in cache anyway, and streaming them saves the read-for-ownership of every output
 /// line, a third of the memory traffic of the call.
@@ -352,129 +349,9 @@ pub enum Bits<'a> {
 
 // --- threads -------------------------------------------------------------------------------
 
-static NUM_THREADS: AtomicUsize = AtomicUsize::new(0);
-static POOL: Mutex<Option<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
-
-/// Read once: the environment lookup costs more than a small call's whole kernel.
-fn default_threads() -> usize {
-    static DEFAULT: OnceLock<usize> = OnceLock::new();
-    *DEFAULT.get_or_init(|| {
-        std::env::var("FASTDROP_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    })
-}
-
-/// Threads the kernels use (`FASTDROP_NUM_THREADS`, else the CPUs available).
-pub fn get_num_threads() -> usize {
-    match NUM_THREADS.load(Ordering::Relaxed) {
-        0 => default_threads(),
-        n => n,
-    }
-}
-
-/// Sets the threads the kernels use; results never depend on it.
-pub fn set_num_threads(n: usize) -> crate::error::Result<()> {
-    if n == 0 {
-        return crate::value_err!("num_threads must be at least 1, got 0");
-    }
-    NUM_THREADS.store(n, Ordering::Relaxed);
-    Ok(())
-}
-
-fn pool(n: usize) -> Arc<rayon::ThreadPool> {
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    match &*guard {
-        Some((m, p)) if *m == n => p.clone(),
-        _ => {
-            let p = Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("fastdrop-{i}"))
-                    .build()
-                    .expect("building a rayon pool only fails when threads cannot be spawned"),
-            );
-            *guard = Some((n, p.clone()));
-            p
-        }
-    }
-}
-
-/// Runs `f(chunk)` for chunk in 0..chunks on `threads` threads, on the calling thread when
-/// `elements` is too few to pay for waking the pool.
-///
-/// The calling thread works too, beside `threads - 1` pool threads, taking chunks from a shared
-/// counter: with `install`, it would only wait while the pool's threads woke up and did all of
-/// it, which on a cache-resident array costs a good part of the second thread's gain. Which
-/// thread runs a chunk never matters: a chunk's random bits depend on its index alone.
-pub(crate) fn for_each_chunk(
-    threads: usize,
-    elements: usize,
-    chunks: usize,
-    f: impl Fn(usize) + Sync + Send,
-) {
-    if elements < PARALLEL_MIN || threads == 1 || chunks == 1 {
-        (0..chunks).for_each(f);
-        return;
-    }
-    let next = AtomicUsize::new(0);
-    let work = || loop {
-        let c = next.fetch_add(1, Ordering::Relaxed);
-        if c >= chunks {
-            break;
-        }
-        f(c);
-    };
-    let helpers = (threads - 1).min(chunks - 1);
-    let finished = AtomicUsize::new(0);
-    pool(threads - 1).in_place_scope(|s| {
-        for _ in 0..helpers {
-            s.spawn(|_| {
-                work();
-                finished.fetch_add(1, Ordering::Release);
-            });
-        }
-        work();
-        // The helpers are at most one chunk from done: wait for them here, spinning a little
-        // before yielding, rather than asleep on the scope's latch, whose wake-up costs tens of
-        // microseconds on a busy machine (a large part of a cache-resident call).
-        let mut spins = 0u32;
-        while finished.load(Ordering::Acquire) < helpers {
-            if spins < 1 << 12 {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-    });
-}
-
-/// Runs `f(chunk, words)` over `words` split into chunks of `CHUNK / 64` words, in parallel as
-/// [`for_each_chunk`] does.
-fn for_each_word_chunk(
-    threads: usize,
-    elements: usize,
-    words: &mut [u64],
-    f: impl Fn(usize, &mut [u64]) + Sync + Send,
-) {
-    let per = CHUNK / 64;
-    if elements < PARALLEL_MIN || threads == 1 || words.len() <= per {
-        words.chunks_mut(per).enumerate().for_each(|(c, w)| f(c, w));
-        return;
-    }
-    // Each chunk's slice is taken out of its slot by whichever thread runs the chunk.
-    let slots: Vec<Mutex<Option<&mut [u64]>>> =
-        words.chunks_mut(per).map(|w| Mutex::new(Some(w))).collect();
-    for_each_chunk(threads, elements, slots.len(), |c| {
-        let taken = slots[c].lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(w) = taken {
-            f(c, w);
-        }
-    });
-}
+// The pool and the thread count live in `threads`; these names stay here for the callers.
+pub(crate) use crate::threads::{for_each_chunk, for_each_word_chunk};
+pub use crate::threads::{get_num_threads, set_num_threads, PARALLEL_MIN};
 
 // --- mask generation ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ pub mod mask;
 pub mod noise;
 pub mod rng;
 pub mod simd;
+pub mod threads;
 
 #[cfg(feature = "python")]
 mod bindings;

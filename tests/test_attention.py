@@ -197,15 +197,15 @@ print(hashlib.sha256(mask._bits.to_bytes()).hexdigest())
 
 
 def test_mask_is_the_same_for_any_thread_count():
-    """The attention kernels run on rayon's global pool, sized once per process: compare
-    processes with 1 and 3 threads."""
+    """The attention kernels split rows over fastdrop's threads: compare processes with 1 and
+    3 (FASTDROP_NUM_THREADS), so the mask cannot depend on the split."""
     import os
     import subprocess
     import sys
 
     digests = set()
     for n in ("1", "3"):
-        env = dict(os.environ, RAYON_NUM_THREADS=n)
+        env = dict(os.environ, FASTDROP_NUM_THREADS=n)
         run = subprocess.run(
             [sys.executable, "-c", _MASK_SCRIPT], env=env, capture_output=True, text=True
         )

@@ -366,7 +366,7 @@ ERRORS = [
         "fastdrop.set_num_threads(0)",
         lambda: fastdrop.set_num_threads(0),
         ValueError,
-        "set_num_threads expects a positive number of threads, got 0",
+        "set_num_threads expects between 1 and 1024 threads, got 0",
     ),
     (
         "fastdrop.set_num_threads(2.0)",

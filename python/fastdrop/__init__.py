@@ -84,12 +84,16 @@ def manual_seed(seed: int) -> Generator:
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the threads fastdrop's kernels use (default: ``FASTDROP_NUM_THREADS`` or all CPUs).
-    Results never depend on it."""
+    """Sets the threads fastdrop's kernels use, from 1 to ``_core.MAX_THREADS`` (1024); the
+    default is ``FASTDROP_NUM_THREADS`` or the CPUs available. Results never depend on it.
+
+    A call smaller than 131,072 elements runs on the calling thread whatever this says."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"set_num_threads expects a positive number of threads, got {n}")
+    if not 1 <= n <= _core.MAX_THREADS:
+        raise ValueError(
+            f"set_num_threads expects between 1 and {_core.MAX_THREADS} threads, got {n}"
+        )
     _core.set_num_threads(int(n))
 
 

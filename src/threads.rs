@@ -1,0 +1,401 @@
+//! fastdrop's own threads: how many, the pool they live in, and the loop that shares a call's
+//! chunks among them.
+//!
+//! Threads are guests. fastdrop runs inside programs whose cores belong to torch's intra-op
+//! pool, data-loader workers and other processes, so:
+//! - work is split by index range (a chunk's random bits depend on its index alone), so the
+//!   result never depends on which thread, or how many, ran it;
+//! - the calling thread works beside the helpers, and a helper that arrives after the last
+//!   chunk was taken finds nothing to do and goes back to sleep;
+//! - waiting for a helper's last chunk spins only briefly and then sleeps, which leaves the
+//!   core to whoever can use it (a helper that another thread preempted included);
+//! - a call whose helpers cost more than they saved (every core busy: torch's threads, other
+//!   processes) sends the next calls to the calling thread alone, 1, 2, 4 ... up to 64 of
+//!   them, before the helpers are tried again; so N threads are not slower than one;
+//! - a child made by `fork` (which inherits the pool but none of its threads) builds a pool of
+//!   its own;
+//! - a thread count is capped at [`MAX_THREADS`], and a pool that cannot be built (threads that
+//!   cannot be spawned) leaves the call on the calling thread instead of failing it.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Below this many elements a call runs on the calling thread: waking the pool costs more.
+pub const PARALLEL_MIN: usize = 1 << 17;
+
+/// The most threads `set_num_threads` and `FASTDROP_NUM_THREADS` accept. Far above any
+/// machine's useful count, far below what would exhaust a process's memory for thread stacks.
+pub const MAX_THREADS: usize = 1024;
+
+/// The name of the environment variable that sets the default thread count.
+pub const ENV_NUM_THREADS: &str = "FASTDROP_NUM_THREADS";
+
+static NUM_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread count as `FASTDROP_NUM_THREADS` spells it: a decimal integer from 1 to
+/// [`MAX_THREADS`], surrounding spaces allowed. The error says what was wrong and what is
+/// accepted.
+pub fn parse_num_threads(value: &str) -> Result<usize, String> {
+    let accepted = format!("expected an integer from 1 to {MAX_THREADS}");
+    match value.trim().parse::<u128>() {
+        Ok(n) if (1..=MAX_THREADS as u128).contains(&n) => Ok(n as usize),
+        Ok(_) => Err(format!("{value:?} is out of range: {accepted}")),
+        Err(_) => Err(format!("{value:?} is not a thread count: {accepted}")),
+    }
+}
+
+/// The CPUs this process may run on.
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `FASTDROP_NUM_THREADS` read once (the environment lookup costs more than a small call's
+/// whole kernel): the count, or the CPUs available and the reason the variable was not used.
+fn env_threads() -> &'static (usize, Option<String>) {
+    static FROM_ENV: OnceLock<(usize, Option<String>)> = OnceLock::new();
+    FROM_ENV.get_or_init(|| match std::env::var(ENV_NUM_THREADS) {
+        Err(std::env::VarError::NotPresent) => (available_cpus(), None),
+        Ok(v) if v.trim().is_empty() => (available_cpus(), None),
+        Ok(v) => match parse_num_threads(&v) {
+            Ok(n) => (n, None),
+            Err(why) => {
+                let n = available_cpus();
+                let msg =
+                    format!("{ENV_NUM_THREADS}={why}; using the default, {n} (the CPUs available)");
+                (n, Some(msg))
+            }
+        },
+        Err(std::env::VarError::NotUnicode(v)) => {
+            let n = available_cpus();
+            let msg = format!(
+                "{ENV_NUM_THREADS}={v:?} is not a thread count: expected an integer from 1 to \
+                 {MAX_THREADS}; using the default, {n} (the CPUs available)"
+            );
+            (n, Some(msg))
+        }
+    })
+}
+
+/// Why `FASTDROP_NUM_THREADS` was ignored, if it was set to something that is not a thread
+/// count (the Python package turns this into a warning at import).
+pub fn num_threads_env_warning() -> Option<String> {
+    env_threads().1.clone()
+}
+
+/// Threads the kernels use (`set_num_threads`, else `FASTDROP_NUM_THREADS`, else the CPUs
+/// available).
+pub fn get_num_threads() -> usize {
+    match NUM_THREADS.load(Ordering::Relaxed) {
+        0 => env_threads().0,
+        n => n,
+    }
+}
+
+/// Sets the threads the kernels use, from 1 to [`MAX_THREADS`]; results never depend on it.
+pub fn set_num_threads(n: usize) -> crate::error::Result<()> {
+    if !(1..=MAX_THREADS).contains(&n) {
+        return crate::value_err!(
+            "set_num_threads expects between 1 and {MAX_THREADS} threads, got {n}"
+        );
+    }
+    NUM_THREADS.store(n, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The pool of helpers, with the process that built it and its size; `None` as the pool when
+/// the threads could not be spawned (the calls run on the calling thread then).
+struct Pool {
+    pid: u32,
+    helpers: usize,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+/// A pool of `helpers` threads, built on first use, rebuilt when the count changes or the
+/// process is a forked child of the one that built it; `None` when threads cannot be spawned.
+fn pool(helpers: usize) -> Option<Arc<rayon::ThreadPool>> {
+    // One getpid syscall per parallel call (well under a microsecond against the 100 us and
+    // more that a call of PARALLEL_MIN elements takes); it spares a pthread_atfork handler.
+    let pid = std::process::id();
+    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = &*guard {
+        if p.pid == pid && p.helpers == helpers {
+            return p.pool.clone();
+        }
+    }
+    if let Some(old) = guard.take() {
+        if old.pid != pid {
+            // A forked child inherits the pool's memory but none of its threads; the pool's
+            // Drop would signal threads that do not exist, and its registry is kept alive by
+            // their (never-to-run) references anyway. Leak it: once per fork, a few KiB.
+            std::mem::forget(old);
+        }
+        // The parent's own old pool drops here: rayon tells its threads to exit and does not
+        // wait for them.
+    }
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(helpers)
+        .thread_name(|i| format!("fastdrop-{i}"))
+        .build()
+        .ok()
+        .map(Arc::new);
+    *guard = Some(Pool {
+        pid,
+        helpers,
+        pool: built.clone(),
+    });
+    built
+}
+
+/// Spins this many times (a few microseconds) waiting for the helpers' last chunks before
+/// sleeping. Measured on a loaded 2-core machine (benches/threads.py), spinning 4,096 times
+/// or yielding in a loop made 2 threads 0.75-0.8x as fast as 1; sleeping soon leaves the core to
+/// whoever can use it, a helper that was preempted included.
+const SPINS_BEFORE_SLEEP: u32 = 256;
+
+/// Runs `f(chunk)` for chunk in 0..chunks on up to `threads` threads, on the calling thread
+/// when `elements` is too few to pay for waking the pool.
+///
+/// The calling thread works too, beside `threads - 1` pool threads, taking chunks from a shared
+/// counter: with `install`, it would only wait while the pool's threads woke up and did all of
+/// it, which on a cache-resident array costs a good part of the second thread's gain. Which
+/// thread runs a chunk never matters: a chunk's random bits depend on its index alone.
+pub(crate) fn for_each_chunk(
+    threads: usize,
+    elements: usize,
+    chunks: usize,
+    f: impl Fn(usize) + Sync + Send,
+) {
+    let threads = threads.min(MAX_THREADS);
+    let helpers = threads.saturating_sub(1).min(chunks.saturating_sub(1));
+    let pool = if elements < PARALLEL_MIN || helpers == 0 || BACKOFF.solo_turn() {
+        None
+    } else {
+        pool(threads - 1)
+    };
+    let Some(pool) = pool else {
+        (0..chunks).for_each(f);
+        return;
+    };
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = 0usize;
+        loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= chunks {
+                break done;
+            }
+            f(c);
+            done += 1;
+        }
+    };
+    let pending = AtomicUsize::new(helpers);
+    let caller = std::thread::current();
+    let start = Instant::now();
+    pool.in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| {
+                // Counted down even if `f` panics (the scope then re-raises it here), so the
+                // wait below always ends.
+                let _done = Done(&pending, &caller);
+                work();
+            });
+        }
+        let mine = work();
+        let worked = start.elapsed();
+        // The helpers are at most one chunk from done: spin briefly, then sleep until the last
+        // one wakes this thread (park returns at once if it already did, and may return
+        // spuriously, hence the loop).
+        let mut spins = 0u32;
+        while pending.load(Ordering::Acquire) > 0 {
+            if spins < SPINS_BEFORE_SLEEP {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::park();
+            }
+        }
+        BACKOFF.judge(helpers_paid(start.elapsed(), worked, mine, chunks));
+    });
+}
+
+/// When helpers cost more than they save (every core busy with other work: torch's threads,
+/// other processes), the calls after run on the calling thread alone for a while, then the
+/// helpers are tried again. Which thread runs a chunk never changes a result, so this only
+/// trades time.
+struct Backoff {
+    /// Parallel calls still to run on the calling thread alone.
+    solo_left: AtomicU32,
+    /// How many calls the last losing call sent to the calling thread alone.
+    last: AtomicU32,
+}
+
+static BACKOFF: Backoff = Backoff::new();
+
+/// The most calls in a row that run alone before the helpers are tried again.
+const MAX_BACKOFF: u32 = 64;
+
+impl Backoff {
+    const fn new() -> Backoff {
+        Backoff {
+            solo_left: AtomicU32::new(0),
+            last: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether this call runs on the calling thread alone (and counts it).
+    fn solo_turn(&self) -> bool {
+        // Races between callers only shift a turn or two; results never depend on it.
+        let left = self.solo_left.load(Ordering::Relaxed);
+        if left == 0 {
+            return false;
+        }
+        self.solo_left.store(left - 1, Ordering::Relaxed);
+        true
+    }
+
+    /// After a win the helpers stay; after a loss the next calls run alone, twice as many as
+    /// after the previous loss (up to `MAX_BACKOFF`), then the helpers are tried again.
+    fn judge(&self, paid: bool) {
+        if paid {
+            self.last.store(0, Ordering::Relaxed);
+        } else {
+            let b = (self.last.load(Ordering::Relaxed) * 2).clamp(1, MAX_BACKOFF);
+            self.last.store(b, Ordering::Relaxed);
+            self.solo_left.store(b, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether a parallel call beat the caller alone: `total` against the time the caller, at the
+/// pace it kept over its own `mine` chunks (`worked`), would have taken for all `chunks`.
+fn helpers_paid(total: Duration, worked: Duration, mine: usize, chunks: usize) -> bool {
+    mine == 0 || total.as_nanos() * (mine as u128) < worked.as_nanos() * (chunks as u128)
+}
+
+/// Counts a helper out when dropped, and wakes the caller when it was the last.
+struct Done<'a>(&'a AtomicUsize, &'a std::thread::Thread);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        if self.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.1.unpark();
+        }
+    }
+}
+
+/// Runs `f(chunk, words)` over `words` split into chunks of `CHUNK / 64` words, in parallel as
+/// [`for_each_chunk`] does.
+pub(crate) fn for_each_word_chunk(
+    threads: usize,
+    elements: usize,
+    words: &mut [u64],
+    f: impl Fn(usize, &mut [u64]) + Sync + Send,
+) {
+    let per = crate::kernel::CHUNK / 64;
+    if elements < PARALLEL_MIN || threads == 1 || words.len() <= per {
+        words.chunks_mut(per).enumerate().for_each(|(c, w)| f(c, w));
+        return;
+    }
+    // Each chunk's slice is taken out of its slot by whichever thread runs the chunk.
+    let slots: Vec<Mutex<Option<&mut [u64]>>> =
+        words.chunks_mut(per).map(|w| Mutex::new(Some(w))).collect();
+    for_each_chunk(threads, elements, slots.len(), |c| {
+        let taken = slots[c].lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = taken {
+            f(c, w);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_counts_parse_in_range_only() {
+        assert_eq!(parse_num_threads("4"), Ok(4));
+        assert_eq!(parse_num_threads(" 1 \n"), Ok(1));
+        assert_eq!(parse_num_threads("1024"), Ok(MAX_THREADS));
+        for bad in [
+            "0",
+            "1025",
+            "1000000",
+            "99999999999999999999999999999999999",
+        ] {
+            let e = parse_num_threads(bad).unwrap_err();
+            assert!(
+                e.contains("out of range") && e.contains("1 to 1024"),
+                "{bad}: {e}"
+            );
+        }
+        for bad in ["-2", "abc", "", "2.0", "1e3", "+-1"] {
+            let e = parse_num_threads(bad).unwrap_err();
+            assert!(
+                e.contains("not a thread count") && e.contains("1 to 1024"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn set_num_threads_refuses_counts_outside_the_cap() {
+        let before = get_num_threads();
+        for bad in [0, MAX_THREADS + 1, usize::MAX] {
+            let e = set_num_threads(bad).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("set_num_threads expects between 1 and 1024 threads, got {bad}")
+            );
+        }
+        assert_eq!(get_num_threads(), before);
+    }
+
+    #[test]
+    fn helpers_pay_when_the_call_beats_the_callers_own_pace() {
+        let us = Duration::from_micros;
+        // 32 chunks, 16 by the caller in 100 us: alone it would take 200 us.
+        assert!(helpers_paid(us(150), us(100), 16, 32));
+        assert!(!helpers_paid(us(200), us(100), 16, 32));
+        assert!(!helpers_paid(us(900), us(100), 16, 32)); // a helper was preempted
+        assert!(!helpers_paid(us(310), us(300), 32, 32)); // the helper came too late to help
+        assert!(helpers_paid(us(10), us(0), 0, 32)); // the helpers did everything
+    }
+
+    #[test]
+    fn losses_send_doubling_runs_of_calls_to_the_caller_alone() {
+        let b = Backoff::new();
+        assert!(!b.solo_turn());
+        let solo_runs = |b: &Backoff| (0..200).take_while(|_| b.solo_turn()).count();
+        b.judge(false);
+        assert_eq!(solo_runs(&b), 1);
+        b.judge(false);
+        assert_eq!(solo_runs(&b), 2);
+        for _ in 0..10 {
+            b.judge(false);
+        }
+        assert_eq!(solo_runs(&b), MAX_BACKOFF as usize);
+        b.judge(true); // a win resets it
+        assert!(!b.solo_turn());
+        b.judge(false);
+        assert_eq!(solo_runs(&b), 1);
+    }
+
+    #[test]
+    fn every_chunk_runs_once_for_any_thread_count() {
+        // More threads than chunks, than CPUs, and past the cap: each chunk exactly once.
+        for threads in [1, 2, 3, 7, MAX_THREADS + 5] {
+            for chunks in [1, 2, 5, 40] {
+                let runs: Vec<AtomicUsize> = (0..chunks).map(|_| AtomicUsize::new(0)).collect();
+                for_each_chunk(threads, PARALLEL_MIN, chunks, |c| {
+                    runs[c].fetch_add(1, Ordering::Relaxed);
+                });
+                for (c, r) in runs.iter().enumerate() {
+                    assert_eq!(r.load(Ordering::Relaxed), 1, "{threads} threads, chunk {c}");
+                }
+            }
+        }
+    }
+}
