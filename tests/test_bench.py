@@ -238,3 +238,97 @@ def test_new_modes_refuse_bad_arguments():
     ):
         with pytest.raises(SystemExit):
             bench.main(args)
+
+
+def test_attention_rows_give_both_shapes_times_and_saved_bytes(tmp_path, capsys, monkeypatch):
+    import fastdrop
+    import torch
+    from fastdrop import bench_family
+
+    # Tiny shapes keep the test fast; the CLI path, table and JSON are the real ones.
+    monkeypatch.setattr(
+        bench_family, "ATTENTION_SHAPES", [("tiny", (2, 2, 16, 8)), ("wide", (1, 3, 33, 16))]
+    )
+    before = (torch.get_num_threads(), fastdrop.get_num_threads())
+    out = tmp_path / "attn.json"
+    try:
+        code = bench.main(
+            ["--attention", "--quick", "--rounds", "1", "--threads", "1", "--json", str(out)]
+        )
+        threads_during = (torch.get_num_threads(), fastdrop.get_num_threads())
+    finally:
+        torch.set_num_threads(before[0])
+        fastdrop.set_num_threads(before[1])
+    assert code == 0
+    assert threads_during == (1, 1)
+    text = capsys.readouterr().out
+    assert "dropout_p = 0.1" in text and "speedup" in text and "saved MiB" in text
+    assert "tiny" in text and "1,3,33,16" in text
+    result = json.loads(out.read_text())
+    rows = result["attention"]
+    assert [r["shape"] for r in rows] == ["tiny", "wide"]
+    assert rows[1]["bhld"] == [1, 3, 33, 16]
+    for r in rows:
+        assert r["fastdrop_s"] > 0 and r["torch_s"] > 0
+        assert r["speedup"] == pytest.approx(r["torch_s"] / r["fastdrop_s"])
+        assert r["dropout_p"] == 0.1 and r["rounds"] == 1 and r["threads"] == 1
+        # Both keep at least the (B, H, L, L) attention weights in some form for backward.
+        b, h, seq, _ = r["bhld"]
+        assert r["fastdrop_saved_bytes"] > 0 and r["torch_saved_bytes"] >= 4 * b * h * seq * seq
+    assert result["machine"]["threads"] == 1
+
+
+def test_family_rows_name_their_baselines(tmp_path, capsys):
+    from fastdrop import bench_family
+
+    out = tmp_path / "family.json"
+    assert bench.main(["--family", "--quick", "--rounds", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in bench_family.FAMILY:
+        assert f"\n{name:>16} " in text
+    rows = json.loads(out.read_text())["family"]
+    assert [r["variant"] for r in rows] == list(bench_family.FAMILY)
+    baselines = {r["variant"]: r["baseline"] for r in rows}
+    assert baselines == {
+        "gaussian_dropout": "torch x*(1+s*randn)",
+        "drop_block_3d": "torchvision maths",
+        "patch_dropout": "timm PatchDropout",
+        "locked_dropout": "AWD-LSTM formula",
+        "noise_shape": "torch dropout2d",
+    }
+    for r in rows:
+        assert r["dtype"] == "float32" and r["rounds"] == 1
+        assert r["baseline"] in text
+        assert set(r["seconds"]) >= {"fastdrop", r["baseline"]}
+        assert all(s > 0 for s in r["seconds"].values())
+        assert r["speedup"] == pytest.approx(r["seconds"][r["baseline"]] / r["seconds"]["fastdrop"])
+    floor = rows[-1]
+    assert floor["floor"] == "np.copyto floor" and "np.copyto floor" in text
+    assert floor["x_floor"] == pytest.approx(
+        floor["seconds"]["fastdrop"] / floor["seconds"]["np.copyto floor"]
+    )
+
+
+def test_drop_block3d_reference_drops_whole_blocks_and_rescales():
+    import torch
+    from fastdrop import bench_family
+
+    torch.manual_seed(0)
+    x = torch.ones(2, 3, 9, 10, 11)
+    y = bench_family.drop_block3d_reference(x, 0.3, 3)
+    kept = y != 0
+    assert 0 < kept.sum() < kept.numel()
+    # Kept elements share torchvision's one normalising scale: numel / number kept.
+    assert torch.allclose(y[kept], torch.full_like(y[kept], kept.numel() / kept.sum().item()))
+    # Every dropped element lies in a dropped 3x3x3 cube (block_size 3, seeds padded by 1).
+    dropped = (~kept).double()
+    cubes = torch.nn.functional.max_pool3d(
+        -torch.nn.functional.max_pool3d(-dropped, 3, stride=1, padding=1), 3, stride=1, padding=1
+    )
+    assert torch.equal(cubes, dropped)
+    assert torch.allclose(bench_family.drop_block3d_reference(x, 0.0, 3), x)
+
+
+def test_attention_and_family_refuse_bad_rounds():
+    with pytest.raises(SystemExit):
+        bench.main(["--family", "--rounds", "0"])

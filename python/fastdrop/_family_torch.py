@@ -148,10 +148,10 @@ def _masked(x: torch.Tensor, mask: Mask, inplace: bool) -> torch.Tensor:
     out as torch's dropout lays it out."""
     a = _host(x)
     if inplace:
-        _core.mask_apply(mask._bits, a, a, mask.scale)
+        _core.mask_apply(mask._words(), a, a, mask.scale)
         return x
     out = _empty_like(x)
-    _core.mask_apply(mask._bits, a, _to_dlpack(out), mask.scale)
+    _core.mask_apply(mask._words(), a, _to_dlpack(out), mask.scale)
     return out
 
 

@@ -13,7 +13,9 @@ shown beside them. Timings are medians of several runs after a warm-up, from
 
 ``--incache`` gives the in-cache rows (64K and 1M float32 at p = 0.1 and 0.5 against the
 threaded copy floor), ``--train`` the training-step table and ``--layers`` the per-layer-shape
-forward + backward rows (see `fastdrop.bench_train`).
+forward + backward rows (see `fastdrop.bench_train`); ``--attention`` fastdrop's attention
+against torch's and ``--family`` the newer variants against their usual baselines (see
+`fastdrop.bench_family`).
 """
 
 from __future__ import annotations
@@ -558,12 +560,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     ap.add_argument("--batch", type=int, default=None, help="batch size for every --train model")
     ap.add_argument(
-        "--rounds", type=int, default=None, help="alternating rounds for --train and --layers"
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternating rounds for --train, --layers, --attention and --family",
     )
     ap.add_argument(
         "--settings",
         default=None,
         help="comma-separated --train rows: 'default', '1 thread', 'busy core' (default: all)",
+    )
+    ap.add_argument(
+        "--attention",
+        action="store_true",
+        help="fastdrop.scaled_dot_product_attention vs torch's, forward + backward, "
+        "ViT-S and BERT-base shapes, dropout_p = 0.1",
+    )
+    ap.add_argument(
+        "--family",
+        action="store_true",
+        help="gaussian_dropout, drop_block_3d, patch_dropout, locked_dropout and noise_shape "
+        "against what a user has today",
     )
     ap.add_argument("--json", metavar="FILE", help="write the machine and every record as JSON")
     ap.add_argument("--plot", metavar="FILE", help="write a PNG of GB/s against size")
@@ -587,7 +604,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--batch must be at least 1")
     if args.rounds is not None and args.rounds < 1:
         ap.error("--rounds must be at least 1")
-    if args.incache or args.train or args.layers:
+    if args.incache or args.train or args.layers or args.attention or args.family:
         from . import bench_train
 
         models = [m.strip() for m in (args.models or ",".join(bench_train.MODELS)).split(",")]
@@ -620,6 +637,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                 layer_models, 5 * rounds, threads, args.batch, args.quick, log=progress
             )
             print(bench_train.layers_table(result["layers"]))
+        if args.attention or args.family:
+            from . import bench_family
+
+            torch = _torch()
+            if torch is None:
+                ap.error("--attention and --family need torch")
+            torch.set_num_threads(threads)
+            result["machine"] = machine(threads)
+            progress = lambda line: print(line, file=sys.stderr)  # noqa: E731
+            if args.attention:
+                rounds = args.rounds or (3 if args.quick else 15)
+                result["attention"] = bench_family.attention(rounds, threads)
+                print(bench_family.attention_table(result["attention"]))
+            if args.family:
+                rounds = args.rounds or (5 if args.quick else 25)
+                result["family"] = bench_family.family(rounds, threads, log=progress)
+                print(bench_family.family_table(result["family"]))
     else:
         result = run(variants, sizes, dtypes, repeats, threads)
         print(table(result))

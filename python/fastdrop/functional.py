@@ -1210,7 +1210,7 @@ def _drop_block_torchvision(
     mask = _torchvision_block_mask(_call_key(gen), a.shape, p, block_size, eps)
     if out is None:
         out = a if inplace else _core.empty_like(a)
-    _core.mask_apply(mask._bits, a, out, mask.scale)
+    _core.mask_apply(mask._words(), a, out, mask.scale)
     return (out, mask) if return_mask else out
 
 
