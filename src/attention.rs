@@ -24,6 +24,10 @@ use std::sync::Mutex;
 
 /// One chunk's slices, taken by the thread that runs the chunk.
 type Slot<S> = Mutex<Option<S>>;
+/// A forward chunk: its logits (softmax in place), dropped weights and keep words.
+type ForwardChunk<'a, T> = (&'a mut [T], &'a mut [T], &'a mut [u64]);
+/// A backward chunk: its softmax, gradient (in place) and dropped weights.
+type BackwardChunk<'a, T> = (&'a [T], &'a mut [T], &'a mut [T]);
 
 fn take<S>(slot: &Slot<S>) -> Option<S> {
     // Nothing panics while the lock is held, but poisoning must not become a panic either.
@@ -357,7 +361,7 @@ where
     // fastdrop's own pool (fork-safe, set_num_threads, backs off when helpers do not pay), not
     // rayon's global one: each chunk's slices are taken out of its slot by whichever thread runs
     // it, and a chunk's bits depend on its index alone.
-    let slots: Vec<Slot<(&mut [T], &mut [T], &mut [u64])>> = scores
+    let slots: Vec<Slot<ForwardChunk<T>>> = scores
         .chunks_mut(per)
         .zip(dropped.chunks_mut(per))
         .zip(words.chunks_mut(per / 64))
@@ -533,7 +537,7 @@ where
     let item_rows = ITEM_ELEMENTS.div_ceil(lk).max(1);
     let per = item_rows * lk;
     let avx2 = use_avx2();
-    let slots: Vec<Slot<(&[T], &mut [T], &mut [T])>> = probs
+    let slots: Vec<Slot<BackwardChunk<T>>> = probs
         .chunks(per)
         .zip(grad.chunks_mut(per))
         .zip(dropped.chunks_mut(per))
