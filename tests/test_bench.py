@@ -285,7 +285,7 @@ def test_family_rows_name_their_baselines(tmp_path, capsys):
     assert bench.main(["--family", "--quick", "--rounds", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     for name in bench_family.FAMILY:
-        assert f"\n{name:>16} " in text
+        assert f"\n{name:>22} " in text
     rows = json.loads(out.read_text())["family"]
     assert [r["variant"] for r in rows] == list(bench_family.FAMILY)
     baselines = {r["variant"]: r["baseline"] for r in rows}
@@ -295,6 +295,11 @@ def test_family_rows_name_their_baselines(tmp_path, capsys):
         "patch_dropout": "timm PatchDropout",
         "locked_dropout": "AWD-LSTM formula",
         "noise_shape": "torch dropout2d",
+        "embedding_dropout": "fastai maths",
+        "stochastic_depth_row": "torchvision maths",
+        "stochastic_depth_batch": "torchvision maths",
+        "weight_dropout": "fastai F.dropout",
+        "mc_sample": "torch loop",
     }
     for r in rows:
         assert r["dtype"] == "float32" and r["rounds"] == 1
@@ -302,7 +307,8 @@ def test_family_rows_name_their_baselines(tmp_path, capsys):
         assert set(r["seconds"]) >= {"fastdrop", r["baseline"]}
         assert all(s > 0 for s in r["seconds"].values())
         assert r["speedup"] == pytest.approx(r["seconds"][r["baseline"]] / r["seconds"]["fastdrop"])
-    floor = rows[-1]
+    assert [r["variant"] for r in rows if "floor" in r] == ["noise_shape"]
+    floor = rows[bench_family.FAMILY.index("noise_shape")]
     assert floor["floor"] == "np.copyto floor" and "np.copyto floor" in text
     assert floor["x_floor"] == pytest.approx(
         floor["seconds"]["fastdrop"] / floor["seconds"]["np.copyto floor"]
@@ -327,6 +333,50 @@ def test_drop_block3d_reference_drops_whole_blocks_and_rescales():
     )
     assert torch.equal(cubes, dropped)
     assert torch.allclose(bench_family.drop_block3d_reference(x, 0.0, 3), x)
+
+
+def test_stochastic_depth_reference_drops_rows_or_everything():
+    import torch
+    from fastdrop import bench_family
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 3, 5)
+    y = bench_family.stochastic_depth_reference(x, 0.25, "row")
+    # Each sample is dropped whole or kept whole, scaled by 1 / (1 - p).
+    per_sample = y.reshape(400, -1)
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 4 / 3).all(1))
+    kept = int((per_sample[:, 0] != 0).sum())
+    assert 0 < kept < 400
+    seen = set()
+    for _ in range(40):
+        b = bench_family.stochastic_depth_reference(x, 0.5, "batch")
+        assert torch.all(b == b.flatten()[0])  # one decision for the whole input
+        seen.add(float(b.flatten()[0]))
+    assert seen == {0.0, 2.0}
+
+
+def test_fastai_weight_dropout_masks_the_raw_weight_each_forward():
+    import torch
+    from fastdrop import bench_family
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    w0 = lin.weight.detach().clone()
+    wd = bench_family.fastai_weight_dropout(lin, 0.5).train()
+    assert sorted(n for n, _ in wd.named_parameters()) == ["module.bias", "weight_raw"]
+    x = torch.randn(8, 64)
+    wd(x).sum().backward()
+    w1 = lin.weight.detach().clone()
+    # The module's weight is F.dropout(weight_raw): entries 0 or 2 * raw, about half each.
+    assert torch.all((w1 == 0) | torch.isclose(w1, 2 * w0))
+    assert 0.4 < float((w1 == 0).float().mean()) < 0.6
+    # The gradient reaches the raw weight through the mask, and the next forward draws anew.
+    assert wd.weight_raw.grad is not None
+    assert torch.equal(wd.weight_raw.grad == 0, w1 == 0)
+    wd(x)
+    assert not torch.equal(lin.weight == 0, w1 == 0)
+    wd.eval()
+    assert torch.allclose(wd(x), torch.nn.functional.linear(x, w0, lin.bias))
 
 
 def test_attention_and_family_refuse_bad_rounds():

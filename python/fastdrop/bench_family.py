@@ -26,7 +26,18 @@ ATTENTION_SHAPES: List[Tuple[str, Tuple[int, int, int, int]]] = [
     ("BERT-base", (8, 12, 512, 64)),
 ]
 #: The --family rows in table order.
-FAMILY = ("gaussian_dropout", "drop_block_3d", "patch_dropout", "locked_dropout", "noise_shape")
+FAMILY = (
+    "gaussian_dropout",
+    "drop_block_3d",
+    "patch_dropout",
+    "locked_dropout",
+    "noise_shape",
+    "embedding_dropout",
+    "stochastic_depth_row",
+    "stochastic_depth_batch",
+    "weight_dropout",
+    "mc_sample",
+)
 
 
 def attention(
@@ -95,11 +106,56 @@ def drop_block3d_reference(x, p: float, block_size: int, eps: float = 1e-6):
     return x * noise * normalize_scale
 
 
+def stochastic_depth_reference(input, p: float, mode: str):
+    """torchvision.ops.stochastic_depth's maths (training mode, p < 1), written out from
+    torchvision/ops/stochastic_depth.py since torchvision is not a dependency."""
+    survival_rate = 1.0 - p
+    if mode == "row":
+        size = [input.shape[0]] + [1] * (input.ndim - 1)
+    else:
+        size = [1] * input.ndim
+    noise = input.new_empty(size).bernoulli_(survival_rate)
+    if survival_rate > 0.0:
+        noise.div_(survival_rate)
+    return input * noise
+
+
+def fastai_weight_dropout(module, p: float):
+    """fastai's ``WeightDropout`` (fastai/text/models/awdlstm.py) on a module's ``weight``,
+    reduced to what a training forward does: the raw weight is a parameter of the wrapper and
+    each forward gives the module ``F.dropout(weight_raw, p, training=True)``."""
+    import torch
+    import torch.nn.functional as F
+
+    class FastaiWeightDropout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = module
+            w = module.weight
+            del module._parameters["weight"]
+            self.weight_raw = torch.nn.Parameter(w.detach())
+            module.weight = w.detach().clone()
+
+        def forward(self, *args):
+            self.module.weight = F.dropout(self.weight_raw, p=p, training=self.training)
+            return self.module(*args)
+
+    return FastaiWeightDropout()
+
+
+def _mlp(dropout, width: int = 256, out: int = 10):
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), dropout, nn.Linear(width, out))
+
+
 def _family_cases(name: str) -> Tuple[str, str, Dict[str, Callable[[], Any]], str]:
     """(shape text, setting, {column: callable}, baseline column) of one --family row. The
     columns are "fastdrop", the baseline's name, and for noise_shape also the copy floor."""
     import torch
     import torch.nn.functional as F
+
+    from .nn import Dropout, WeightDropout
 
     gen = torch.Generator().manual_seed(0)
     fns: Dict[str, Callable[[], Any]] = {}
@@ -145,6 +201,54 @@ def _family_cases(name: str) -> Tuple[str, str, Dict[str, Callable[[], Any]], st
         fns["torch dropout2d"] = lambda: F.dropout2d(tp, p, True)
         fns["np.copyto floor"] = lambda: np.copyto(out, x)
         return "32,28,28,256 NHWC", f"p = {p}, noise (N,1,1,C), NumPy", fns, "torch dropout2d"
+    if name == "embedding_dropout":
+        p = 0.1
+        w = torch.randn(50000, 512, generator=gen)
+
+        def fastai_emb():
+            mask = w.new_empty((w.size(0), 1)).bernoulli_(1 - p).expand_as(w) / (1 - p)
+            return mask * w
+
+        fns["fastdrop"] = lambda: fastdrop.embedding_dropout(w, p)
+        fns["fastai maths"] = fastai_emb
+        return "50000,512", f"p = {p}, (V, D) weight", fns, "fastai maths"
+    if name in ("stochastic_depth_row", "stochastic_depth_batch"):
+        p, mode = 0.1, name.rsplit("_", 1)[1]
+        t = torch.randn(64, 197, 384, generator=gen)
+        fns["fastdrop"] = lambda: fastdrop.stochastic_depth(t, p, mode)
+        fns["torchvision maths"] = lambda: stochastic_depth_reference(t, p, mode)
+        return "64,197,384", f"p = {p}, mode {mode!r}", fns, "torchvision maths"
+    if name == "weight_dropout":
+        p = 0.5
+        lin = torch.nn.Linear(1024, 1024)
+        ref = torch.nn.Linear(1024, 1024)
+        ref.load_state_dict(lin.state_dict())
+        fd_wd = WeightDropout(lin, p).train()
+        fa_wd = fastai_weight_dropout(ref, p).train()
+        batch = torch.randn(256, 1024, generator=gen)
+        grad = torch.randn(256, 1024, generator=gen)
+        fns["fastdrop"] = lambda: fd_wd(batch).backward(grad)
+        fns["fastai F.dropout"] = lambda: fa_wd(batch).backward(grad)
+        return "256,1024", f"p = {p}, Linear(1024,1024) fwd+bwd", fns, "fastai F.dropout"
+    if name == "mc_sample":
+        p, n = 0.2, 20
+        fd_model = _mlp(Dropout(p))
+        t_model = _mlp(torch.nn.Dropout(p))
+        t_model.load_state_dict(fd_model.state_dict())
+        t_model.train()
+        inputs = torch.randn(64, 256, generator=gen)
+
+        def fd_mc():
+            with torch.no_grad():
+                return fastdrop.mc_sample(fd_model, inputs, n)
+
+        def torch_mc():
+            with torch.no_grad():
+                return torch.stack([t_model(inputs) for _ in range(n)])
+
+        fns["fastdrop"] = fd_mc
+        fns["torch loop"] = torch_mc
+        return "64,256", f"{n} passes, MLP 256-256-10, p = {p}", fns, "torch loop"
     raise ValueError(f"unknown family row {name!r}")
 
 
@@ -196,20 +300,20 @@ def family_table(records: List[Dict[str, Any]]) -> str:
     lines = [
         "the family, float32, medians of alternating rounds; speedup = baseline time / "
         "fastdrop time; x floor = fastdrop time / copy floor time",
-        f"{'variant':>16} {'shape':>18} {'setting':>31} {'fastdrop ms':>12} "
+        f"{'variant':>22} {'shape':>18} {'setting':>34} {'fastdrop ms':>12} "
         f"{'baseline':>20} {'baseline ms':>12} {'speedup':>8} {'x floor':>8}",
     ]
     for r in records:
         sec = r["seconds"]
         xf = f"{r['x_floor']:7.2f}x" if "x_floor" in r else f"{'-':>8}"
         lines.append(
-            f"{r['variant']:>16} {r['shape']:>18} {r['setting']:>31} "
+            f"{r['variant']:>22} {r['shape']:>18} {r['setting']:>34} "
             f"{1e3 * sec['fastdrop']:12.2f} {r['baseline']:>20} "
             f"{1e3 * sec[r['baseline']]:12.2f} {r['speedup']:7.2f}x {xf}"
         )
         if "floor" in r:
             lines.append(
-                f"{'':>16} {'':>18} {'':>31} {'':>12} {r['floor']:>20} "
+                f"{'':>22} {'':>18} {'':>34} {'':>12} {r['floor']:>20} "
                 f"{1e3 * sec[r['floor']]:12.2f} {'':>8} {'':>8}"
             )
     return "\n".join(lines)
