@@ -572,50 +572,13 @@ class PatchDropout(nn.Module):
         )
 
 
-class DropBlock3d(nn.Module):
-    """torchvision's ``ops.DropBlock3d``, computed by `fastdrop.drop_block_3d` (even block
-    sizes allowed)."""
+class _TorchvisionDropBlock(nn.Module):
+    """torchvision's ``ops.DropBlock2d``/``DropBlock3d(p, block_size, inplace=False,
+    eps=1e-06)``, over `_spatial` dimensions, computed by `functional._drop_block_torchvision`
+    (even block sizes allowed). The two classes differ only in their rank."""
 
-    def __init__(
-        self,
-        p: float,
-        block_size: int,
-        inplace: bool = False,
-        eps: float = 1e-06,
-        *,
-        generator: Any = None,
-    ):
-        super().__init__()
-        F._check_prob(p, "drop probability")
-        self.p = p
-        self.block_size = block_size
-        self.inplace = inplace
-        self.eps = eps
-        self.generator = generator
-
-    def forward(self, input):
-        return F.drop_block_3d(
-            input,
-            self.p,
-            self.block_size,
-            self.inplace,
-            self.eps,
-            self.training,
-            generator=self.generator,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(p={self.p}, block_size={self.block_size}, "
-            f"inplace={self.inplace})"
-        )
-
-
-class TorchvisionDropBlock2d(nn.Module):
-    """torchvision's ``ops.DropBlock2d(p, block_size, inplace=False, eps=1e-06)`` with its maths,
-    which are not timm's (see `DropBlock2d`): seeds only where a whole block fits, one map per
-    (sample, channel), kept pixels scaled by ``numel / (eps + kept)``. `replace_dropout` puts it
-    in place of torchvision's module; even block sizes are allowed."""
+    _spatial: int
+    _name: str
 
     def __init__(
         self,
@@ -636,8 +599,8 @@ class TorchvisionDropBlock2d(nn.Module):
 
     def forward(self, input):
         return F._drop_block_torchvision(
-            "drop_block_2d",
-            2,
+            self._name,
+            self._spatial,
             input,
             self.p,
             self.block_size,
@@ -654,6 +617,22 @@ class TorchvisionDropBlock2d(nn.Module):
             f"{self.__class__.__name__}(p={self.p}, block_size={self.block_size}, "
             f"inplace={self.inplace})"
         )
+
+
+class DropBlock3d(_TorchvisionDropBlock):
+    """torchvision's ``ops.DropBlock3d``, computed as `fastdrop.drop_block_3d` computes it
+    (even block sizes allowed)."""
+
+    _spatial, _name = 3, "drop_block_3d"
+
+
+class TorchvisionDropBlock2d(_TorchvisionDropBlock):
+    """torchvision's ``ops.DropBlock2d(p, block_size, inplace=False, eps=1e-06)`` with its maths,
+    which are not timm's (see `DropBlock2d`): seeds only where a whole block fits, one map per
+    (sample, channel), kept pixels scaled by ``numel / (eps + kept)``. `replace_dropout` puts it
+    in place of torchvision's module; even block sizes are allowed."""
+
+    _spatial, _name = 2, "drop_block_2d"
 
 
 class StochasticDepth(nn.Module):
