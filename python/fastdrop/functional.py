@@ -90,6 +90,14 @@ def _check_bool(v: Any, name: str) -> bool:
     return bool(v)
 
 
+def _check_int(v: Any, name: str, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {v}")
+    return int(v)
+
+
 _NATIVE_FLOATS = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 
 
@@ -694,10 +702,7 @@ def drop_block_2d(
     ``mask.numel / kept`` when ``scale_by_keep``.
     """
     drop_prob = _check_prob(drop_prob, "drop_prob")
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    block_size = _check_int(block_size, "block_size", 1)
     if not isinstance(gamma_scale, numbers.Real) or isinstance(gamma_scale, bool):
         raise TypeError(f"gamma_scale must be a real number, got {type(gamma_scale).__name__}")
     if not (float(gamma_scale) >= 0.0 and math.isfinite(gamma_scale)):
@@ -731,7 +736,7 @@ def drop_block_2d(
         block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep),
         args=dict(
             drop_prob=drop_prob,
-            block_size=int(block_size),
+            block_size=block_size,
             gamma_scale=float(gamma_scale),
             with_noise=with_noise,
             couple_channels=couple_channels,
@@ -1044,14 +1049,6 @@ def _gaussian_factor(key: tuple[int, int, int], shape: tuple, dtype: Any, sigma:
     factor *= dtype(sigma)
     factor += dtype(1.0)
     return factor
-
-
-def _check_int(v: Any, name: str, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {v}")
-    return int(v)
 
 
 def patch_dropout(
