@@ -12,13 +12,13 @@ alternating in each round, medians; float32.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 import fastdrop
+
+from .bench_train import alternate
 
 ATTENTION_P = 0.1
 ATTENTION_SHAPES: List[Tuple[str, Tuple[int, int, int, int]]] = [
@@ -267,16 +267,7 @@ def family(
         log(f"family: {name}")
         shape, setting, fns, baseline = _family_cases(name)
         labels = list(fns)
-        times: Dict[str, List[float]] = {k: [] for k in labels}
-        for r in range(rounds + 1):
-            k = r % len(labels)
-            for label in labels[k:] + labels[:k]:
-                t0 = time.perf_counter()
-                fns[label]()
-                dt = time.perf_counter() - t0
-                if r:  # the first round warms up
-                    times[label].append(dt)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = alternate(fns, rounds)
         rec: Dict[str, Any] = {
             "variant": name,
             "shape": shape,

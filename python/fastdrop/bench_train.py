@@ -137,15 +137,18 @@ def _stepper(model, x, y, loss_fn, steps: int = 1) -> Callable[[], None]:
 
 def alternate(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, float]:
     """Median seconds of each callable over `rounds` rounds, all of them once per round in
-    turn (after one warm-up call each), so that a slow spell of a shared machine hits all."""
+    turn, the order rotating every round (after one warm-up call each), so that a slow spell
+    of a shared machine, or the cache one call leaves the next, hits all alike."""
     for f in fns.values():
         f()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
+    labels = list(fns)
+    times: Dict[str, List[float]] = {k: [] for k in labels}
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
             t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+            fns[label]()
+            times[label].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
