@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from typing import Optional
 
 from . import _core, schedules
 from ._core import Generator
@@ -119,13 +120,29 @@ def empty_cache() -> int:
     return int(_core.empty_cache())
 
 
-def mc_sample(model, x, n: int, *, generator=None, passes_per_batch: int = 1, progress=False):
+def mc_sample(
+    model,
+    x,
+    n: int,
+    *,
+    generator=None,
+    passes_per_batch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    progress: Optional[bool] = None,
+):
     """``n`` stochastic forward passes of a torch model under MC dropout, stacked on a new first
-    dimension: `fastdrop.nn.mc_sample` (imported here on first use, as it needs torch)."""
+    dimension, batched as memory allows: `fastdrop.nn.mc_sample` (imported here on first use,
+    as it needs torch)."""
     from .nn import mc_sample as sample
 
     return sample(
-        model, x, n, generator=generator, passes_per_batch=passes_per_batch, progress=progress
+        model,
+        x,
+        n,
+        generator=generator,
+        passes_per_batch=passes_per_batch,
+        memory_budget=memory_budget,
+        progress=progress,
     )
 
 

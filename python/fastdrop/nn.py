@@ -377,8 +377,11 @@ class DropRateScheduler:
 
 import contextlib  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 __all__ += [
     "DropBlock3d",
@@ -727,60 +730,239 @@ def mc_dropout(model: nn.Module):
             m.training = mode
 
 
-@contextlib.contextmanager
-def _pass_randomness(model: nn.Module, generator: Any, index: int, device: torch.device):
-    """Keys pass `index` from ``generator.fork(index)``: fastdrop modules draw from that fork,
-    and torch's default generator (which torch's own dropout modules use) is seeded from it for
-    the pass and restored after."""
-    if generator is None:
-        yield
-        return
-    fork = generator.fork(index)
-    seed, stream, _ = fork.get_state()
-    torch_seed = hash((seed, stream)) & 0x7FFF_FFFF_FFFF_FFFF
-    modules = [m for m in model.modules() if isinstance(m, _FASTDROP_FAMILY)]
-    saved = [m.generator for m in modules]
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.default_generator.manual_seed(torch_seed)
-            if devices:
-                torch.cuda.manual_seed(torch_seed)
-            for m in modules:
-                m.generator = fork
+#: `mc_sample`'s default memory budget for one batch of passes on the CPU, where torch has no
+#: memory query: 512 MiB.
+MC_SAMPLE_CPU_BUDGET = 512 * 2**20
+#: On CUDA the default budget is this fraction of the device's free memory after the first
+#: pass (the driver's free memory plus what torch's caching allocator holds unused).
+MC_SAMPLE_CUDA_FRACTION = 0.5
+#: With ``progress=None`` a bar appears once a run on a terminal has lasted this many seconds.
+MC_SAMPLE_PROGRESS_DELAY = 2.0
+
+
+class _PassKeys:
+    """The randomness of one MC pass: ``fork``, which fastdrop modules draw from, and a torch
+    generator state seeded from it, which torch's own (and timm's, torchvision's) modules draw
+    from. Both advance as the pass draws, whether the pass runs alone or in a batch."""
+
+    def __init__(self, base: Any, index: int, device: torch.device):
+        self.fork = base.fork(index)
+        seed, stream, _ = self.fork.get_state()
+        self.cpu_state, self.cuda_state = _torch_states(hash((seed, stream)), device)
+
+    @contextlib.contextmanager
+    def torch_rng(self, device: torch.device):
+        """torch's default generator (and `device`'s, on CUDA) set to this pass's state."""
+        saved = _swap_torch_states(self.cpu_state, self.cuda_state, device)
+        try:
             yield
+        finally:
+            self.cpu_state, self.cuda_state = _swap_torch_states(*saved, device)
+
+
+def _torch_states(seed: int, device: torch.device) -> Tuple[torch.Tensor, Any]:
+    seed &= 0x7FFF_FFFF_FFFF_FFFF
+    cpu = torch.Generator().manual_seed(seed).get_state()
+    cuda = None
+    if device.type == "cuda":
+        cuda = torch.Generator(device=device).manual_seed(seed).get_state()
+    return cpu, cuda
+
+
+def _swap_torch_states(cpu: torch.Tensor, cuda: Any, device: torch.device) -> Tuple[Any, Any]:
+    """Sets torch's generators to (cpu, cuda) and returns the states they had."""
+    old_cpu = torch.default_generator.get_state()
+    torch.default_generator.set_state(cpu)
+    old_cuda = None
+    if cuda is not None:
+        old_cuda = torch.cuda.get_rng_state(device)
+        torch.cuda.set_rng_state(cuda, device)
+    return old_cpu, old_cuda
+
+
+class _Unbatchable(Exception):
+    """A dropout-family module could not split a batch of passes into one part per pass."""
+
+
+def _pass_dim(m: nn.Module) -> Optional[int]:
+    """The dimension along which a batch of passes reaches the dropout-family module `m`, one
+    equal part per pass, or None for modules whose inputs cannot be split so (RNNs)."""
+    if isinstance(m, LockedDropout):
+        return 0 if m.batch_first else 1
+    if isinstance(m, nn.RNNBase) or (
+        isinstance(m, WeightDropout) and isinstance(m.module, nn.RNNBase)
+    ):
+        return None
+    return 0
+
+
+def _concat(parts: List[Any], dim: int) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim)
+    if isinstance(first, tuple):  # PatchDropout's (out, keep_indices)
+        return tuple(_concat(list(p), dim) for p in zip(*parts))
+    if first is None:
+        return None
+    raise _Unbatchable(f"an output of type {type(first).__name__}")
+
+
+def _per_pass(
+    module: nn.Module, forward: Callable, dim: int, passes: List[_PassKeys], device: torch.device
+) -> Callable:
+    """`module`'s forward for a batch of passes: each pass's part of the input, alone and
+    keyed by that pass, so the batch computes what the passes one at a time would."""
+    draws_from_fork = isinstance(module, _FASTDROP_FAMILY)
+
+    def run(x, *args, **kwargs):
+        k = len(passes)
+        if not isinstance(x, torch.Tensor) or x.ndim <= dim or x.shape[dim] % k:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise _Unbatchable(
+                f"{type(module).__name__} received {shape}, which does not split into {k} "
+                f"equal parts along dimension {dim}"
+            )
+        outs = []
+        for keys, part in zip(passes, x.split(x.shape[dim] // k, dim)):
+            if draws_from_fork:
+                module.generator = keys.fork  # type: ignore[assignment]
+                outs.append(forward(part, *args, **kwargs))
+            else:
+                with keys.torch_rng(device):
+                    outs.append(forward(part, *args, **kwargs))
+        if getattr(module, "inplace", False):
+            return x  # each part was written in place
+        return _concat(outs, dim)
+
+    return run
+
+
+@contextlib.contextmanager
+def _keyed(model: nn.Module, passes: List[_PassKeys], device: torch.device):
+    """Keys one forward of `model` over ``len(passes)`` passes stacked along dimension 0: each
+    dropout-family module runs once per pass on that pass's part of its input, fastdrop's
+    drawing from the pass's fork and the others from torch's generator in the pass's state.
+    Modules that cannot split (RNNs with dropout, `WeightDropout` of an RNN) draw once for
+    the whole batch: fastdrop's from the first pass's fork, torch's from a state seeded apart
+    from the passes'."""
+    family = [m for m in model.modules() if _is_dropout_module(m)]
+    ours = [m for m in family if isinstance(m, _FASTDROP_FAMILY)]
+    saved_generators = [m.generator for m in ours]
+    wrapped: List[Tuple[nn.Module, Any]] = []
+    first = passes[0]
+    try:
+        for m in ours:
+            m.generator = first.fork  # type: ignore[assignment]
+        if len(passes) == 1:
+            with first.torch_rng(device):
+                yield
+            return
+        for module in family:
+            dim = _pass_dim(module)
+            if dim is not None:
+                wrapped.append((module, module.__dict__.get("forward")))
+                split = _per_pass(module, module.forward, dim, passes, device)
+                module.forward = split  # type: ignore[method-assign]
+        seed, stream, _ = first.fork.get_state()
+        ambient = _torch_states(hash((seed, stream, 1)), device)
+        saved = _swap_torch_states(*ambient, device)
+        try:
+            yield
+        finally:
+            _swap_torch_states(*saved, device)
     finally:
-        for m, g in zip(modules, saved):
+        for module, own in wrapped:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own  # type: ignore[method-assign]
+        for m, g in zip(ours, saved_generators):
             m.generator = g
 
 
-class _Progress:
-    """tqdm when installed, else one rewritten stderr line; off unless asked for and stderr is
-    a terminal."""
+class _Allocations(TorchDispatchMode):
+    """Counts the bytes of every tensor that torch's operators allocate (outputs that are not
+    views of, or written into, an input): an upper bound on what a forward adds at once."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = getattr(func, "_schema", None)
+        if schema is None or all(r.alias_info is None for r in schema.returns):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+@contextlib.contextmanager
+def _counting_family_outputs(model: nn.Module, meter: _Allocations):
+    """Adds to `meter` the outputs of the dropout-family modules that do not write in place:
+    in a batch each is made of one part per pass and copied once more to join them."""
+
+    def count(module, args, out):
+        meter.bytes += sum(
+            t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+        )
+
+    handles = [
+        m.register_forward_hook(count)
+        for m in model.modules()
+        if _is_dropout_module(m) and not getattr(m, "inplace", False)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _budget(memory_budget: Optional[int], device: torch.device) -> int:
+    if memory_budget is not None:
+        return memory_budget
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + unused) * MC_SAMPLE_CUDA_FRACTION)
+    return MC_SAMPLE_CPU_BUDGET
+
+
+class _Progress:
+    """tqdm when installed, else one rewritten stderr line; shown from the start when forced,
+    after `MC_SAMPLE_PROGRESS_DELAY` seconds on a terminal when automatic."""
+
+    def __init__(self, total: int, progress: Optional[bool]):
         self.total, self.done = total, 0
         self.bar: Any = None
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = progress is True or (progress is None and sys.stderr.isatty())
+        self.delay = 0.0 if progress else MC_SAMPLE_PROGRESS_DELAY
+        self.start = time.monotonic()
+        self.shown = False
         if self.enabled:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(total=total, desc="mc_sample", unit="pass")
+            self.bar = tqdm(
+                total=total, desc="mc_sample", unit="pass", delay=self.delay, file=sys.stderr
+            )
 
     def update(self, k: int) -> None:
         self.done += k
         if self.bar is not None:
             self.bar.update(k)
-        elif self.enabled:
+        elif self.enabled and time.monotonic() - self.start >= self.delay:
+            self.shown = True
             sys.stderr.write(f"\rmc_sample: {self.done}/{self.total} passes")
             sys.stderr.flush()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
+        elif self.shown:
             sys.stderr.write("\n")
 
 
@@ -790,54 +972,146 @@ def mc_sample(
     n: int,
     *,
     generator: Any = None,
-    passes_per_batch: int = 1,
-    progress: bool = False,
+    passes_per_batch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    progress: Optional[bool] = None,
 ) -> torch.Tensor:
     """Runs `model` on `x` `n` times under `mc_dropout` and returns the outputs stacked on a
     new first dimension, shape (n, *output.shape), for uncertainty estimates.
 
-    With a `fastdrop.Generator`, pass i is keyed by ``generator.fork(i)`` (fastdrop modules
-    draw from it and torch's default generator is seeded from it for the pass), so passes have
-    independent masks and the same seed gives the same samples. ``passes_per_batch = k > 1``
-    runs k passes as one forward on k copies of `x` stacked along dimension 0 (faster when
-    memory allows; the model's output must keep x's batch dimension first); such a chunk is
-    keyed by the fork of its first pass, so its masks differ from one-at-a-time passes.
-    ``progress=True`` shows a progress bar on a terminal (tqdm if installed). Gradients are
-    recorded as the caller's grad mode says; wrap the call in ``torch.no_grad()`` to save
-    memory.
+    Pass i is keyed by ``generator.fork(i)``: fastdrop modules draw from the fork, and torch's
+    own dropout modules (and timm's, torchvision's) from torch's generator seeded from it for
+    the pass (and restored after). So passes have independent masks and the same seed gives
+    the same samples. Without a `generator`, one draw from torch's default generator seeds one,
+    so `torch.manual_seed` makes the call reproducible. The modules' own ``generator``
+    attributes are not used during the call.
+
+    Passes run in batches: k passes as one forward on k copies of `x` stacked along dimension
+    0 (the model must keep that dimension as its batch, as most do). Inside a batch every
+    dropout-family module runs once per pass on that pass's part of its input, keyed by that
+    pass, so a pass computes the same masks batched or alone (values after a matrix product
+    may differ in the last bits, as the product of a larger batch rounds differently). That
+    holds for the dropout-family modules `mc_dropout` knows; other random draws in the model,
+    and RNNs with dropout (whose inputs cannot be split by pass; the automatic choice runs them
+    one pass at a time) draw once for a whole batch.
+
+    Args:
+        model: a torch module; its train/eval modes are restored on return.
+        x: the input, a tensor.
+        n: how many passes, at least 1.
+        generator: a `fastdrop.Generator`, or None.
+        passes_per_batch: passes per forward. None (default) chooses: pass 0 runs alone,
+            counting the bytes torch's operators allocate in it, plus a copy of `x` and of
+            each dropout module's output (a batch joins the passes' parts of those), and the
+            other passes run as many to a batch as fit `memory_budget`. One pass at a time
+            when the model holds an RNN with dropout (its input cannot be split by pass) or
+            its output does not keep `x`'s first dimension, or when a module meets an input
+            that does not split into one part per pass (a dropout on a tensor without a batch
+            dimension). An int k forces k passes per forward (the last batch smaller).
+        memory_budget: bytes one batch may allocate, for ``passes_per_batch=None``. Default:
+            `MC_SAMPLE_CPU_BUDGET` (512 MiB) on the CPU; on CUDA `MC_SAMPLE_CUDA_FRACTION`
+            (half) of the device's free memory after pass 0. A pass larger than the budget
+            still runs, alone.
+        progress: a progress bar on stderr (tqdm if installed, else a line of text). None
+            (default): when stderr is a terminal and the run has lasted
+            `MC_SAMPLE_PROGRESS_DELAY` (2) seconds; True: always, from the start; False: never.
+
+    Gradients are recorded as the caller's grad mode says; wrap the call in
+    ``torch.no_grad()`` to save memory (the memory estimate counts what a forward allocates,
+    which is what it keeps for backward too).
+
+    Raises:
+        TypeError: `n`, `passes_per_batch` or `memory_budget` not an int, `progress` not a
+            bool or None, `generator` not a `fastdrop.Generator` or None, `x` not a tensor.
+        ValueError: `n`, `passes_per_batch` or `memory_budget` below 1, both
+            `passes_per_batch` and `memory_budget` given, or ``passes_per_batch > 1`` for a
+            model whose dropout modules cannot split a batch into one part per pass.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    if isinstance(passes_per_batch, bool) or not isinstance(passes_per_batch, int):
-        raise TypeError(f"passes_per_batch must be an int, got {type(passes_per_batch).__name__}")
-    if passes_per_batch < 1:
-        raise ValueError(f"passes_per_batch must be at least 1, got {passes_per_batch}")
+    n = F._check_int(n, "n", 1)
+    if passes_per_batch is not None:
+        passes_per_batch = F._check_int(passes_per_batch, "passes_per_batch", 1)
+    if memory_budget is not None:
+        memory_budget = F._check_int(memory_budget, "memory_budget", 1)
+        if passes_per_batch is not None:
+            raise ValueError(
+                "mc_sample: give passes_per_batch or memory_budget, not both (the budget "
+                "chooses passes_per_batch)"
+            )
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
     if generator is not None and not isinstance(generator, F._core.Generator):
         raise TypeError(
             f"generator must be a fastdrop.Generator or None, got {type(generator).__name__}"
         )
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if generator is None:
+        generator = F._core.Generator(int(torch.empty((), dtype=torch.int64).random_()))
+    device = x.device
+    splittable = x.ndim > 0 and all(
+        _pass_dim(m) is not None for m in model.modules() if _is_dropout_module(m)
+    )
     outputs: List[torch.Tensor] = []
     bar = _Progress(n, progress)
+
+    def run(start: int, k: int) -> None:
+        passes = [_PassKeys(generator, i, device) for i in range(start, start + k)]
+        with _keyed(model, passes, device):
+            if k == 1:
+                outputs.append(model(x))
+                return
+            y = model(torch.cat([x] * k, dim=0))
+        if not isinstance(y, torch.Tensor) or y.ndim == 0 or y.shape[0] % k:
+            raise _Unbatchable(f"the model's output {_describe(y)} does not split by pass")
+        outputs.extend(y.reshape((k, -1) + tuple(y.shape[1:])).unbind(0))
+
     try:
         with mc_dropout(model):
+            k = passes_per_batch
             i = 0
+            if k is None:
+                # Pass 0 alone, measured: how many more fit the budget?
+                meter = _Allocations()
+                if splittable and n > 1:
+                    with meter, _counting_family_outputs(model, meter):
+                        run(0, 1)
+                else:
+                    run(0, 1)
+                bar.update(1)
+                i = 1
+                y0 = outputs[0]
+                batchable = (
+                    splittable
+                    and isinstance(y0, torch.Tensor)
+                    and y0.ndim > 0
+                    and y0.shape[0] == x.shape[0]
+                )
+                per_pass = meter.bytes + x.numel() * x.element_size()
+                k = max(1, _budget(memory_budget, device) // max(per_pass, 1)) if batchable else 1
             while i < n:
-                k = min(passes_per_batch, n - i)
-                with _pass_randomness(model, generator, i, x.device):
-                    if k == 1:
-                        outputs.append(model(x))
-                    else:
-                        y = model(torch.cat([x] * k, dim=0))
-                        outputs.extend(y.reshape((k, -1) + tuple(y.shape[1:])).unbind(0))
-                bar.update(k)
-                i += k
+                step = min(k, n - i)
+                try:
+                    run(i, step)
+                except _Unbatchable as e:
+                    if passes_per_batch is not None:
+                        raise ValueError(
+                            f"mc_sample: passes_per_batch={passes_per_batch} needs the model to "
+                            f"keep the passes along dimension 0, but {e}; pass "
+                            "passes_per_batch=1"
+                        ) from None
+                    step = k = 1  # the passes of the failed batch rerun one at a time
+                    run(i, 1)
+                bar.update(step)
+                i += step
     finally:
         bar.close()
     return torch.stack(outputs)
+
+
+def _describe(y: Any) -> str:
+    if isinstance(y, torch.Tensor):
+        return f"of shape {tuple(y.shape)}"
+    return f"of type {type(y).__name__}"
 
 
 # --- replace_dropout: timm's PatchDropout and torchvision's modules ----------------------------
