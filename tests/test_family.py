@@ -873,6 +873,125 @@ def test_replace_dropout_converts_timm_patch_dropout_and_torchvision_modules():
     assert isinstance(e, fnn.TorchvisionDropBlock2d) and (e.p, e.block_size) == (0.25, 5)
 
 
+def stand_in(path: str, **attrs) -> nn.Module:
+    """A module of a class named as timm's or torchvision's, with their attributes: what
+    replace_dropout reads, so the conversions are tested where neither library is installed."""
+    where, _, name = path.rpartition(".")
+    module = type(name, (nn.Module,), {"__module__": where, "__qualname__": name})()
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    return module
+
+
+def test_replace_dropout_converts_by_qualified_name_and_forwards_every_argument():
+    model = nn.Sequential(
+        stand_in(
+            "timm.layers.patch_dropout.PatchDropout", prob=0.3, num_prefix_tokens=2, ordered=True
+        ),
+        # timm 0.9's PatchDropout took return_indices itself
+        stand_in(
+            "timm.layers.patch_dropout.PatchDropout",
+            prob=0.5,
+            num_prefix_tokens=0,
+            ordered=False,
+            return_indices=True,
+        ),
+        stand_in(
+            "timm.layers.patch_dropout.PatchDropoutWithIndices",
+            prob=0.2,
+            num_prefix_tokens=1,
+            ordered=False,
+        ),
+        stand_in("torchvision.ops.stochastic_depth.StochasticDepth", p=0.4, mode="batch"),
+        stand_in(
+            "torchvision.ops.drop_block.DropBlock2d", p=0.3, block_size=4, inplace=True, eps=1e-3
+        ),
+        stand_in(
+            "torchvision.ops.drop_block.DropBlock3d", p=0.2, block_size=3, inplace=False, eps=0.5
+        ),
+    )
+    model[3].eval()
+    replaced = fnn.replace_dropout(model)
+    assert list(replaced) == [str(i) for i in range(6)]
+    kinds = [fnn.PatchDropout] * 3 + [
+        fnn.StochasticDepth,
+        fnn.TorchvisionDropBlock2d,
+        fnn.DropBlock3d,
+    ]
+    assert [type(m) for m in model] == kinds
+    assert [m.training for m in model] == [True, True, True, False, True, True]
+
+    tokens = torch.randn(2, 9, 4)
+    a, b, c, sd, tv2, tv3 = model
+    for m in model:
+        m.generator = Generator(3)
+    out = a(tokens)
+    assert torch.equal(out, fastdrop.patch_dropout(tokens, 0.3, 2, True, generator=Generator(3)))
+    out, idx = b(tokens)
+    want = fastdrop.patch_dropout(tokens, 0.5, 0, False, True, generator=Generator(3))
+    assert torch.equal(out, want[0]) and torch.equal(idx, want[1]) and idx.shape == (2, 4)
+    out, idx = c(tokens)
+    assert out.shape == (2, 1 + 6, 4) and idx.shape == (2, 6)
+
+    x = torch.randn(2, 3, 8, 8)
+    assert sd(x) is x  # eval mode carried over
+    sd.train()
+    want = fastdrop.stochastic_depth(x, 0.4, "batch", generator=Generator(3))
+    assert torch.equal(sd(x), want)
+    want = fnn.TorchvisionDropBlock2d(0.3, 4, False, 1e-3, generator=Generator(3))(x)
+    y = x.clone()
+    assert tv2(y) is y and torch.equal(y, want)  # in place, eps 1e-3
+    v = torch.randn(2, 2, 5, 5, 5)
+    want = fastdrop.drop_block_3d(v, 0.2, 3, eps=0.5, generator=Generator(3))
+    assert torch.equal(tv3(v), want)
+
+
+def test_replace_dropout_in_torchvision_and_timm_models():
+    models = pytest.importorskip("torchvision.models")
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = models.efficientnet_b0(weights=None).eval()
+    depth = [m.p for m in net.modules() if type(m).__name__ == "StochasticDepth"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+        replaced = fnn.replace_dropout(net)
+        assert torch.equal(net(x), before)  # eval outputs unchanged
+    converted = [m for m in net.modules() if isinstance(m, fnn.StochasticDepth)]
+    assert len(converted) == len(depth) == 16
+    assert [m.p for m in converted] == depth and {m.mode for m in converted} == {"row"}
+    assert (
+        sum(v == "torchvision.ops.stochastic_depth.StochasticDepth" for v in replaced.values())
+        == 16
+    )
+    # converted, the schedulers and MC dropout see them
+    fnn.DropRateScheduler(net, lambda step: 0.3)
+    assert {m.p for m in converted} == {0.3}
+    with torch.no_grad():
+        s = fastdrop.mc_sample(net, x, 2, generator=Generator(4))
+    assert not torch.equal(s[0], s[1])
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, patch_drop_rate=0.25
+    ).eval()
+    with torch.no_grad():
+        before = vit(x)
+        assert fnn.replace_dropout(vit)["patch_drop"] == "timm.layers.patch_dropout.PatchDropout"
+        assert torch.equal(vit(x), before)
+    pd = vit.patch_drop
+    assert isinstance(pd, fnn.PatchDropout)
+    assert (pd.prob, pd.num_prefix_tokens, pd.ordered, pd.return_indices) == (0.25, 1, False, False)
+
+
+def test_drop_rate_scheduler_drives_torchvisions_drop_block_2d_once_converted():
+    model = nn.Sequential(fnn.TorchvisionDropBlock2d(0.1, 3), fnn.DropBlock3d(0.1, 3))
+    sched = fnn.DropRateScheduler(model, lambda step: 0.05 * (step + 1))
+    sched.step()
+    assert [m.p for m in model] == [pytest.approx(0.1)] * 2
+    fnn.DropRateScheduler(model, lambda step: 0.2, select=fnn.TorchvisionDropBlock2d)
+    assert [m.p for m in model] == [0.2, pytest.approx(0.1)]
+
+
 # --- errors: the README's table -----------------------------------------------------------------
 
 _x = np.ones((2, 3), np.float32)

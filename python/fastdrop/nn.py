@@ -662,6 +662,7 @@ _FAMILY_RATE_ATTR: Dict[Any, str] = {
     WeightDropout: "p",
     PatchDropout: "prob",
     DropBlock3d: "p",
+    TorchvisionDropBlock2d: "p",
     StochasticDepth: "p",
 }
 _RATE_ATTR.update(_FAMILY_RATE_ATTR)
@@ -1123,7 +1124,13 @@ def _family_equivalent(module: Any) -> Optional[nn.Module]:
     cls = type(module)
     name = f"{cls.__module__}.{cls.__qualname__}"
     if name == "timm.layers.patch_dropout.PatchDropout":
-        return PatchDropout(module.prob, module.num_prefix_tokens, module.ordered)
+        # timm before 1.0 gave PatchDropout itself a return_indices argument.
+        return PatchDropout(
+            module.prob,
+            module.num_prefix_tokens,
+            module.ordered,
+            getattr(module, "return_indices", False),
+        )
     if name == "timm.layers.patch_dropout.PatchDropoutWithIndices":
         return PatchDropout(module.prob, module.num_prefix_tokens, module.ordered, True)
     if name == "torchvision.ops.stochastic_depth.StochasticDepth":
