@@ -294,3 +294,15 @@ def test_bad_arguments_raise_before_the_model_runs(kwargs, exc, message):
     with pytest.raises(exc, match=message.replace("(", r"\(")):
         fastdrop.mc_sample(model, call.pop("x"), call.pop("n"), **call)
     assert rows == [] and all(m.training for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_batched_passes_of_torchs_dropout_equal_passes_alone():
+    model = nn.Sequential(nn.Dropout(0.5), nn.Tanh(), nn.Dropout(0.3)).cuda()
+    x = torch.randn(4, 64, device="cuda")
+    rows = forward_rows(model)
+    with torch.no_grad():
+        alone = fastdrop.mc_sample(model, x, 9, generator=Generator(12), passes_per_batch=1)
+        auto = fastdrop.mc_sample(model, x, 9, generator=Generator(12))
+    assert rows == [4] * 9 + [4, 32]  # the default budget on CUDA batches these
+    assert auto.device.type == "cuda" and torch.equal(alone, auto)
