@@ -817,8 +817,9 @@ def _per_pass(
     keyed by that pass, so the batch computes what the passes one at a time would."""
     draws_from_fork = isinstance(module, _FASTDROP_FAMILY)
 
-    def run(x, *args, **kwargs):
+    def run(*args, **kwargs):
         k = len(passes)
+        x = args[0] if args else None  # an input passed by keyword is not split
         if not isinstance(x, torch.Tensor) or x.ndim <= dim or x.shape[dim] % k:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise _Unbatchable(
@@ -829,10 +830,10 @@ def _per_pass(
         for keys, part in zip(passes, x.split(x.shape[dim] // k, dim)):
             if draws_from_fork:
                 module.generator = keys.fork  # type: ignore[assignment]
-                outs.append(forward(part, *args, **kwargs))
+                outs.append(forward(part, *args[1:], **kwargs))
             else:
                 with keys.torch_rng(device):
-                    outs.append(forward(part, *args, **kwargs))
+                    outs.append(forward(part, *args[1:], **kwargs))
         if getattr(module, "inplace", False):
             return x  # each part was written in place
         return _concat(outs, dim)
