@@ -229,6 +229,9 @@ def test_models_that_cannot_be_split_by_pass_run_one_pass_at_a_time():
     with torch.no_grad():
         s = fastdrop.mc_sample(rnn, seq, 4, generator=Generator(10))
     assert rows == [2] * 4 and not torch.equal(s[0], s[1])
+    rows.clear()  # forced, the batch runs: the RNN draws once for it
+    assert fastdrop.mc_sample(rnn, seq, 4, passes_per_batch=2).shape == (4, 2, 4, 6)
+    assert rows == [4, 4]
 
     summed = nn.Sequential(fnn.Dropout(0.5), nn.Flatten(0))  # the output loses x's batch
     rows = forward_rows(summed)
@@ -259,8 +262,11 @@ def test_progress_bar_on_off_and_without_tqdm(capsys, monkeypatch):
     fastdrop.mc_sample(model, x, 3, progress=False)
     fastdrop.mc_sample(model, x, 3)  # automatic, and stderr is not a terminal
     assert capsys.readouterr().err == ""
-    # automatic on a terminal: shown once the run has lasted the delay (0 here)
+    # automatic on a terminal: nothing for a run shorter than the delay (2 s) ...
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    fastdrop.mc_sample(model, x, 3)
+    assert capsys.readouterr().err == ""
+    # ... and a bar once the run has lasted it (0 here)
     monkeypatch.setattr(fnn, "MC_SAMPLE_PROGRESS_DELAY", 0.0)
     fastdrop.mc_sample(model, x, 3)
     assert "3/3" in capsys.readouterr().err
