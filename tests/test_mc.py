@@ -87,6 +87,17 @@ def test_batched_passes_equal_passes_alone_for_every_kind_of_module():
     assert alone.shape == (5, 3, 5, 6) and torch.equal(alone, auto)
 
 
+@pytest.mark.parametrize("first", [fnn.Dropout, nn.Dropout])
+def test_a_dropout_in_place_on_the_input_neither_compounds_nor_touches_x(first):
+    model = nn.Sequential(first(0.5, inplace=True), fnn.Dropout(0.2, inplace=True))
+    x = torch.ones(4, 30)
+    alone = fastdrop.mc_sample(model, x, 6, generator=Generator(13), passes_per_batch=1)
+    auto = fastdrop.mc_sample(model, x, 6, generator=Generator(13))
+    assert torch.equal(x, torch.ones(4, 30))
+    assert torch.equal(alone, auto)
+    assert set(alone.unique().tolist()) == {0.0, 2.5}  # kept: 1 / 0.5 / 0.8, once
+
+
 def test_pass_i_is_the_model_keyed_by_fork_i():
     model = nn.Sequential(fnn.Dropout(0.5), fnn.DropPath(0.5))
     x = torch.ones(4, 50)

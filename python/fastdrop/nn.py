@@ -1052,9 +1052,11 @@ def mc_sample(
     if generator is None:
         generator = F._core.Generator(int(torch.empty((), dtype=torch.int64).random_()))
     device = x.device
-    splittable = x.ndim > 0 and all(
-        _pass_dim(m) is not None for m in model.modules() if _is_dropout_module(m)
-    )
+    family = [m for m in model.modules() if _is_dropout_module(m)]
+    splittable = x.ndim > 0 and all(_pass_dim(m) is not None for m in family)
+    # A dropout that writes in place may be handed x itself: each pass gets its own copy, so
+    # passes do not compound and the caller's x stays as it was (a batch copies x anyway).
+    writes_in_place = any(getattr(m, "inplace", False) for m in family)
     outputs: List[torch.Tensor] = []
     bar = _Progress(n, progress)
 
@@ -1062,7 +1064,7 @@ def mc_sample(
         passes = [_PassKeys(generator, i, device) for i in range(start, start + k)]
         with _keyed(model, passes, device):
             if k == 1:
-                outputs.append(model(x))
+                outputs.append(model(x.clone() if writes_in_place else x))
                 return
             y = model(torch.cat([x] * k, dim=0))
         if not isinstance(y, torch.Tensor) or y.ndim == 0 or y.shape[0] % k:
