@@ -988,7 +988,8 @@ def mc_sample(
     the pass (and restored after). So passes have independent masks and the same seed gives
     the same samples. Without a `generator`, one draw from torch's default generator seeds one,
     so `torch.manual_seed` makes the call reproducible. The modules' own ``generator``
-    attributes are not used during the call.
+    attributes are not used during the call, and `x` is never written (a dropout module that
+    works in place gets a copy).
 
     Passes run in batches: k passes as one forward on k copies of `x` stacked along dimension
     0 (the model must keep that dimension as its batch, as most do). Inside a batch every
