@@ -98,6 +98,31 @@ def test_a_dropout_in_place_on_the_input_neither_compounds_nor_touches_x(first):
     assert set(alone.unique().tolist()) == {0.0, 2.5}  # kept: 1 / 0.5 / 0.8, once
 
 
+class Inner(nn.Module):
+    """A weight for WeightDropout and dropout modules inside it: one part per pass reaches
+    them, which they must not split again."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
+        self.drop = fnn.Dropout(0.5)
+        self.torch_drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.torch_drop(self.drop(x @ self.weight))
+
+
+def test_dropout_modules_inside_a_weight_dropout_draw_as_their_pass():
+    model = fnn.WeightDropout(Inner(), 0.3)
+    x = torch.randn(4, 6)
+    rows = forward_rows(model)
+    with torch.no_grad():
+        alone = fastdrop.mc_sample(model, x, 5, generator=Generator(14), passes_per_batch=1)
+        auto = fastdrop.mc_sample(model, x, 5, generator=Generator(14))
+    assert rows == [4] * 5 + [4, 16]
+    assert torch.equal(alone, auto)
+
+
 def test_pass_i_is_the_model_keyed_by_fork_i():
     model = nn.Sequential(fnn.Dropout(0.5), fnn.DropPath(0.5))
     x = torch.ones(4, 50)

@@ -811,13 +811,26 @@ def _concat(parts: List[Any], dim: int) -> Any:
 
 
 def _per_pass(
-    module: nn.Module, forward: Callable, dim: int, passes: List[_PassKeys], device: torch.device
+    module: nn.Module,
+    forward: Callable,
+    dim: int,
+    passes: List[_PassKeys],
+    device: torch.device,
+    running: List[Optional[_PassKeys]],
 ) -> Callable:
     """`module`'s forward for a batch of passes: each pass's part of the input, alone and
-    keyed by that pass, so the batch computes what the passes one at a time would."""
+    keyed by that pass (its fork for fastdrop's modules, its torch state for everything the
+    part runs), so the batch computes what the passes one at a time would. ``running[0]`` is
+    the pass whose part is running: a dropout module inside another's part (a dropout inside
+    a `WeightDropout`) gets only that pass's input, and draws as that pass without splitting."""
     draws_from_fork = isinstance(module, _FASTDROP_FAMILY)
 
     def run(*args, **kwargs):
+        inside = running[0]
+        if inside is not None:
+            if draws_from_fork:
+                module.generator = inside.fork  # type: ignore[assignment]
+            return forward(*args, **kwargs)
         k = len(passes)
         x = args[0] if args else None  # an input passed by keyword is not split
         if not isinstance(x, torch.Tensor) or x.ndim <= dim or x.shape[dim] % k:
@@ -830,10 +843,12 @@ def _per_pass(
         for keys, part in zip(passes, x.split(x.shape[dim] // k, dim)):
             if draws_from_fork:
                 module.generator = keys.fork  # type: ignore[assignment]
-                outs.append(forward(part, *args[1:], **kwargs))
-            else:
+            running[0] = keys
+            try:
                 with keys.torch_rng(device):
                     outs.append(forward(part, *args[1:], **kwargs))
+            finally:
+                running[0] = None
         if getattr(module, "inplace", False):
             return x  # each part was written in place
         return _concat(outs, dim)
@@ -853,6 +868,7 @@ def _keyed(model: nn.Module, passes: List[_PassKeys], device: torch.device):
     ours = [m for m in family if isinstance(m, _FASTDROP_FAMILY)]
     saved_generators = [m.generator for m in ours]
     wrapped: List[Tuple[nn.Module, Any]] = []
+    running: List[Optional[_PassKeys]] = [None]
     first = passes[0]
     try:
         for m in ours:
@@ -865,7 +881,7 @@ def _keyed(model: nn.Module, passes: List[_PassKeys], device: torch.device):
             dim = _pass_dim(module)
             if dim is not None:
                 wrapped.append((module, module.__dict__.get("forward")))
-                split = _per_pass(module, module.forward, dim, passes, device)
+                split = _per_pass(module, module.forward, dim, passes, device, running)
                 module.forward = split  # type: ignore[method-assign]
         seed, stream, _ = first.fork.get_state()
         ambient = _torch_states(hash((seed, stream, 1)), device)
