@@ -4,8 +4,10 @@ shape. Never asserts a wall-clock time."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 from fastdrop import bench, bench_train
@@ -382,3 +384,38 @@ def test_fastai_weight_dropout_masks_the_raw_weight_each_forward():
 def test_attention_and_family_refuse_bad_rounds():
     with pytest.raises(SystemExit):
         bench.main(["--family", "--rounds", "0"])
+
+
+def test_busy_core_spinner_dies_with_its_parent(tmp_path):
+    """A benchmark killed inside a "busy core" row must not leave its spinner burning a core
+    (one once spun for 45 minutes after its bench was killed)."""
+    pid_file = tmp_path / "spinner.pid"
+    script = (
+        "import os, time\n"
+        "from fastdrop.bench_train import BusyCore\n"
+        "with BusyCore() as busy:\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(busy.proc.pid))\n"
+        "    time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the spinner never started"
+            time.sleep(0.05)
+        spinner = int(pid_file.read_text())
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{spinner}") and _state(spinner) != "Z":
+        assert time.monotonic() < deadline, "the spinner outlived its parent"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -218,11 +218,22 @@ def dropout_share(step: Callable[[], None], model) -> float:
     return drop / total if total > 0 else 0.0
 
 
+#: The spinner stops by itself when its parent dies (it checks every few milliseconds), so a
+#: benchmark killed inside a "busy core" row leaves no orphan burning a core.
+_SPIN = (
+    "import os\n"
+    "parent = os.getppid()\n"
+    "while os.getppid() == parent:\n"
+    "    for _ in range(100000):\n"
+    "        pass\n"
+)
+
+
 class BusyCore:
     """A subprocess spinning on one core while the `with` block runs."""
 
     def __enter__(self) -> BusyCore:
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        self.proc = subprocess.Popen([sys.executable, "-c", _SPIN])
         time.sleep(0.2)  # let it start spinning
         return self
 
