@@ -543,7 +543,11 @@ unsafe fn apply_range_avx2<T: Element, R: Rule<T>>(
     base: usize,
     fast: Fast<T>,
 ) {
-    apply_range::<T, R>(plan, rule, start, end, words, base, Some(fast))
+    apply_range::<T, R>(plan, rule, start, end, words, base, Some(fast));
+    if fast.stream {
+        // Once per range, before the pool hears the range is done (see `fence_streams`).
+        crate::simd::fence_streams();
+    }
 }
 
 /// Applies `rule` to the logical range [start, end). `words` holds mask bit `m` at position
