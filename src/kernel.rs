@@ -536,7 +536,8 @@ unsafe fn apply_range_avx2<T: Element, R: Rule<T>>(
 ) {
     apply_range::<T, R>(plan, rule, start, end, words, base, Some(fast));
     if fast.stream {
-        // Once per range, before the pool hears the range is done (see `fence_streams`).
+        // Once per range (a chunk, or a sub-range of a fresh element mask), before the pool
+        // hears the range is done (see `fence_streams`).
         crate::simd::fence_streams();
     }
 }

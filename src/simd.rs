@@ -276,8 +276,9 @@ mod x86 {
             RunMask::All(true) => go!(KEEP_ALL),
             RunMask::All(false) => go!(DROP_ALL),
         }
-        // No fence here: a run's non-temporal stores are ordered once per chunk, by the
-        // caller's `fence_streams` (a fence per run cost one per channel of a channel mask).
+        // No fence here: a run's non-temporal stores are ordered once per range the caller
+        // walks, by its `fence_streams` (a fence per run cost one per channel of a channel
+        // mask).
         let done = 64 * full;
         let rest = len - done;
         if rest > 0 {
@@ -505,7 +506,7 @@ mod x86 {
             RunMask::All(true) => go!(KEEP_ALL, mask, src, dst, r, res.is_some(), stream, full),
             RunMask::All(false) => go!(DROP_ALL, mask, src, dst, r, res.is_some(), stream, full),
         }
-        // Fenced by the caller, once per chunk: see `apply_lanes8`.
+        // Fenced by the caller, once per range: see `apply_lanes8`.
         let done = 64 * full;
         let rest = len - done;
         if rest > 0 {
