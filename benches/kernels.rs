@@ -3,12 +3,15 @@
 //! Throughput counts bytes read + written, so the GB/s of every row compare directly.
 //!
 //! `FASTDROP_SIMD=portable cargo bench --bench kernels` measures the portable loops.
+//! `cargo bench --bench kernels -- noise` runs only Gaussian noise's normal deviates.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fastdrop::kernel::set_num_threads;
 use fastdrop::kernel::{
     apply_contiguous, apply_in_place, bernoulli_words, Application, Bits, Config, Element,
 };
-use fastdrop::rng::{keep_words, threshold_for, Key};
+use fastdrop::noise::fill_normals;
+use fastdrop::rng::{fill_u32, keep_words, threshold_for, Key};
 use half::f16;
 use std::hint::black_box;
 use std::time::Duration;
@@ -244,11 +247,50 @@ fn incache(c: &mut Criterion) {
     }
 }
 
+/// The normal deviates of the 1M-element Gaussian dropout call, on one thread: `fill_normals`
+/// into f32 and f64, against the loop it replaced (libm Box-Muller in f64 on two words per
+/// deviate, the sine thrown away) and a copy of the output's size. Throughput counts the bytes
+/// written.
+fn noise(c: &mut Criterion) {
+    set_num_threads(1).expect("one thread");
+    let n = 1usize << 20;
+    let mut g = c.benchmark_group("noise/1M");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(800));
+    g.throughput(Throughput::Bytes(4 * n as u64));
+    let x = vec![1f32; n];
+    let mut out = vec![0f32; n];
+    g.bench_function("memcpy f32", |b| {
+        b.iter(|| out.copy_from_slice(black_box(&x)))
+    });
+    g.bench_function("fill_normals f32", |b| {
+        b.iter(|| fill_normals(KEY, black_box(0), &mut out))
+    });
+    g.bench_function("cosine-only libm loop f32", |b| {
+        b.iter(|| {
+            let mut words = vec![0u32; 2 * n];
+            fill_u32(KEY, black_box(0), &mut words);
+            for (o, w) in out.iter_mut().zip(words.chunks_exact(2)) {
+                let u1 = (w[0] as f64 + 0.5) * (1.0 / 4294967296.0);
+                let u2 = w[1] as f64 * (1.0 / 4294967296.0);
+                *o = ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
+            }
+        })
+    });
+    g.throughput(Throughput::Bytes(8 * n as u64));
+    let mut out64 = vec![0f64; n];
+    g.bench_function("fill_normals f64", |b| {
+        b.iter(|| fill_normals(KEY, black_box(0), &mut out64))
+    });
+    g.finish();
+}
+
 fn kernels(c: &mut Criterion) {
     bench_dtype::<f32>(c, "f32", |v| v);
     bench_dtype::<f16>(c, "f16", f16::from_f32);
     bench_dtype::<f64>(c, "f64", f64::from);
 }
 
-criterion_group!(benches, incache, kernels);
+criterion_group!(benches, incache, noise, kernels);
 criterion_main!(benches);

@@ -310,20 +310,11 @@ impl<T: Element> Rule<T> for NoiseRule<T::Op> {
     }
 }
 
-/// The standard normal deviate of logical index `index` (Box-Muller on two 32-bit words), a pure
-/// function of (key, first_block, index) like every other random value here.
+/// The standard normal deviate of logical index `index`, a pure function of (key, first_block,
+/// index) like every other random value here: `noise::normal_at`, the one mapping of indices to
+/// Box-Muller pairs that Gaussian dropout's bulk fill uses too.
 pub fn normal_at(key: Key, first_block: u64, index: usize) -> f64 {
-    let mut words = [0u32; 4];
-    rng::fill_u32(
-        key,
-        first_block.wrapping_add((index / 2) as u64),
-        &mut words,
-    );
-    let lane = 2 * (index % 2);
-    // (w + 0.5) / 2^32 lies in (0, 1), so the logarithm is finite.
-    let u1 = (words[lane] as f64 + 0.5) * (1.0 / 4294967296.0);
-    let u2 = words[lane + 1] as f64 * (1.0 / 4294967296.0);
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    crate::noise::normal_at(key, first_block, index)
 }
 
 /// A strided operand: a base pointer and per-dimension strides in bytes (NumPy's convention).
@@ -543,7 +534,12 @@ unsafe fn apply_range_avx2<T: Element, R: Rule<T>>(
     base: usize,
     fast: Fast<T>,
 ) {
-    apply_range::<T, R>(plan, rule, start, end, words, base, Some(fast))
+    apply_range::<T, R>(plan, rule, start, end, words, base, Some(fast));
+    if fast.stream {
+        // Once per range (a chunk, or a sub-range of a fresh element mask), before the pool
+        // hears the range is done (see `fence_streams`).
+        crate::simd::fence_streams();
+    }
 }
 
 /// Applies `rule` to the logical range [start, end). `words` holds mask bit `m` at position

@@ -14,7 +14,7 @@ import fastdrop
 import numpy as np
 import pytest
 from conftest import FLOATS, SIGMAS, assert_binomial, expected_scaled, op_type
-from fastdrop import Generator, ShapeError
+from fastdrop import Generator, ShapeError, _core
 
 torch = pytest.importorskip("torch")
 import fastdrop.nn as fnn  # noqa: E402
@@ -365,6 +365,69 @@ def test_gaussian_dropout_noise_is_normal_with_kerass_variance():
     assert_binomial(int(np.sum(z < 0)), z.size, 0.5, "below the mean")
     assert_binomial(int(np.sum(np.abs(z) < 1)), z.size, math.erf(1 / math.sqrt(2)), "1 sigma")
     assert_binomial(int(np.sum(np.abs(z) < 2)), z.size, math.erf(2 / math.sqrt(2)), "2 sigma")
+
+
+def standard_normals(n: int, dtype, seed: int) -> np.ndarray:
+    """The deviates Gaussian dropout's noise is made of, as the core fills them."""
+    out = np.empty(n, dtype)
+    _core.normal_fill(out, Generator(seed))
+    return out
+
+
+def normal_cdf(z: np.ndarray) -> np.ndarray:
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
+
+
+# Kolmogorov-Smirnov: P(sqrt(n) D > t) <= 2 exp(-2 t^2) (Dvoretzky-Kiefer-Wolfowitz-Massart),
+# 1e-9 at t = 3.27; the same 1e-9 level as SIGMAS.
+KS_BOUND = math.sqrt(math.log(2e9) / 2.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_normal_deviates_pass_kolmogorov_smirnov_and_the_tails(dtype):
+    n = 1 << 18
+    z = np.sort(standard_normals(n, dtype, 40).astype(np.float64))
+    cdf = normal_cdf(z)
+    i = np.arange(1, n + 1)
+    d = max(float(np.max(i / n - cdf)), float(np.max(cdf - (i - 1) / n)))
+    assert math.sqrt(n) * d <= KS_BOUND, (math.sqrt(n) * d, KS_BOUND)
+    assert_normal_mean(z, 0.0, 1.0, "mean")
+    assert abs(float(z.var(ddof=1)) - 1.0) <= SIGMAS * math.sqrt(2.0 / (n - 1))
+    # The tails, which a KS distance hardly sees: |z| > 3 and > 4 as often as N(0, 1) has them.
+    for t in (3.0, 4.0):
+        q = 1.0 - math.erf(t / math.sqrt(2.0))
+        assert_binomial(int(np.sum(np.abs(z) > t)), n, q, f"|z| > {t}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_two_deviates_of_a_pair_are_independent_normals(dtype):
+    # Deviates 2k and 2k + 1 are one Box-Muller pair (cosine and sine of one angle, one radius):
+    # their squares sum to an exponential of mean 2, and their signs are independent.
+    n = 1 << 18
+    z = standard_normals(n, dtype, 41).astype(np.float64)
+    a, b = z[0::2], z[1::2]
+    pairs = a.size
+    assert_binomial(int(np.sum(a * a + b * b < 2.0 * math.log(2.0))), pairs, 0.5, "r^2 < 2 ln 2")
+    assert_binomial(int(np.sum((a > 0) & (b > 0))), pairs, 0.25, "both positive")
+    assert abs(float(np.mean(a * b))) <= SIGMAS / math.sqrt(pairs), "pair correlation"
+    # Neighbouring pairs are independent too.
+    assert abs(float(np.mean(a[1:] * b[:-1]))) <= SIGMAS / math.sqrt(pairs - 1)
+
+
+def test_normal_deviates_are_one_function_of_the_index():
+    # Any length, any thread count, float32 or float64: deviate i is the same number, rounded.
+    n = 3 * (1 << 14) + 5  # several of the fill's chunks and an odd tail
+    fastdrop.set_num_threads(1)
+    one = standard_normals(n, np.float64, 42)
+    fastdrop.set_num_threads(2)
+    np.testing.assert_array_equal(standard_normals(n, np.float64, 42), one)
+    np.testing.assert_array_equal(standard_normals(7, np.float64, 42), one[:7])
+    f32 = standard_normals(n, np.float32, 42)
+    np.testing.assert_array_equal(standard_normals(19, np.float32, 42), f32[:19])
+    # float32 is computed in float32: within 5 of its units in the last place of float64's.
+    spacing = np.spacing(np.abs(one).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(f32 - one) <= 5 * spacing)
 
 
 @pytest.mark.parametrize("tdtype", TORCH_FLOATS)
