@@ -3,7 +3,7 @@
 
 use crate::attention;
 use crate::buffer::{self, Buffer};
-use crate::error::DropError;
+use crate::error::{DropError, ErrorKind};
 use crate::generator::{
     blocks_for_call, blocks_for_decisions, blocks_for_normals, fork_stream, GeneratorState,
 };
@@ -21,12 +21,14 @@ use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyCapsule, PyString, PyTuple, PyWeakrefReference};
 
+/// The one place a core error becomes a Python exception: by its kind, with its message.
 impl From<DropError> for PyErr {
     fn from(e: DropError) -> PyErr {
-        match e {
-            DropError::Value(m) => PyValueError::new_err(m),
-            DropError::Type(m) => PyTypeError::new_err(m),
-            DropError::Memory(m) => PyMemoryError::new_err(m),
+        let message = e.to_string();
+        match e.kind() {
+            ErrorKind::Value => PyValueError::new_err(message),
+            ErrorKind::Type => PyTypeError::new_err(message),
+            ErrorKind::Memory => PyMemoryError::new_err(message),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod buffer;
+pub mod call;
 pub mod cpu;
 pub mod env;
 pub mod error;
@@ -13,7 +14,9 @@ pub mod mask;
 pub mod noise;
 pub mod rng;
 pub mod simd;
+pub mod spec;
 pub mod threads;
+pub mod view;
 
 #[cfg(feature = "python")]
 mod bindings;
