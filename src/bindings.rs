@@ -1,5 +1,7 @@
-//! The PyO3 layer: turns NumPy arrays into checked strided operands, dispatches on dtype,
-//! releases the GIL around kernels and maps `DropError` to Python exceptions. No maths here.
+//! The PyO3 layer: reads NumPy arrays and DLPack capsules into `View`s and `_spec.py`'s
+//! dataclasses into a `Spec`, hands them to `call` (which checks, reserves counters and runs the
+//! kernel), releases the GIL around the prepared work, and maps `DropError` to Python exceptions
+//! in one place. No maths and no call logic here.
 
 use crate::attention;
 use crate::buffer::{self, Buffer};
@@ -9,7 +11,7 @@ use crate::generator::{blocks_for_decisions, blocks_for_normals, fork_stream, Ge
 use crate::kernel;
 use crate::rng::{self, threshold_for};
 use crate::spec::{self, Application, Mask, Spec};
-use crate::view::{c_strides, Dtype, View};
+use crate::view::{c_strides, check_dense, Dtype, View};
 use half::{bf16, f16};
 use numpy::npyffi::{
     get_type_object, npy_intp, objects::_PyArray_GET_ITEM_DATA, NpyTypes, PyArrayObject,
@@ -1116,8 +1118,7 @@ fn simd_backend() -> &'static str {
 
 // --- attention: softmax and dropout over the weights -----------------------------------------
 
-/// The attention weights' operands: C-contiguous views of one dtype and shape, the written ones
-/// writeable and disjoint from every other.
+/// The attention weights' operands, read and checked by `view::check_dense`.
 fn weight_views<'a, 'py>(
     read: &[(&str, &'a Bound<'py, PyAny>)],
     written: &[(&str, &'a Bound<'py, PyAny>)],
@@ -1127,43 +1128,9 @@ fn weight_views<'a, 'py>(
         list.iter().map(|(name, a)| view(name, a, pins)).collect()
     };
     let (r, w) = (to_views(read)?, to_views(written)?);
-    let first = w
-        .first()
-        .or(r.first())
-        .ok_or_else(|| PyValueError::new_err("no operands"))?;
-    let names = read.iter().chain(written).map(|(n, _)| *n);
-    for (v, name) in r.iter().chain(&w).zip(names) {
-        if v.shape() != first.shape() || v.dtype() != first.dtype() {
-            return Err(PyValueError::new_err(format!(
-                "{name}: shape {:?} {:?} does not match {:?} {:?}",
-                v.shape(),
-                v.dtype(),
-                first.shape(),
-                first.dtype()
-            )));
-        }
-        if !v.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!(
-                "{name} must be C-contiguous"
-            )));
-        }
-    }
-    for (i, (v, (name, _))) in w.iter().zip(written).enumerate() {
-        if !v.writeable() {
-            return Err(PyValueError::new_err(format!("{name} is read-only")));
-        }
-        let others = r.iter().chain(
-            w.iter()
-                .enumerate()
-                .filter(|&(j, _)| j != i)
-                .map(|(_, o)| o),
-        );
-        if others.into_iter().any(|o| o.overlaps(v)) {
-            return Err(PyValueError::new_err(format!(
-                "{name} overlaps another operand"
-            )));
-        }
-    }
+    let rn: Vec<(&str, &View<'a>)> = read.iter().map(|(n, _)| *n).zip(&r).collect();
+    let wn: Vec<(&str, &View<'a>)> = written.iter().map(|(n, _)| *n).zip(&w).collect();
+    check_dense(&rn, &wn)?;
     Ok((r, w))
 }
 

@@ -299,6 +299,45 @@ pub fn check_mask_shape(shape: &[usize], mask_shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Checks operands that a kernel reads as flat slices (attention's weights): every one
+/// C-contiguous, of one shape and dtype, and the `written` ones writeable and disjoint from
+/// every other operand. Each is named in the message that refuses it.
+pub fn check_dense(read: &[(&str, &View<'_>)], written: &[(&str, &View<'_>)]) -> Result<()> {
+    let Some((_, first)) = written.first().or(read.first()) else {
+        return crate::value_err!("no operands");
+    };
+    for (name, v) in read.iter().chain(written) {
+        if v.shape != first.shape || v.dtype != first.dtype {
+            return crate::value_err!(
+                "{name}: shape {:?} {:?} does not match {:?} {:?}",
+                v.shape,
+                v.dtype,
+                first.shape,
+                first.dtype
+            );
+        }
+        if !v.is_c_contiguous() {
+            return crate::value_err!("{name} must be C-contiguous");
+        }
+    }
+    for (i, (name, v)) in written.iter().enumerate() {
+        if !v.writeable {
+            return crate::value_err!("{name} is read-only");
+        }
+        let mut others = read.iter().chain(
+            written
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, o)| o),
+        );
+        if others.any(|(_, o)| o.overlaps(v)) {
+            return crate::value_err!("{name} overlaps another operand");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +423,34 @@ mod tests {
         let out = strided(buf.as_mut_ptr(), 0, &[0, 4], &[0, 0]);
         assert_eq!(check_output(&out, &[]), Ok(()));
         assert_eq!(out.extent().0, out.extent().1);
+    }
+
+    #[test]
+    fn dense_operands_are_one_contiguous_shape_and_written_ones_stand_alone() {
+        let (a, b) = ([0f32; 12], [0f32; 12]);
+        let mut c = [0f32; 12];
+        let (a, b) = (
+            View::of(&a, &[3, 4]).unwrap(),
+            View::of(&b, &[3, 4]).unwrap(),
+        );
+        let c = View::of_mut(&mut c, &[3, 4]).unwrap();
+        assert_eq!(check_dense(&[("a", &a), ("b", &b)], &[("c", &c)]), Ok(()));
+        let message = |r: Result<()>| r.unwrap_err().to_string();
+        assert_eq!(message(check_dense(&[], &[("b", &b)])), "b is read-only");
+        assert_eq!(
+            message(check_dense(&[("c2", &c.clone())], &[("c", &c)])),
+            "c overlaps another operand"
+        );
+        let mut buf = [0f32; 24];
+        let strided_view = strided(buf.as_mut_ptr(), 0, &[3, 4], &[8, 2]);
+        assert_eq!(
+            message(check_dense(&[("s", &strided_view)], &[("c", &c)])),
+            "s must be C-contiguous"
+        );
+        let d = [0f32; 12];
+        let d = View::of(&d, &[4, 3]).unwrap();
+        assert!(message(check_dense(&[("d", &d)], &[("c", &c)])).starts_with("d: shape [4, 3]"));
+        assert_eq!(message(check_dense(&[], &[])), "no operands");
     }
 
     #[test]
