@@ -146,9 +146,14 @@ impl<'a> View<'a> {
         self.dtype.itemsize()
     }
 
-    /// Elements in the view.
+    /// Elements in the view: 0 when any dimension is, whatever the others (whose product alone
+    /// need not fit a `usize`; a non-empty view's does, its extent fits an `isize`).
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        if self.shape.contains(&0) {
+            0
+        } else {
+            self.shape.iter().product()
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -366,6 +371,8 @@ mod tests {
         assert!(View::of(&data, &[5, 4]).is_err());
         assert!(!View::of(&data, &[12]).unwrap().writeable());
         assert!(View::of(&[0f32; 0], &[0, 7]).unwrap().is_empty());
+        let huge_but_empty = strided(data.as_mut_ptr(), 0, &[1 << 62, 1 << 62, 0], &[0, 0, 0]);
+        assert_eq!(huge_but_empty.len(), 0);
     }
 
     #[test]
