@@ -20,6 +20,7 @@ use numpy::npyffi::{
 };
 use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyCapsule, PyString, PyTuple, PyWeakrefReference};
 
@@ -822,15 +823,25 @@ fn cached_bytes() -> usize {
 
 // --- one call: the spec -----------------------------------------------------------------------
 
-/// `obj.name`, a `TypeError` naming the field when `obj` has none.
-fn field<'py>(obj: &Bound<'py, PyAny>, path: &str, name: &str) -> PyResult<Bound<'py, PyAny>> {
+/// `obj.name`, a `TypeError` naming the field when `obj` has none. Names are interned
+/// (`intern!`): a call reads about eight fields, and making each name afresh would cost as much
+/// as a small call's kernel.
+fn field<'py>(
+    obj: &Bound<'py, PyAny>,
+    path: &str,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Bound<'py, PyAny>> {
     obj.getattr(name).map_err(|_| {
         PyTypeError::new_err(format!("{path} ({}) has no field '{name}'", type_name(obj)))
     })
 }
 
 /// A float field, a `TypeError` naming it when it is not a number.
-fn float_field(obj: &Bound<'_, PyAny>, path: &str, name: &str) -> PyResult<f64> {
+fn float_field<'py>(
+    obj: &Bound<'py, PyAny>,
+    path: &str,
+    name: &Bound<'py, PyString>,
+) -> PyResult<f64> {
     let v = field(obj, path, name)?;
     v.extract::<f64>().map_err(|_| {
         PyTypeError::new_err(format!(
@@ -841,7 +852,11 @@ fn float_field(obj: &Bound<'_, PyAny>, path: &str, name: &str) -> PyResult<f64> 
 }
 
 /// A spec part's `kind` (a string class attribute in `_spec.py`).
-fn kind_of(obj: &Bound<'_, PyAny>, path: &str, expected: &str) -> PyResult<String> {
+fn kind_of<'py>(
+    obj: &Bound<'py, PyAny>,
+    path: &str,
+    expected: &str,
+) -> PyResult<Bound<'py, PyString>> {
     let bad = || {
         PyTypeError::new_err(format!(
             "{path} must be {expected}, got {}",
@@ -849,37 +864,36 @@ fn kind_of(obj: &Bound<'_, PyAny>, path: &str, expected: &str) -> PyResult<Strin
                 .map_or_else(|_| "?".to_string(), |r| r.to_string())
         ))
     };
-    let kind = obj.getattr("kind").map_err(|_| bad())?;
-    let kind = kind.cast::<PyString>().map_err(|_| bad())?;
-    Ok(kind.to_cow()?.into_owned())
+    let kind = obj.getattr(intern!(obj.py(), "kind")).map_err(|_| bad())?;
+    kind.cast_into::<PyString>().map_err(|_| bad())
 }
 
 fn mask_arg(mask: &Bound<'_, PyAny>) -> PyResult<Mask> {
     const P: &str = "spec.mask";
     const EXPECTED: &str = "a Bernoulli or a Blocks (kind 'bernoulli' or 'blocks')";
-    match kind_of(mask, P, EXPECTED)?.as_str() {
+    let py = mask.py();
+    let shape = || shape_arg("spec.mask.shape", &field(mask, P, intern!(py, "shape"))?);
+    match kind_of(mask, P, EXPECTED)?.to_cow()?.as_ref() {
         "bernoulli" => Ok(Mask::Bernoulli {
-            shape: shape_arg("spec.mask.shape", &field(mask, P, "shape")?)?,
-            keep: float_field(mask, P, "keep")?,
+            shape: shape()?,
+            keep: float_field(mask, P, intern!(py, "keep"))?,
         }),
         "blocks" => {
-            let shape = shape_arg("spec.mask.shape", &field(mask, P, "shape")?)?;
-            let shape: [usize; 4] = shape.try_into().map_err(|s: Vec<usize>| {
+            let shape: [usize; 4] = shape()?.try_into().map_err(|s: Vec<usize>| {
                 PyValueError::new_err(format!(
                     "spec.mask.shape of a Blocks mask must be (N, C or 1, H, W), got {s:?}"
                 ))
             })?;
-            let size = |name: &str| -> PyResult<usize> {
-                let v = u64_arg(&format!("spec.mask.{name}"), &field(mask, P, name)?)?;
-                usize::try_from(v).map_err(|_| {
-                    PyValueError::new_err(format!("spec.mask.{name} is too large: {v}"))
-                })
+            let size = |path: &str, name: &Bound<'_, PyString>| -> PyResult<usize> {
+                let v = u64_arg(path, &field(mask, P, name)?)?;
+                usize::try_from(v)
+                    .map_err(|_| PyValueError::new_err(format!("{path} is too large: {v}")))
             };
             Ok(Mask::Blocks {
                 shape,
-                gamma: float_field(mask, P, "gamma")?,
-                kh: size("kh")?,
-                kw: size("kw")?,
+                gamma: float_field(mask, P, intern!(py, "gamma"))?,
+                kh: size("spec.mask.kh", intern!(py, "kh"))?,
+                kw: size("spec.mask.kw", intern!(py, "kw"))?,
             })
         }
         other => Err(PyTypeError::new_err(format!(
@@ -891,18 +905,20 @@ fn mask_arg(mask: &Bound<'_, PyAny>) -> PyResult<Mask> {
 fn application_arg(app: &Bound<'_, PyAny>) -> PyResult<Application> {
     const P: &str = "spec.application";
     const EXPECTED: &str = "a Scale, ScaleByKept, Affine or Noise (kind 'scale', 'scale_by_kept', 'affine' or 'noise')";
-    match kind_of(app, P, EXPECTED)?.as_str() {
+    let py = app.py();
+    let float = |name: &Bound<'_, PyString>| float_field(app, P, name);
+    match kind_of(app, P, EXPECTED)?.to_cow()?.as_ref() {
         "scale" => Ok(Application::Scale {
-            scale: float_field(app, P, "scale")?,
+            scale: float(intern!(py, "scale"))?,
         }),
         "scale_by_kept" => Ok(Application::ScaleByKept),
         "affine" => Ok(Application::Affine {
-            a: float_field(app, P, "a")?,
-            shift: float_field(app, P, "shift")?,
-            dropped: float_field(app, P, "dropped")?,
+            a: float(intern!(py, "a"))?,
+            shift: float(intern!(py, "shift"))?,
+            dropped: float(intern!(py, "dropped"))?,
         }),
         "noise" => Ok(Application::Noise {
-            scale: float_field(app, P, "scale")?,
+            scale: float(intern!(py, "scale"))?,
         }),
         other => Err(PyTypeError::new_err(format!(
             "{P} must be {EXPECTED}, got kind '{other}'"
@@ -916,10 +932,10 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Spec {
     type Error = PyErr;
 
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        let obj = obj.to_owned();
+        let (obj, py) = (obj.to_owned(), obj.py());
         Ok(Spec {
-            mask: mask_arg(&field(&obj, "spec", "mask")?)?,
-            application: application_arg(&field(&obj, "spec", "application")?)?,
+            mask: mask_arg(&field(&obj, "spec", intern!(py, "mask"))?)?,
+            application: application_arg(&field(&obj, "spec", intern!(py, "application"))?)?,
         })
     }
 }
