@@ -30,9 +30,10 @@ pub struct Operands<'a> {
 impl Operands<'_> {
     /// [`check_output`] for `out` against `x` and the residual.
     pub fn check(&self) -> Result<()> {
-        let mut inputs = vec![&self.x];
-        inputs.extend(self.residual.as_ref());
-        check_output(&self.out, &inputs)
+        match &self.residual {
+            Some(r) => check_output(&self.out, &[&self.x, r]),
+            None => check_output(&self.out, &[&self.x]),
+        }
     }
 
     /// Whether `out` is `x` (an in-place call).
@@ -89,7 +90,7 @@ enum Source<'a> {
 /// A checked call whose counters are reserved: [`Call::run`] does the work.
 pub struct Call<'a> {
     ops: Operands<'a>,
-    mask_shape: Vec<usize>,
+    mask_shape: &'a [usize],
     source: Source<'a>,
     application: Application,
     key: Key,
@@ -100,7 +101,7 @@ pub struct Call<'a> {
 /// written and the generator is untouched when it fails: the checks and every allocation the
 /// call keeps come before the reservation.
 pub fn prepare<'a>(
-    spec: &Spec,
+    spec: &'a Spec,
     ops: Operands<'a>,
     generator: &GeneratorState,
     store_mask: bool,
@@ -120,7 +121,7 @@ pub fn apply(
 
 /// `allow_fused: false` draws element masks first too: the tests compare both paths.
 fn prepare_with<'a>(
-    spec: &Spec,
+    spec: &'a Spec,
     ops: Operands<'a>,
     generator: &GeneratorState,
     store_mask: bool,
@@ -129,9 +130,9 @@ fn prepare_with<'a>(
     spec.mask.check()?;
     ops.check()?;
     spec.mask.check_input(ops.x.shape())?;
-    let mask_shape = spec.mask.shape().to_vec();
+    let mask_shape = spec.mask.shape();
     // The mask broadcasts to x, so it has no more decisions than x has elements.
-    let m = numel(&mask_shape);
+    let m = numel(mask_shape);
     let source = match spec.mask {
         Mask::Bernoulli { keep, .. } => {
             let threshold = threshold_for(keep);
@@ -143,7 +144,7 @@ fn prepare_with<'a>(
                 // Allocated before the reservation, so that a failure leaves the generator as
                 // it was.
                 let store = if store_mask {
-                    Some(zeroed_words(m, &mask_shape)?)
+                    Some(zeroed_words(m, mask_shape)?)
                 } else {
                     None
                 };
@@ -187,7 +188,7 @@ fn prepare_with<'a>(
 /// `mask_shape`): the backward of every variant, and the forward replay of a saved mask. Takes
 /// no counters; its [`Applied`] has no bits and first block 0.
 pub fn replay<'a>(
-    mask_shape: &[usize],
+    mask_shape: &'a [usize],
     words: &'a [u64],
     scale: f64,
     ops: Operands<'a>,
@@ -204,7 +205,7 @@ pub fn replay<'a>(
     }
     Ok(Call {
         ops,
-        mask_shape: mask_shape.to_vec(),
+        mask_shape,
         source: Source::Given(words),
         application: Application::Scale { scale },
         key: Key { seed: 0, stream: 0 },
@@ -236,7 +237,7 @@ impl Call<'_> {
             key,
             first_block,
         } = self;
-        let m = numel(&mask_shape);
+        let m = numel(mask_shape);
         // The noise of dropped elements comes from the call's counters after the mask's.
         let noise_block = first_block.wrapping_add(blocks_for_decisions(m));
         let kernel_app = |by_kept: f64| match application {
@@ -258,7 +259,7 @@ impl Call<'_> {
         };
         let stored = |words| {
             Some(StoredMask {
-                shape: mask_shape.clone(),
+                shape: mask_shape.to_vec(),
                 words,
             })
         };
@@ -273,7 +274,7 @@ impl Call<'_> {
                     threshold,
                     store: store.as_deref_mut(),
                 };
-                run_kernel(&ops, &mask_shape, bits, kernel_app(1.0));
+                run_kernel(&ops, mask_shape, bits, kernel_app(1.0));
                 (store.and_then(stored), 1.0)
             }
             Source::Drawn { threshold, store } => {
@@ -283,7 +284,7 @@ impl Call<'_> {
                 } else {
                     1.0
                 };
-                run_kernel(&ops, &mask_shape, Bits::Given(&words), kernel_app(by_kept));
+                run_kernel(&ops, mask_shape, Bits::Given(&words), kernel_app(by_kept));
                 (if store { stored(words) } else { None }, by_kept)
             }
             Source::Blocks {
@@ -296,11 +297,11 @@ impl Call<'_> {
                     block_keep_words(key, first_block, threshold, geometry)
                 };
                 let by_kept = scale_by_kept(m, kept);
-                run_kernel(&ops, &mask_shape, Bits::Given(&words), kernel_app(by_kept));
+                run_kernel(&ops, mask_shape, Bits::Given(&words), kernel_app(by_kept));
                 (stored(words), by_kept)
             }
             Source::Given(words) => {
-                run_kernel(&ops, &mask_shape, Bits::Given(words), kernel_app(1.0));
+                run_kernel(&ops, mask_shape, Bits::Given(words), kernel_app(1.0));
                 (None, 1.0)
             }
         };

@@ -188,13 +188,25 @@ impl<'a> View<'a> {
     /// stride, each dimension must step past the whole span of the dimensions inside it. Every
     /// C, Fortran, transposed, sliced or reversed view passes; an exotic interleaving is refused.
     pub fn elements_may_overlap(&self) -> bool {
-        let mut dims: Vec<(usize, usize)> = (self.shape.iter().zip(&self.strides))
+        // On the stack for the ranks arrays have: this runs on every call.
+        let (mut stack, mut heap) = ([(0usize, 0usize); 16], Vec::new());
+        let dims = (self.shape.iter().zip(&self.strides))
             .filter(|&(&n, _)| n > 1)
-            .map(|(&n, &s)| (s.unsigned_abs(), n))
-            .collect();
+            .map(|(&n, &s)| (s.unsigned_abs(), n));
+        let dims: &mut [(usize, usize)] = if self.shape.len() <= stack.len() {
+            let mut k = 0;
+            for d in dims {
+                stack[k] = d;
+                k += 1;
+            }
+            &mut stack[..k]
+        } else {
+            heap.extend(dims);
+            &mut heap
+        };
         dims.sort_unstable();
         let mut span = self.itemsize();
-        for (stride, n) in dims {
+        for &mut (stride, n) in dims {
             if stride < span {
                 return true;
             }
@@ -422,6 +434,21 @@ mod tests {
         let err = check_output(&out, &[&wide]).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::Type);
         assert_eq!(err.to_string(), "dtype mismatch: F64 vs F32");
+    }
+
+    #[test]
+    fn overlap_is_judged_alike_at_any_rank() {
+        // 20 dimensions of 2 (past the 16 judged on the stack), C strides, then one smeared.
+        let mut buf = vec![0f32; 1 << 20];
+        let shape = vec![2usize; 20];
+        let strides: Vec<isize> = (0..20).rev().map(|d| 1isize << d).collect();
+        let out = strided(buf.as_mut_ptr(), 0, &shape, &strides);
+        assert!(!out.elements_may_overlap());
+        let mut smeared = strides.clone();
+        smeared[0] = 1;
+        assert!(strided(buf.as_mut_ptr(), 0, &shape, &smeared).elements_may_overlap());
+        let short = strided(buf.as_mut_ptr(), 0, &shape[..3], &[1, 1, 1]);
+        assert!(short.elements_may_overlap());
     }
 
     #[test]
