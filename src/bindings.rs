@@ -598,11 +598,11 @@ fn operands<'a, 'py>(
     residual: Option<&'a Bound<'py, PyAny>>,
     pins: &mut Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Operands<'a>> {
-    Ok(Operands {
-        x: view(x_name, x, pins)?,
-        out: view("out", out, pins)?,
-        residual: residual.map(|r| view("residual", r, pins)).transpose()?,
-    })
+    Ok(Operands::new(
+        view(x_name, x, pins)?,
+        view("out", out, pins)?,
+        residual.map(|r| view("residual", r, pins)).transpose()?,
+    ))
 }
 
 fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
@@ -661,8 +661,8 @@ fn advise_huge_pages(out: &View<'_>) {
 /// operands must not change meanwhile.
 fn run_call(py: Python<'_>, call: call::Call<'_>) -> call::Applied {
     let ops = call.operands();
-    if !ops.in_place() {
-        advise_huge_pages(&ops.out);
+    if !ops.is_in_place() {
+        advise_huge_pages(ops.out());
     }
     if call.len() >= RELEASE_GIL_MIN {
         py.detach(move || call.run())
@@ -1067,7 +1067,7 @@ fn drop_block_apply<'py>(
     ops.check()?;
     let spec = Spec {
         mask: Mask::Blocks {
-            shape: spec::block_mask_shape(ops.x.shape(), couple_channels)?,
+            shape: spec::block_mask_shape(ops.x().shape(), couple_channels)?,
             gamma,
             kh,
             kw,

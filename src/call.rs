@@ -19,15 +19,41 @@ use crate::view::{check_mask_shape, check_output, Dtype, View};
 use half::{bf16, f16};
 
 /// The arrays of a call: `out = application(mask, x) [+ residual]`. `out` may be `x` itself
-/// (a clone of the same view: in place); otherwise it must overlap no input.
-#[derive(Clone, Debug)]
+/// (in place); otherwise it must overlap no input. The fields are private so that an in-place
+/// call's second handle on its array never gets out (see [`View`]).
+#[derive(Debug)]
 pub struct Operands<'a> {
-    pub x: View<'a>,
-    pub out: View<'a>,
-    pub residual: Option<View<'a>>,
+    x: View<'a>,
+    out: View<'a>,
+    residual: Option<View<'a>>,
 }
 
-impl Operands<'_> {
+impl<'a> Operands<'a> {
+    pub fn new(x: View<'a>, out: View<'a>, residual: Option<View<'a>>) -> Self {
+        Operands { x, out, residual }
+    }
+
+    /// `x` written in place.
+    pub fn in_place(x: View<'a>, residual: Option<View<'a>>) -> Self {
+        Operands {
+            x: x.alias(),
+            out: x,
+            residual,
+        }
+    }
+
+    pub fn x(&self) -> &View<'a> {
+        &self.x
+    }
+
+    pub fn out(&self) -> &View<'a> {
+        &self.out
+    }
+
+    pub fn residual(&self) -> Option<&View<'a>> {
+        self.residual.as_ref()
+    }
+
     /// [`check_output`] for `out` against `x` and the residual.
     pub fn check(&self) -> Result<()> {
         match &self.residual {
@@ -37,7 +63,7 @@ impl Operands<'_> {
     }
 
     /// Whether `out` is `x` (an in-place call).
-    pub fn in_place(&self) -> bool {
+    pub fn is_in_place(&self) -> bool {
         self.x.same_view(&self.out)
     }
 }
@@ -408,11 +434,7 @@ mod tests {
         allow_fused: bool,
     ) -> Result<(Vec<f32>, Applied)> {
         let mut out = vec![f32::NAN; x.len()];
-        let ops = Operands {
-            x: View::of(x, shape)?,
-            out: View::of_mut(&mut out, shape)?,
-            residual: None,
-        };
+        let ops = Operands::new(View::of(x, shape)?, View::of_mut(&mut out, shape)?, None);
         let applied = prepare_with(spec, ops, g, store, allow_fused)?.run();
         Ok((out, applied))
     }
@@ -613,11 +635,11 @@ mod tests {
         for (s, offset, want) in failing {
             let g = GeneratorState::new(5, 6, offset);
             let mut out = vec![7.0f32; 24];
-            let ops = Operands {
-                x: View::of(&x, &[4, 6]).unwrap(),
-                out: View::of_mut(&mut out, &[4, 6]).unwrap(),
-                residual: None,
-            };
+            let ops = Operands::new(
+                View::of(&x, &[4, 6]).unwrap(),
+                View::of_mut(&mut out, &[4, 6]).unwrap(),
+                None,
+            );
             let err = apply(&s, ops, &g, true).map(|_| ()).unwrap_err();
             match want {
                 // NaN != NaN: compare the message.
@@ -630,21 +652,21 @@ mod tests {
         // Bad operands: a read-only output, a residual of another shape.
         let g = GeneratorState::new(5, 6, 0);
         let s = spec(bernoulli(&[4, 6], 0.5), good);
-        let ops = Operands {
-            x: View::of(&x, &[4, 6]).unwrap(),
-            out: View::of(&x, &[4, 6]).unwrap(),
-            residual: None,
-        };
+        let ops = Operands::new(
+            View::of(&x, &[4, 6]).unwrap(),
+            View::of(&x, &[4, 6]).unwrap(),
+            None,
+        );
         assert_eq!(
             apply(&s, ops, &g, false).unwrap_err(),
             DropError::ReadOnlyOutput
         );
         let mut out = vec![7.0f32; 24];
-        let ops = Operands {
-            x: View::of(&x, &[4, 6]).unwrap(),
-            out: View::of_mut(&mut out, &[4, 6]).unwrap(),
-            residual: Some(View::of(&x[..12], &[2, 6]).unwrap()),
-        };
+        let ops = Operands::new(
+            View::of(&x, &[4, 6]).unwrap(),
+            View::of_mut(&mut out, &[4, 6]).unwrap(),
+            Some(View::of(&x[..12], &[2, 6]).unwrap()),
+        );
         let err = apply(&s, ops, &g, false).unwrap_err();
         assert!(matches!(err, DropError::ShapeMismatch { .. }), "{err}");
         assert_eq!(g.state(), (5, 6, 0));
@@ -809,11 +831,7 @@ mod tests {
         let s = spec(bernoulli(&[n], 0.5), Application::Scale { scale: 2.0 });
         let mut x = x0.clone();
         let view = View::of_mut(&mut x, &[n]).unwrap();
-        let ops = Operands {
-            x: view.clone(),
-            out: view,
-            residual: Some(View::of(&res, &[n]).unwrap()),
-        };
+        let ops = Operands::in_place(view, Some(View::of(&res, &[n]).unwrap()));
         let applied = apply(&s, ops, &GeneratorState::new(3, 0, 0), true).unwrap();
         let bits = applied.bits.unwrap();
         for i in 0..n {
@@ -825,20 +843,20 @@ mod tests {
             assert_eq!(x[i], want);
         }
         let mut replayed = vec![0f32; n];
-        let ops = Operands {
-            x: View::of(&x0, &[n]).unwrap(),
-            out: View::of_mut(&mut replayed, &[n]).unwrap(),
-            residual: Some(View::of(&res, &[n]).unwrap()),
-        };
+        let ops = Operands::new(
+            View::of(&x0, &[n]).unwrap(),
+            View::of_mut(&mut replayed, &[n]).unwrap(),
+            Some(View::of(&res, &[n]).unwrap()),
+        );
         let again = replay(&bits.shape, &bits.words, 2.0, ops).unwrap().run();
         assert_eq!((again.bits, again.scale), (None, 2.0));
         assert_eq!(replayed, x);
         // Too few words for the mask shape.
-        let ops = Operands {
-            x: View::of(&x0, &[n]).unwrap(),
-            out: View::of_mut(&mut replayed, &[n]).unwrap(),
-            residual: None,
-        };
+        let ops = Operands::new(
+            View::of(&x0, &[n]).unwrap(),
+            View::of_mut(&mut replayed, &[n]).unwrap(),
+            None,
+        );
         assert!(replay(&[n], &bits.words[..2], 1.0, ops).is_err());
     }
 

@@ -222,17 +222,16 @@ fn check<T: FuzzFloat>(u: &mut Unstructured) -> Result<()> {
         Bits::Given(&given)
     };
     let src_view = src.view::<T>(&shape);
-    let dst_view = match dst.as_mut() {
-        Some(d) => d.view::<T>(&shape),
-        None => src_view.clone(),
-    };
+    // In place: the output is the source view itself.
+    let dst_view = dst.as_mut().map(|d| d.view::<T>(&shape));
+    let out_view = dst_view.as_ref().unwrap_or(&src_view);
     let res_view = res.as_mut().map(|r| r.view::<T>(&shape));
     let mut inputs = vec![&src_view];
     inputs.extend(res_view.as_ref());
-    if let Err(e) = check_output(&dst_view, &inputs) {
+    if let Err(e) = check_output(out_view, &inputs) {
         panic!("a legal layout was refused: {e}; shape {shape:?}");
     }
-    let (src_op, dst_op) = (src_view.operand(), dst_view.operand());
+    let (src_op, dst_op) = (src_view.operand(), out_view.operand());
     let res_op = res_view.as_ref().map(View::operand);
     // SAFETY: every view lies inside its own buffer (`Strided::new` sized it), and
     // `check_output` accepted the output: writeable, non-overlapping non-zero strides, and
