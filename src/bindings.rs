@@ -1,15 +1,17 @@
-//! The PyO3 layer: turns NumPy arrays into checked strided operands, dispatches on dtype,
-//! releases the GIL around kernels and maps `DropError` to Python exceptions. No maths here.
+//! The PyO3 layer: reads NumPy arrays and DLPack capsules into `View`s and `_spec.py`'s
+//! dataclasses into a `Spec`, hands them to `call` (which checks, reserves counters and runs the
+//! kernel), releases the GIL around the prepared work, and maps `DropError` to Python exceptions
+//! in one place. No maths and no call logic here.
 
 use crate::attention;
 use crate::buffer::{self, Buffer};
-use crate::error::DropError;
-use crate::generator::{
-    blocks_for_call, blocks_for_decisions, blocks_for_normals, fork_stream, GeneratorState,
-};
-use crate::kernel::{self, Application, Bits, Operand};
-use crate::mask::{block_keep_words, BlockGeometry};
-use crate::rng::{self, threshold_for, Key};
+use crate::call::{self, Operands, StoredMask};
+use crate::error::{DropError, ErrorKind};
+use crate::generator::{blocks_for_decisions, blocks_for_normals, fork_stream, GeneratorState};
+use crate::kernel;
+use crate::rng::{self, threshold_for};
+use crate::spec::{self, Application, Mask, Spec};
+use crate::view::{c_strides, check_dense, Dtype, View};
 use half::{bf16, f16};
 use numpy::npyffi::{
     get_type_object, npy_intp, objects::_PyArray_GET_ITEM_DATA, NpyTypes, PyArrayObject,
@@ -18,15 +20,18 @@ use numpy::npyffi::{
 };
 use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyCapsule, PyString, PyTuple, PyWeakrefReference};
 
+/// The one place a core error becomes a Python exception: by its kind, with its message.
 impl From<DropError> for PyErr {
     fn from(e: DropError) -> PyErr {
-        match e {
-            DropError::Value(m) => PyValueError::new_err(m),
-            DropError::Type(m) => PyTypeError::new_err(m),
-            DropError::Memory(m) => PyMemoryError::new_err(m),
+        let message = e.to_string();
+        match e.kind() {
+            ErrorKind::Value => PyValueError::new_err(message),
+            ErrorKind::Type => PyTypeError::new_err(message),
+            ErrorKind::Memory => PyMemoryError::new_err(message),
         }
     }
 }
@@ -267,17 +272,13 @@ impl MaskBits {
     }
 }
 
-/// Zeroed words for `n` mask bits: a `MemoryError` when they cannot be allocated (a broadcast
-/// view can be far larger than memory), never an abort of the interpreter.
-fn zeroed_words(n: usize, shape: &[usize]) -> Result<Vec<u64>, DropError> {
-    let mut words = Vec::new();
-    words.try_reserve_exact(kernel::words_for(n)).map_err(|_| {
-        DropError::Memory(format!(
-            "cannot allocate a mask of {n} bits for shape {shape:?}"
-        ))
-    })?;
-    words.resize(kernel::words_for(n), 0);
-    Ok(words)
+impl From<StoredMask> for MaskBits {
+    fn from(m: StoredMask) -> Self {
+        MaskBits {
+            shape: m.shape,
+            words: m.words,
+        }
+    }
 }
 
 #[pymethods]
@@ -291,7 +292,7 @@ impl MaskBits {
         let n = (shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))).ok_or_else(|| {
             PyValueError::new_err(format!("mask shape {shape:?} has more than 2**64 elements"))
         })?;
-        let mut words = zeroed_words(n, &shape)?;
+        let mut words = call::zeroed_words(n, &shape)?;
         if keep {
             words.fill(u64::MAX);
         }
@@ -323,88 +324,6 @@ impl MaskBits {
 }
 
 // --- arrays ---------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dtype {
-    F16,
-    BF16,
-    F32,
-    F64,
-}
-
-struct View {
-    ptr: *mut u8,
-    shape: Vec<usize>,
-    strides: Vec<isize>,
-    dtype: Dtype,
-    writeable: bool,
-}
-
-// SAFETY: a View is only moved into the GIL-free section of the call that made it, while the
-// Python objects it points into are kept alive by that call's borrowed references.
-unsafe impl Send for View {}
-
-impl View {
-    fn itemsize(&self) -> usize {
-        match self.dtype {
-            Dtype::F16 | Dtype::BF16 => 2,
-            Dtype::F32 => 4,
-            Dtype::F64 => 8,
-        }
-    }
-
-    fn operand(&self) -> Operand<'_> {
-        Operand {
-            ptr: self.ptr,
-            strides: &self.strides,
-        }
-    }
-
-    /// The byte range [lo, hi) the view can touch.
-    fn extent(&self) -> (usize, usize) {
-        let (mut lo, mut hi) = (self.ptr as isize, self.ptr as isize);
-        if self.shape.contains(&0) {
-            return (lo as usize, lo as usize);
-        }
-        for (&n, &s) in self.shape.iter().zip(&self.strides) {
-            let span = s * (n as isize - 1);
-            if span < 0 {
-                lo += span;
-            } else {
-                hi += span;
-            }
-        }
-        (lo as usize, hi as usize + self.itemsize())
-    }
-
-    /// Whether two distinct elements may share bytes. Sufficient rather than exact: sorted by
-    /// stride, each dimension must step past the whole span of the dimensions inside it. Every
-    /// C, Fortran, transposed, sliced or reversed view passes; an exotic interleaving is refused.
-    fn elements_may_overlap(&self) -> bool {
-        let mut dims: Vec<(usize, usize)> = (self.shape.iter().zip(&self.strides))
-            .filter(|&(&n, _)| n > 1)
-            .map(|(&n, &s)| (s.unsigned_abs(), n))
-            .collect();
-        dims.sort_unstable();
-        let mut span = self.itemsize();
-        for (stride, n) in dims {
-            if stride < span {
-                return true;
-            }
-            span += stride * (n - 1);
-        }
-        false
-    }
-
-    fn same_view(&self, other: &View) -> bool {
-        self.ptr == other.ptr && self.shape == other.shape && self.strides == other.strides
-    }
-
-    fn overlaps(&self, other: &View) -> bool {
-        let (a, b) = (self.extent(), other.extent());
-        a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1
-    }
-}
 
 // --- DLPack ---------------------------------------------------------------------------------
 // The C structs of dlpack.h (v0.8 legacy and v1.x versioned), read from a producer's capsule.
@@ -455,7 +374,7 @@ struct DLManagedTensorVersioned {
 const DL_CPU: i32 = 1;
 const DL_FLAG_READ_ONLY: u64 = 1;
 
-fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
+fn dlpack_view<'a>(name: &str, cap: &'a Bound<'_, PyCapsule>) -> PyResult<View<'a>> {
     // SAFETY: a capsule named "dltensor" / "dltensor_versioned" holds a live DLManagedTensor
     // (Versioned) by the DLPack protocol; the producer keeps it valid until the capsule dies,
     // and `cap` is borrowed for this whole call.
@@ -547,16 +466,8 @@ fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
             })
             .collect::<Option<Vec<isize>>>()
             .ok_or_else(too_large)?,
-        None => {
-            // NULL strides: compact row-major.
-            let mut acc = itemsize;
-            let mut out = vec![0isize; ndim];
-            for d in (0..ndim).rev() {
-                out[d] = acc;
-                acc *= shape[d] as isize;
-            }
-            out
-        }
+        // NULL strides: compact row-major.
+        None => c_strides(&shape, itemsize as usize),
     };
     if !shape.contains(&0) {
         let mut span = itemsize;
@@ -569,13 +480,11 @@ fn dlpack_view(name: &str, cap: &Bound<'_, PyCapsule>) -> PyResult<View> {
         }
     }
     let ptr = (t.data as *mut u8).wrapping_add(t.byte_offset as usize);
-    Ok(View {
-        ptr,
-        shape,
-        strides,
-        dtype,
-        writeable,
-    })
+    // SAFETY: by the DLPack protocol the tensor's elements lie at data + byte_offset plus the
+    // index times the strides, and the producer keeps them alive while the capsule lives,
+    // which the borrowed `cap` does for 'a; the extent was checked to fit an isize above; a
+    // versioned tensor flagged read-only is not writeable (a legacy one has no such flag).
+    Ok(unsafe { View::new(ptr, shape, strides, dtype, writeable) })
 }
 
 /// Keeps the memory of a NumPy operand where it is until `pins` is dropped, so that it cannot be
@@ -618,11 +527,11 @@ fn pin_memory<'py>(
 /// Reads an operand: a NumPy array or a CPU DLPack capsule. An array large enough that the kernel
 /// will release the GIL is pinned into `pins` first (see `pin_memory`), before anything is read,
 /// so that what is read stays valid.
-fn view<'py>(
+fn view<'a, 'py>(
     name: &str,
-    arr: &Bound<'py, PyAny>,
+    arr: &'a Bound<'py, PyAny>,
     pins: &mut Vec<Bound<'py, PyAny>>,
-) -> PyResult<View> {
+) -> PyResult<View<'a>> {
     if let Ok(cap) = arr.cast::<PyCapsule>() {
         return dlpack_view(name, cap);
     }
@@ -666,70 +575,34 @@ fn view<'py>(
         let fields = _PyArray_GET_ITEM_DATA(arr.as_array_ptr());
         ((*fields).data as *mut u8, (*fields).flags)
     };
-    Ok(View {
-        ptr,
-        shape: arr.shape().to_vec(),
-        strides: arr.strides().to_vec(),
-        dtype,
-        writeable: flags & NPY_ARRAY_WRITEABLE != 0,
+    // SAFETY: NumPy's own invariant: an ndarray's data pointer, shape and strides address its
+    // elements, within an extent that fits an isize; the borrowed `arr` keeps them alive for
+    // 'a, and `pin_memory` keeps a large array's memory from being resized away while the GIL
+    // is released; NumPy's WRITEABLE flag says whether they may be written.
+    Ok(unsafe {
+        View::new(
+            ptr,
+            arr.shape().to_vec(),
+            arr.strides().to_vec(),
+            dtype,
+            flags & NPY_ARRAY_WRITEABLE != 0,
+        )
     })
 }
 
-/// Checks that `out` can be written as the result of reading `inputs`.
-fn check_output(out: &View, inputs: &[&View]) -> PyResult<()> {
-    if !out.writeable {
-        return Err(PyValueError::new_err(
-            "the output array is read-only; pass a writeable array or use inplace=False",
-        ));
-    }
-    let empty = out.shape.contains(&0);
-    for (&n, &s) in out.shape.iter().zip(&out.strides) {
-        if n > 1 && s == 0 && !empty {
-            return Err(PyValueError::new_err(
-                "cannot write into an array with a zero stride (a broadcast view): several elements share one address; use inplace=False or pass a copy",
-            ));
-        }
-    }
-    if !empty && out.elements_may_overlap() {
-        return Err(PyValueError::new_err(format!(
-            "cannot write into an array whose elements overlap (shape {:?}, strides {:?} bytes): several elements share bytes; use inplace=False or pass a copy",
-            out.shape, out.strides
-        )));
-    }
-    for v in inputs {
-        if v.shape != out.shape {
-            return Err(PyValueError::new_err(format!(
-                "shape mismatch: input {:?} vs output {:?}",
-                v.shape, out.shape
-            )));
-        }
-        if v.dtype != out.dtype {
-            return Err(PyTypeError::new_err(format!(
-                "dtype mismatch: {:?} vs {:?}",
-                v.dtype, out.dtype
-            )));
-        }
-        if !v.same_view(out) && v.overlaps(out) {
-            return Err(PyValueError::new_err(
-                "the output overlaps an input without being the same view; pass a fresh output",
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn check_mask_shape(shape: &[usize], mask_shape: &[usize]) -> PyResult<()> {
-    if mask_shape.len() != shape.len()
-        || shape
-            .iter()
-            .zip(mask_shape)
-            .any(|(&n, &m)| m != n && m != 1)
-    {
-        return Err(PyValueError::new_err(format!(
-            "mask shape {mask_shape:?} does not broadcast to {shape:?}"
-        )));
-    }
-    Ok(())
+/// Reads a call's operands (`x` under the name `x_name`), pinned into `pins` as `view` does.
+fn operands<'a, 'py>(
+    x_name: &str,
+    x: &'a Bound<'py, PyAny>,
+    out: &'a Bound<'py, PyAny>,
+    residual: Option<&'a Bound<'py, PyAny>>,
+    pins: &mut Vec<Bound<'py, PyAny>>,
+) -> PyResult<Operands<'a>> {
+    Ok(Operands::new(
+        view(x_name, x, pins)?,
+        view("out", out, pins)?,
+        residual.map(|r| view("residual", r, pins)).transpose()?,
+    ))
 }
 
 fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
@@ -749,16 +622,11 @@ fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
             shift: f(2)?,
             dropped: f(3)?,
         }),
-        ("noise", 2) => Ok(Application::Noise {
-            scale: f(1)?,
-            key: Key { seed: 0, stream: 0 },
-            first_block: 0,
-        }),
+        ("noise", 2) => Ok(Application::Noise { scale: f(1)? }),
         _ => Err(bad()),
     }
 }
 
-/// Runs the kernel for the views' dtype with the GIL released.
 /// Below this many elements the kernel takes less time than releasing and retaking the GIL.
 const RELEASE_GIL_MIN: usize = 1 << 14;
 
@@ -770,7 +638,7 @@ const HUGE_PAGE_MIN: usize = 4 << 20;
 /// does not: with 4 KiB pages, faulting in a 256 MiB tensor costs about three times the copy.
 /// Only the whole 2 MiB pages inside the output's extent are advised; it is a hint, and an
 /// error (e.g. THP disabled) changes nothing.
-fn advise_huge_pages(out: &View) {
+fn advise_huge_pages(out: &View<'_>) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -788,61 +656,18 @@ fn advise_huge_pages(out: &View) {
     let _ = (out, HUGE_PAGE_MIN);
 }
 
-fn run_kernel(
-    py: Python<'_>,
-    x: &View,
-    out: &View,
-    res: Option<&View>,
-    mask_shape: &[usize],
-    bits: Bits<'_>,
-    app: Application,
-) {
-    struct Job<'a> {
-        x: &'a View,
-        out: &'a View,
-        res: Option<&'a View>,
-        mask_shape: &'a [usize],
-        bits: Bits<'a>,
-        app: Application,
+/// Runs a prepared call, with the GIL released when it is large enough to be worth it. Only a
+/// call that large had its NumPy operands pinned (`view`), so a smaller one keeps the GIL: its
+/// operands must not change meanwhile.
+fn run_call(py: Python<'_>, call: call::Call<'_>) -> call::Applied {
+    let ops = call.operands();
+    if !ops.is_in_place() {
+        advise_huge_pages(ops.out());
     }
-    // SAFETY: the views point into arrays this call keeps alive; raw pointers are only carried.
-    unsafe impl Send for Job<'_> {}
-    if !x.same_view(out) {
-        advise_huge_pages(out);
-    }
-    let job = Job {
-        x,
-        out,
-        res,
-        mask_shape,
-        bits,
-        app,
-    };
-    let work = move || {
-        let job = job;
-        let (shape, ms) = (&job.x.shape, job.mask_shape);
-        let (src, dst, res) = (
-            job.x.operand(),
-            job.out.operand(),
-            job.res.map(|r| r.operand()),
-        );
-        // SAFETY: `view` read the pointers, shapes and strides from live ndarrays of this dtype,
-        // so every index of `shape` addresses an element of the array; `check_output` refused
-        // read-only and zero-stride outputs and outputs that overlap an input without being
-        // the same view; mask sizes were checked by the callers below.
-        unsafe {
-            match job.x.dtype {
-                Dtype::F16 => kernel::run::<f16>(shape, ms, src, dst, res, job.bits, &job.app),
-                Dtype::BF16 => kernel::run::<bf16>(shape, ms, src, dst, res, job.bits, &job.app),
-                Dtype::F32 => kernel::run::<f32>(shape, ms, src, dst, res, job.bits, &job.app),
-                Dtype::F64 => kernel::run::<f64>(shape, ms, src, dst, res, job.bits, &job.app),
-            }
-        }
-    };
-    if x.shape.iter().product::<usize>() >= RELEASE_GIL_MIN {
-        py.detach(work)
+    if call.len() >= RELEASE_GIL_MIN {
+        py.detach(move || call.run())
     } else {
-        work()
+        call.run()
     }
 }
 
@@ -996,13 +821,181 @@ fn cached_bytes() -> usize {
     buffer::cached_bytes()
 }
 
-fn check_prob(name: &str, p: f64) -> PyResult<()> {
-    if !(0.0..=1.0).contains(&p) {
-        return Err(PyValueError::new_err(format!(
-            "{name} has to be between 0 and 1, but got {p}"
-        )));
+// --- one call: the spec -----------------------------------------------------------------------
+
+/// `obj.name`, a `TypeError` naming the field when `obj` has none. Names are interned
+/// (`intern!`): a call reads about eight fields, and making each name afresh would cost as much
+/// as a small call's kernel.
+fn field<'py>(
+    obj: &Bound<'py, PyAny>,
+    path: &str,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Bound<'py, PyAny>> {
+    obj.getattr(name).map_err(|_| {
+        PyTypeError::new_err(format!("{path} ({}) has no field '{name}'", type_name(obj)))
+    })
+}
+
+/// A float field, a `TypeError` naming it when it is not a number.
+fn float_field<'py>(
+    obj: &Bound<'py, PyAny>,
+    path: &str,
+    name: &Bound<'py, PyString>,
+) -> PyResult<f64> {
+    let v = field(obj, path, name)?;
+    v.extract::<f64>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{path}.{name} must be a float, got {}",
+            type_name(&v)
+        ))
+    })
+}
+
+/// A spec part's `kind` (a string class attribute in `_spec.py`).
+fn kind_of<'py>(
+    obj: &Bound<'py, PyAny>,
+    path: &str,
+    expected: &str,
+) -> PyResult<Bound<'py, PyString>> {
+    let bad = || {
+        PyTypeError::new_err(format!(
+            "{path} must be {expected}, got {}",
+            obj.repr()
+                .map_or_else(|_| "?".to_string(), |r| r.to_string())
+        ))
+    };
+    let kind = obj.getattr(intern!(obj.py(), "kind")).map_err(|_| bad())?;
+    kind.cast_into::<PyString>().map_err(|_| bad())
+}
+
+fn mask_arg(mask: &Bound<'_, PyAny>) -> PyResult<Mask> {
+    const P: &str = "spec.mask";
+    const EXPECTED: &str = "a Bernoulli or a Blocks (kind 'bernoulli' or 'blocks')";
+    let py = mask.py();
+    let shape = || shape_arg("spec.mask.shape", &field(mask, P, intern!(py, "shape"))?);
+    match kind_of(mask, P, EXPECTED)?.to_cow()?.as_ref() {
+        "bernoulli" => Ok(Mask::Bernoulli {
+            shape: shape()?,
+            keep: float_field(mask, P, intern!(py, "keep"))?,
+        }),
+        "blocks" => {
+            let shape: [usize; 4] = shape()?.try_into().map_err(|s: Vec<usize>| {
+                PyValueError::new_err(format!(
+                    "spec.mask.shape of a Blocks mask must be (N, C or 1, H, W), got {s:?}"
+                ))
+            })?;
+            let size = |path: &str, name: &Bound<'_, PyString>| -> PyResult<usize> {
+                let v = u64_arg(path, &field(mask, P, name)?)?;
+                usize::try_from(v)
+                    .map_err(|_| PyValueError::new_err(format!("{path} is too large: {v}")))
+            };
+            Ok(Mask::Blocks {
+                shape,
+                gamma: float_field(mask, P, intern!(py, "gamma"))?,
+                kh: size("spec.mask.kh", intern!(py, "kh"))?,
+                kw: size("spec.mask.kw", intern!(py, "kw"))?,
+            })
+        }
+        other => Err(PyTypeError::new_err(format!(
+            "{P} must be {EXPECTED}, got kind '{other}'"
+        ))),
     }
-    Ok(())
+}
+
+fn application_arg(app: &Bound<'_, PyAny>) -> PyResult<Application> {
+    const P: &str = "spec.application";
+    const EXPECTED: &str = "a Scale, ScaleByKept, Affine or Noise (kind 'scale', 'scale_by_kept', 'affine' or 'noise')";
+    let py = app.py();
+    let float = |name: &Bound<'_, PyString>| float_field(app, P, name);
+    match kind_of(app, P, EXPECTED)?.to_cow()?.as_ref() {
+        "scale" => Ok(Application::Scale {
+            scale: float(intern!(py, "scale"))?,
+        }),
+        "scale_by_kept" => Ok(Application::ScaleByKept),
+        "affine" => Ok(Application::Affine {
+            a: float(intern!(py, "a"))?,
+            shift: float(intern!(py, "shift"))?,
+            dropped: float(intern!(py, "dropped"))?,
+        }),
+        "noise" => Ok(Application::Noise {
+            scale: float(intern!(py, "scale"))?,
+        }),
+        other => Err(PyTypeError::new_err(format!(
+            "{P} must be {EXPECTED}, got kind '{other}'"
+        ))),
+    }
+}
+
+/// A `fastdrop._spec.Spec` (or any object with its fields): read by each part's `kind` and its
+/// field names. `grad_scale` and `origin` are Python's business and are not read.
+impl<'a, 'py> FromPyObject<'a, 'py> for Spec {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let (obj, py) = (obj.to_owned(), obj.py());
+        Ok(Spec {
+            mask: mask_arg(&field(&obj, "spec", intern!(py, "mask"))?)?,
+            application: application_arg(&field(&obj, "spec", intern!(py, "application"))?)?,
+        })
+    }
+}
+
+// --- one call: the entry points ---------------------------------------------------------------
+
+/// What `_core.apply` returns: the mask's bits (when stored, and always for DropBlock), the first
+/// counter block the call reserved, and the scale applied to kept elements.
+#[pyclass(name = "Applied", module = "fastdrop._core", frozen)]
+pub struct Applied {
+    /// The mask (a `MaskBits`), or None when only its key was kept.
+    #[pyo3(get)]
+    bits: Option<Py<MaskBits>>,
+    /// The first counter block the call reserved: a generator set to (seed, stream, this)
+    /// draws the same mask again.
+    #[pyo3(get)]
+    first_block: u64,
+    /// What kept elements were multiplied by (for `ScaleByKept`, numel / kept).
+    #[pyo3(get)]
+    scale: f64,
+}
+
+#[pymethods]
+impl Applied {
+    fn __repr__(&self) -> String {
+        let bits = match &self.bits {
+            Some(_) => "MaskBits",
+            None => "None",
+        };
+        format!(
+            "Applied(bits={bits}, first_block={}, scale={:?})",
+            self.first_block, self.scale
+        )
+    }
+}
+
+/// `out = application(mask, x) [+ residual]` for the call `spec` describes, with its mask drawn
+/// from `generator`: the one entry point every dropout variant goes through.
+#[pyfunction]
+#[pyo3(signature = (x, out, residual, spec, generator, store_mask))]
+fn apply<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    residual: Option<&Bound<'py, PyAny>>,
+    spec: Spec,
+    generator: &Generator,
+    store_mask: bool,
+) -> PyResult<Applied> {
+    let mut pins = Vec::new();
+    let ops = operands("x", x, out, residual, &mut pins)?;
+    let done = run_call(py, call::prepare(&spec, ops, &generator.state, store_mask)?);
+    Ok(Applied {
+        bits: done
+            .bits
+            .map(|b| Py::new(py, MaskBits::from(b)))
+            .transpose()?,
+        first_block: done.first_block,
+        scale: done.scale,
+    })
 }
 
 /// What `bernoulli_apply` returns: the mask's bits, or only the counter block it started at,
@@ -1016,6 +1009,7 @@ enum Drawn {
 /// `out = application(mask, x) [+ residual]` with a fresh Bernoulli(keep) mask of `mask_shape`
 /// drawn from `generator`. Returns the mask when `store_mask`, else the first counter block the
 /// call reserved: a generator set to `(seed, stream, that block)` redraws the same mask.
+/// `apply` with a `Bernoulli` spec, until the Python side calls that.
 #[pyfunction]
 #[pyo3(signature = (x, out, residual, mask_shape, application, keep, generator, store_mask))]
 #[allow(clippy::too_many_arguments)]
@@ -1030,85 +1024,27 @@ fn bernoulli_apply<'py>(
     generator: &Generator,
     store_mask: bool,
 ) -> PyResult<Drawn> {
-    check_prob("keep probability", keep)?;
-    let mask_shape = shape_arg("mask_shape", mask_shape)?;
-    let mut app = parse_application(application)?;
+    spec::check_probability("keep probability", keep)?;
+    let spec = Spec {
+        mask: Mask::Bernoulli {
+            shape: shape_arg("mask_shape", mask_shape)?,
+            keep,
+        },
+        application: parse_application(application)?,
+    };
     let mut pins = Vec::new();
-    let (xv, ov) = (view("input", x, &mut pins)?, view("out", out, &mut pins)?);
-    let rv = residual
-        .map(|r| view("residual", r, &mut pins))
-        .transpose()?;
-    let mut inputs = vec![&xv];
-    inputs.extend(rv.as_ref());
-    check_output(&ov, &inputs)?;
-    check_mask_shape(&xv.shape, &mask_shape)?;
-    let n: usize = xv.shape.iter().product();
-    let m: usize = mask_shape.iter().product();
-    // Allocated before the reservation, so that a failure leaves the generator as it was.
-    let mut store = Vec::new();
-    if store_mask && mask_shape == xv.shape {
-        store = zeroed_words(n, &mask_shape)?;
-    }
-    let with_noise = matches!(app, Application::Noise { .. });
-    let (key, first) = generator.state.reserve(blocks_for_call(m, with_noise))?;
-    if let Application::Noise {
-        key: k,
-        first_block,
-        ..
-    } = &mut app
-    {
-        *k = key;
-        *first_block = first.wrapping_add(blocks_for_decisions(m));
-    }
-    let threshold = threshold_for(keep);
-    if mask_shape == xv.shape {
-        let bits = Bits::Fresh {
-            key,
-            first_block: first,
-            threshold,
-            store: store_mask.then_some(&mut store[..]),
-        };
-        run_kernel(py, &xv, &ov, rv.as_ref(), &mask_shape, bits, app);
-        Ok(if store_mask {
-            Drawn::Bits(MaskBits {
-                shape: mask_shape,
-                words: store,
-            })
-        } else {
-            Drawn::FirstBlock(first)
-        })
-    } else {
-        let draw = || kernel::bernoulli_words(key, first, threshold, m);
-        // Small masks are drawn holding the GIL: releasing it costs more, and operands too small
-        // to be pinned must not change meanwhile (see `view`).
-        let words = if m >= RELEASE_GIL_MIN {
-            py.detach(draw)
-        } else {
-            draw()
-        };
-        run_kernel(
-            py,
-            &xv,
-            &ov,
-            rv.as_ref(),
-            &mask_shape,
-            Bits::Given(&words),
-            app,
-        );
-        Ok(if store_mask {
-            Drawn::Bits(MaskBits {
-                shape: mask_shape,
-                words,
-            })
-        } else {
-            Drawn::FirstBlock(first)
-        })
-    }
+    let ops = operands("input", x, out, residual, &mut pins)?;
+    let done = run_call(py, call::prepare(&spec, ops, &generator.state, store_mask)?);
+    Ok(match done.bits {
+        Some(bits) => Drawn::Bits(bits.into()),
+        None => Drawn::FirstBlock(done.first_block),
+    })
 }
 
 /// DropBlock on an (N, C, H, W) array: seeds Bernoulli(gamma) over (N, C or 1, H, W), grown to
 /// kh x kw blocks. Kept pixels are scaled by numel / kept when `scale_by_keep` (and left as they
 /// are with noise); dropped ones become 0 or, `with_noise`, N(0, 1) noise. Returns the mask.
+/// `apply` with a `Blocks` spec, until the Python side calls that.
 #[pyfunction]
 #[pyo3(signature = (x, out, gamma, kh, kw, couple_channels, with_noise, scale_by_keep, generator))]
 #[allow(clippy::too_many_arguments)]
@@ -1124,64 +1060,29 @@ fn drop_block_apply<'py>(
     scale_by_keep: bool,
     generator: &Generator,
 ) -> PyResult<(MaskBits, f64)> {
-    check_prob("gamma (the block seed rate)", gamma)?;
+    spec::check_probability("gamma (the block seed rate)", gamma)?;
     let (kh, kw) = (u64_arg("kh", kh)? as usize, u64_arg("kw", kw)? as usize);
     let mut pins = Vec::new();
-    let (xv, ov) = (view("input", x, &mut pins)?, view("out", out, &mut pins)?);
-    check_output(&ov, &[&xv])?;
-    let [n, c, h, w] = xv.shape[..] else {
-        return Err(PyValueError::new_err(format!(
-            "drop_block_2d expects a 4-D (N, C, H, W) input, got shape {:?}",
-            xv.shape
-        )));
-    };
-    if kh == 0 || kw == 0 || kh > h.max(1) || kw > w.max(1) {
-        return Err(PyValueError::new_err(format!(
-            "block {kh}x{kw} does not fit a {h}x{w} map"
-        )));
-    }
-    let cm = if couple_channels { 1 } else { c };
-    let mask_shape = vec![n, cm, h, w];
-    let g = BlockGeometry {
-        maps: n * cm,
-        h,
-        w,
-        kh,
-        kw,
-    };
-    let m = n * cm * h * w;
-    let (key, first) = generator.state.reserve(blocks_for_call(m, with_noise))?;
-    let draw = || block_keep_words(key, first, threshold_for(gamma), g);
-    // As in bernoulli_apply: the GIL is released only when the operands were pinned.
-    let (words, kept) = if m == 0 {
-        (Vec::new(), 0)
-    } else if m >= RELEASE_GIL_MIN {
-        py.detach(draw)
-    } else {
-        draw()
-    };
-    let scale = if !with_noise && scale_by_keep && kept > 0 {
-        m as f64 / kept as f64
-    } else {
-        1.0
-    };
-    let app = if with_noise {
-        Application::Noise {
-            scale: 1.0,
-            key,
-            first_block: first.wrapping_add(blocks_for_decisions(m)),
-        }
-    } else {
-        Application::Scale { scale }
-    };
-    run_kernel(py, &xv, &ov, None, &mask_shape, Bits::Given(&words), app);
-    Ok((
-        MaskBits {
-            shape: mask_shape,
-            words,
+    let ops = operands("input", x, out, None, &mut pins)?;
+    ops.check()?;
+    let spec = Spec {
+        mask: Mask::Blocks {
+            shape: spec::block_mask_shape(ops.x().shape(), couple_channels)?,
+            gamma,
+            kh,
+            kw,
         },
-        scale,
-    ))
+        application: match (with_noise, scale_by_keep) {
+            (true, _) => Application::Noise { scale: 1.0 },
+            (false, true) => Application::ScaleByKept,
+            (false, false) => Application::Scale { scale: 1.0 },
+        },
+    };
+    let done = run_call(py, call::prepare(&spec, ops, &generator.state, true)?);
+    let bits = done.bits.ok_or_else(|| {
+        pyo3::exceptions::PySystemError::new_err("a DropBlock call returned no mask")
+    })?;
+    Ok((bits.into(), done.scale))
 }
 
 /// `out = x * mask * scale [+ residual]`: the backward of every variant, and the forward replay
@@ -1197,23 +1098,8 @@ fn mask_apply<'py>(
     residual: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     let mut pins = Vec::new();
-    let (xv, ov) = (view("grad", x, &mut pins)?, view("out", out, &mut pins)?);
-    let rv = residual
-        .map(|r| view("residual", r, &mut pins))
-        .transpose()?;
-    let mut inputs = vec![&xv];
-    inputs.extend(rv.as_ref());
-    check_output(&ov, &inputs)?;
-    check_mask_shape(&xv.shape, &mask.shape)?;
-    run_kernel(
-        py,
-        &xv,
-        &ov,
-        rv.as_ref(),
-        &mask.shape,
-        Bits::Given(&mask.words),
-        Application::Scale { scale },
-    );
+    let ops = operands("grad", x, out, residual, &mut pins)?;
+    run_call(py, call::replay(&mask.shape, &mask.words, scale, ops)?);
     Ok(())
 }
 
@@ -1248,66 +1134,19 @@ fn simd_backend() -> &'static str {
 
 // --- attention: softmax and dropout over the weights -----------------------------------------
 
-/// Whether a view is C-contiguous (size-1 dimensions may have any stride).
-fn is_c_contiguous(v: &View) -> bool {
-    if v.shape.contains(&0) {
-        return true;
-    }
-    let mut acc = v.itemsize() as isize;
-    for (&n, &s) in v.shape.iter().zip(&v.strides).rev() {
-        if n != 1 && s != acc {
-            return false;
-        }
-        acc *= n as isize;
-    }
-    true
-}
-
-/// The attention weights' operands: C-contiguous views of one dtype and shape, the written ones
-/// writeable and disjoint from every other.
-fn weight_views<'py>(
-    read: &[(&str, &Bound<'py, PyAny>)],
-    written: &[(&str, &Bound<'py, PyAny>)],
+/// The attention weights' operands, read and checked by `view::check_dense`.
+fn weight_views<'a, 'py>(
+    read: &[(&str, &'a Bound<'py, PyAny>)],
+    written: &[(&str, &'a Bound<'py, PyAny>)],
     pins: &mut Vec<Bound<'py, PyAny>>,
-) -> PyResult<(Vec<View>, Vec<View>)> {
-    let mut to_views = |list: &[(&str, &Bound<'py, PyAny>)]| -> PyResult<Vec<View>> {
+) -> PyResult<(Vec<View<'a>>, Vec<View<'a>>)> {
+    let mut to_views = |list: &[(&str, &'a Bound<'py, PyAny>)]| -> PyResult<Vec<View<'a>>> {
         list.iter().map(|(name, a)| view(name, a, pins)).collect()
     };
     let (r, w) = (to_views(read)?, to_views(written)?);
-    let first = w
-        .first()
-        .or(r.first())
-        .ok_or_else(|| PyValueError::new_err("no operands"))?;
-    let names = read.iter().chain(written).map(|(n, _)| *n);
-    for (v, name) in r.iter().chain(&w).zip(names) {
-        if v.shape != first.shape || v.dtype != first.dtype {
-            return Err(PyValueError::new_err(format!(
-                "{name}: shape {:?} {:?} does not match {:?} {:?}",
-                v.shape, v.dtype, first.shape, first.dtype
-            )));
-        }
-        if !is_c_contiguous(v) {
-            return Err(PyValueError::new_err(format!(
-                "{name} must be C-contiguous"
-            )));
-        }
-    }
-    for (i, (v, (name, _))) in w.iter().zip(written).enumerate() {
-        if !v.writeable {
-            return Err(PyValueError::new_err(format!("{name} is read-only")));
-        }
-        let others = r.iter().chain(
-            w.iter()
-                .enumerate()
-                .filter(|&(j, _)| j != i)
-                .map(|(_, o)| o),
-        );
-        if others.into_iter().any(|o| o.overlaps(v)) {
-            return Err(PyValueError::new_err(format!(
-                "{name} overlaps another operand"
-            )));
-        }
-    }
+    let rn: Vec<(&str, &View<'a>)> = read.iter().map(|(n, _)| *n).zip(&r).collect();
+    let wn: Vec<(&str, &View<'a>)> = written.iter().map(|(n, _)| *n).zip(&w).collect();
+    check_dense(&rn, &wn)?;
     Ok((r, w))
 }
 
@@ -1316,24 +1155,24 @@ fn weight_views<'py>(
 /// # Safety
 /// `v` must be C-contiguous, of element type `T`, and alive (with nothing else writing it) for
 /// `'a`.
-unsafe fn slice_of<'a, T>(v: &View) -> &'a [T] {
-    let n = v.shape.iter().product();
+unsafe fn slice_of<'a, T>(v: &View<'_>) -> &'a [T] {
+    let n = v.len();
     if n == 0 {
         return &[];
     }
-    std::slice::from_raw_parts(v.ptr as *const T, n)
+    std::slice::from_raw_parts(v.ptr() as *const T, n)
 }
 
 /// As [`slice_of`], writeable.
 ///
 /// # Safety
 /// As [`slice_of`], and no other reference to the view's memory may exist for `'a`.
-unsafe fn slice_of_mut<'a, T>(v: &View) -> &'a mut [T] {
-    let n = v.shape.iter().product();
+unsafe fn slice_of_mut<'a, T>(v: &View<'_>) -> &'a mut [T] {
+    let n = v.len();
     if n == 0 {
         return &mut [];
     }
-    std::slice::from_raw_parts_mut(v.ptr as *mut T, n)
+    std::slice::from_raw_parts_mut(v.ptr() as *mut T, n)
 }
 
 /// Attention's forward between its two products: `scores` (`(..., lq, lk)` logits) becomes the
@@ -1351,12 +1190,12 @@ fn softmax_dropout_forward(
     keep: f64,
     generator: &Generator,
 ) -> PyResult<MaskBits> {
-    check_prob("keep probability", keep)?;
+    spec::check_probability("keep probability", keep)?;
     // Pinned for the call: the kernel runs with the GIL released.
     let mut pins = Vec::new();
     let (_, w) = weight_views(&[], &[("scores", scores), ("dropped", dropped)], &mut pins)?;
     let (sv, dv) = (&w[0], &w[1]);
-    let shape = sv.shape.clone();
+    let shape = sv.shape().to_vec();
     if shape.len() < 2 {
         return Err(PyValueError::new_err(format!(
             "attention weights need (..., lq, lk) dimensions, got shape {shape:?}"
@@ -1376,8 +1215,8 @@ fn softmax_dropout_forward(
         scale: if keep > 0.0 { 1.0 / keep } else { 0.0 },
     };
     let mut words = vec![0u64; attention::mask_words(n)];
-    let dtype = sv.dtype;
-    let (sp, dp) = (sv.ptr as usize, dv.ptr as usize);
+    let dtype = sv.dtype();
+    let (sp, dp) = (sv.ptr() as usize, dv.ptr() as usize);
     let work = |words: &mut [u64]| -> crate::error::Result<()> {
         macro_rules! go {
             ($t:ty) => {{
@@ -1430,14 +1269,15 @@ fn softmax_dropout_backward(
         &mut pins,
     )?;
     let (pv, gv, dv) = (&r[0], &w[0], &w[1]);
-    if pv.shape != mask.shape || pv.shape.len() < 2 {
+    if pv.shape() != mask.shape || pv.shape().len() < 2 {
         return Err(PyValueError::new_err(format!(
             "probs of shape {:?} do not match the mask's {:?}",
-            pv.shape, mask.shape
+            pv.shape(),
+            mask.shape
         )));
     }
-    let lk = pv.shape[pv.shape.len() - 1];
-    let n: usize = pv.shape.iter().product();
+    let lk = pv.shape()[pv.shape().len() - 1];
+    let n = pv.len();
     if n == 0 {
         return Ok(());
     }
@@ -1457,7 +1297,7 @@ fn softmax_dropout_backward(
                 attention::softmax_dropout_backward::<$t>(p, g, d, &mask.words, lk, keep_scale)
             }};
         }
-        match pv.dtype {
+        match pv.dtype() {
             Dtype::F16 => go!(f16),
             Dtype::BF16 => go!(bf16),
             Dtype::F32 => go!(f32),
@@ -1484,7 +1324,9 @@ fn softmax_dropout_backward(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Generator>()?;
     m.add_class::<MaskBits>()?;
+    m.add_class::<Applied>()?;
     m.add_function(wrap_pyfunction!(_generator_from_state, m)?)?;
+    m.add_function(wrap_pyfunction!(apply, m)?)?;
     m.add_function(wrap_pyfunction!(bernoulli_apply, m)?)?;
     m.add_function(wrap_pyfunction!(drop_block_apply, m)?)?;
     m.add_function(wrap_pyfunction!(mask_apply, m)?)?;

@@ -1,9 +1,15 @@
 //! fastdrop's core: the ARS-5 counter-based generator, keep masks by granularity, and one
 //! generic strided kernel that applies a mask to an array. Plain Rust over pointers and strides;
 //! only `bindings` (behind the `python` feature) knows Python.
+//!
+//! One call, top to bottom: a `spec::Spec` says what (a mask and an application), a
+//! `call::Operands` of `view::View`s says where; `call::prepare` checks both and reserves the
+//! call's counters from a `generator::GeneratorState`, and `call::Call::run` draws the mask (or
+//! lets `kernel::run` draw it on the fly) and applies it.
 
 pub mod attention;
 pub mod buffer;
+pub mod call;
 pub mod cpu;
 pub mod env;
 pub mod error;
@@ -13,7 +19,9 @@ pub mod mask;
 pub mod noise;
 pub mod rng;
 pub mod simd;
+pub mod spec;
 pub mod threads;
+pub mod view;
 
 #[cfg(feature = "python")]
 mod bindings;

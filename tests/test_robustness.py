@@ -18,7 +18,7 @@ import threading
 import fastdrop
 import numpy as np
 import pytest
-from fastdrop import Generator, _core
+from fastdrop import Generator, _core, _spec
 
 END = 2**64  # the first counter block past a stream
 
@@ -361,6 +361,12 @@ def test_the_cache_still_serves_the_dtypes_it_is_for():
 
 A = np.ones((4, 8), np.float32)
 G = Generator(0)
+_SCALE, _BY_KEPT = _spec.Scale(1.0), _spec.ScaleByKept()
+_Bernoulli, _Blocks = _spec.Bernoulli, _spec.Blocks
+
+
+def _call_spec(mask, application):
+    return _spec.Spec(mask, application, None)
 
 
 def _capsule(consumed=False):
@@ -464,6 +470,75 @@ HOSTILE = [
     (lambda: _core.drop_block_apply(X, X.copy(), 0.1, 2.0, 2, False, False, True, G), TypeError),
     (lambda: _core.drop_block_apply(A, A.copy(), 0.1, 1, 1, False, False, True, G), ValueError),
     (lambda: _core.drop_block_apply(X, X.copy(), -0.1, 1, 1, False, False, True, G), ValueError),
+    # apply(x, out, residual, spec, generator, store_mask): the spec read by kind and field
+    (lambda: _core.apply(A, A.copy(), None, None, G, False), TypeError),
+    (
+        lambda: _core.apply(A, A.copy(), None, _call_spec(_Bernoulli((4, 8), 0.5), ()), G, False),
+        TypeError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Bernoulli((4, 8), "p"), _SCALE), G, False
+        ),
+        TypeError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Bernoulli((4, 8), 2.0), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Bernoulli((2, 8), 0.5), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(A, A.copy(), None, _call_spec(_Bernoulli(8, 0.5), _SCALE), G, False),
+        TypeError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), 3, False
+        ),
+        TypeError,
+    ),
+    (
+        lambda: _core.apply(A, A.T, None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            A, _read_only(A), None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 6, 8), 0.1, 1, 1), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 6, 8, 8), 0.1, 9, 1), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 6, 8, 8), 0.1, 2**64, 1), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Blocks((4, 1, 8, 8), 0.1, 1, 1), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (lambda: _core.Applied(), TypeError),
     # mask_apply(mask, x, out, scale, residual=None)
     (lambda: _core.mask_apply(_core.MaskBits.filled([2], True), A, A.copy(), 1.0), ValueError),
     (lambda: _core.mask_apply(_core.MaskBits.filled([4, 9], True), A, A.copy(), 1.0), ValueError),

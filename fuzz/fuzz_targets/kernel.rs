@@ -3,18 +3,20 @@
 //! broadcast (zero-stride) sources and residuals, in place or not, every dtype, every mask
 //! granularity and application, 1 to 4 threads. Checks each element against a naive reference
 //! (bit for bit), that no byte outside the output view changes, that inputs stay untouched, and
-//! that a stored mask holds exactly the documented keep decisions.
+//! that a stored mask holds exactly the documented keep decisions. The operands are the crate's
+//! own `View`s, which `view::check_output` must accept: every layout made here is a legal one.
 #![no_main]
 
-use fastdrop::kernel::{self, Application, Bits, Element, OpFloat, Operand, PARALLEL_MIN};
+use fastdrop::kernel::{self, Application, Bits, Element, OpFloat, PARALLEL_MIN};
 use fastdrop::rng::{self, Key};
+use fastdrop::view::{check_output, HasDtype, View};
 use half::f16;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
 const GUARD: usize = 16;
 
-trait FuzzFloat: Element {
+trait FuzzFloat: Element + HasDtype {
     fn bits(self) -> u64;
     fn is_nan(self) -> bool;
 }
@@ -43,15 +45,15 @@ impl FuzzFloat for f64 {
     }
 }
 
-/// A strided view into its own byte buffer: byte strides, the byte offset of index 0.
-struct View {
+/// A byte buffer with a strided layout inside it: byte strides, the byte offset of index 0.
+struct Strided {
     strides: Vec<isize>,
     offset: usize,
     buf: Vec<u8>,
 }
 
-impl View {
-    fn new(u: &mut Unstructured, shape: &[usize], item: usize, allow_zero: bool) -> Result<View> {
+impl Strided {
+    fn new(u: &mut Unstructured, shape: &[usize], item: usize, allow_zero: bool) -> Result<Strided> {
         let nd = shape.len();
         let mut order: Vec<usize> = (0..nd).collect();
         for i in (1..nd).rev() {
@@ -92,7 +94,7 @@ impl View {
             s ^= s << 17;
             *b = s as u8;
         }
-        Ok(View {
+        Ok(Strided {
             strides,
             offset,
             buf,
@@ -108,11 +110,18 @@ impl View {
         (self.offset as isize + o) as usize
     }
 
-    fn operand(&mut self) -> Operand<'_> {
-        // SAFETY: offset is inside buf (the guard bytes come before it).
-        Operand {
-            ptr: unsafe { self.buf.as_mut_ptr().add(self.offset) },
-            strides: &self.strides,
+    /// The layout as a writeable `View` of `T` over `shape`.
+    fn view<T: HasDtype>(&mut self, shape: &[usize]) -> View<'_> {
+        // SAFETY: `new` sized the buffer so that every index of `shape` lies inside it, past
+        // the guard bytes, and the exclusive borrow makes the view the only way to the bytes.
+        unsafe {
+            View::new(
+                self.buf.as_mut_ptr().add(self.offset),
+                shape.to_vec(),
+                self.strides.clone(),
+                T::DTYPE,
+                true,
+            )
         }
     }
 }
@@ -186,14 +195,14 @@ fn check<T: FuzzFloat>(u: &mut Unstructured) -> Result<()> {
     };
 
     let inplace = u.arbitrary::<bool>()?;
-    let mut src = View::new(u, &shape, item, !inplace)?;
+    let mut src = Strided::new(u, &shape, item, !inplace)?;
     let mut dst = if inplace {
         None
     } else {
-        Some(View::new(u, &shape, item, false)?)
+        Some(Strided::new(u, &shape, item, false)?)
     };
     let mut res = if u.arbitrary::<bool>()? {
-        Some(View::new(u, &shape, item, true)?)
+        Some(Strided::new(u, &shape, item, true)?)
     } else {
         None
     };
@@ -212,15 +221,23 @@ fn check<T: FuzzFloat>(u: &mut Unstructured) -> Result<()> {
     } else {
         Bits::Given(&given)
     };
-    let src_op = src.operand();
-    let dst_op = match dst.as_mut() {
-        Some(d) => d.operand(),
-        None => src_op,
-    };
-    let res_op = res.as_mut().map(|r| r.operand());
-    // SAFETY: every view lies inside its own buffer (View::new sized it), outputs have
-    // non-overlapping non-zero strides, and buffers are distinct unless in place (same view).
+    let src_view = src.view::<T>(&shape);
+    // In place: the output is the source view itself.
+    let dst_view = dst.as_mut().map(|d| d.view::<T>(&shape));
+    let out_view = dst_view.as_ref().unwrap_or(&src_view);
+    let res_view = res.as_mut().map(|r| r.view::<T>(&shape));
+    let mut inputs = vec![&src_view];
+    inputs.extend(res_view.as_ref());
+    if let Err(e) = check_output(out_view, &inputs) {
+        panic!("a legal layout was refused: {e}; shape {shape:?}");
+    }
+    let (src_op, dst_op) = (src_view.operand(), out_view.operand());
+    let res_op = res_view.as_ref().map(View::operand);
+    // SAFETY: every view lies inside its own buffer (`Strided::new` sized it), and
+    // `check_output` accepted the output: writeable, non-overlapping non-zero strides, and
+    // apart from every input unless in place (the same view).
     unsafe { kernel::run::<T>(&shape, &mask_shape, src_op, dst_op, res_op, bits, &app) };
+    drop((src_view, dst_view, res_view));
 
     // The reference keep decisions: element e keeps iff its uniform word is < threshold.
     let mut words = vec![0u32; if fresh { n } else { 0 }];

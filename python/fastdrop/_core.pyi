@@ -12,6 +12,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from fastdrop._spec import Spec
+
 # A NumPy array or a DLPack capsule ("dltensor" / "dltensor_versioned") of CPU memory.
 _Array = Union[np.ndarray, Any]
 
@@ -54,6 +56,42 @@ class MaskBits:
     def nbytes(self) -> int: ...
     def count_kept(self) -> int: ...
     def to_bytes(self) -> bytes: ...
+
+class Applied:
+    """What `apply` did: read-only, for the call's backward or replay."""
+
+    @property
+    def bits(self) -> Optional[MaskBits]:
+        """The mask when ``store_mask`` was true, and always for a ``Blocks`` mask (DropBlock's
+        dilated bits are kept, not redrawn); otherwise None."""
+    @property
+    def first_block(self) -> int:
+        """The first counter block the call reserved: a generator set to ``(seed, stream,
+        first_block)`` draws the same mask again."""
+    @property
+    def scale(self) -> float:
+        """What kept elements were multiplied by: for ``ScaleByKept`` the computed
+        numel / kept (1.0 when nothing is kept), for ``Affine`` its ``a``, else the
+        application's ``scale``."""
+
+def apply(
+    x: _Array,
+    out: _Array,
+    residual: Optional[_Array],
+    spec: Spec,
+    generator: Generator,
+    store_mask: bool,
+) -> Applied:
+    """``out = application(mask, x) [+ residual]`` for the call ``spec`` describes (a
+    `fastdrop._spec.Spec`, read by each part's ``kind`` and field names; ``grad_scale`` and
+    ``origin`` are not read), with the mask drawn from ``generator``'s next counters. ``out``
+    may be ``x`` (in place).
+
+    Every check runs before anything is written or any counter is taken: ``TypeError`` for an
+    unknown ``kind``, a missing or mistyped field, or a wrong operand type or dtype;
+    ``ValueError`` for a probability outside [0, 1], a block larger than its map, a mask shape
+    that does not broadcast to ``x`` (a ``Blocks`` mask needs a 4-D ``x``), a bad output or an
+    exhausted generator stream."""
 
 # Returns the MaskBits when `store_mask`, else the first counter block the call reserved (an
 # int): a generator at `(seed, stream, that block)` redraws the same mask. Typed Any because
