@@ -63,7 +63,7 @@ def run(
             )
         path = torch_module().path_for(x, residual, generator, return_mask)
         if spec is None:
-            return _identity(x, residual, None, return_mask, tuple(x.shape), kept_shape)
+            return _identity(x, residual, None, return_mask, kept_shape)
         return path(x, spec, inplace, generator, return_mask, residual)
     a = as_array(x)
     r = None if residual is None else as_array(residual, "residual")
@@ -75,7 +75,7 @@ def run(
         check_out(out, a, inplace)
     gen = resolve_generator(generator)
     if spec is None:
-        return _identity(a, r, out, return_mask, a.shape, kept_shape)
+        return _identity(a, r, out, return_mask, kept_shape)
     if inplace and not a.flags.writeable:
         raise ValueError("inplace=True needs a writeable array, but the input is read-only")
     if out is None:
@@ -85,9 +85,7 @@ def run(
     return (out, mask) if return_mask else out
 
 
-def _identity(
-    x: Any, residual: Any, out: Any, return_mask: bool, shape: tuple, kept_shape: Optional[tuple]
-):
+def _identity(x: Any, residual: Any, out: Any, return_mask: bool, kept_shape: Optional[tuple]):
     """A call that drops nothing: `x` itself (`residual + x` when fused; into `out` when
     given), and with `return_mask` a mask that keeps everything."""
     if out is not None:
@@ -100,6 +98,7 @@ def _identity(
         result = x if residual is None else x + residual
     if not return_mask:
         return result
+    shape = tuple(x.shape)
     return result, Mask._full(shape, kept_shape or shape, True, 1.0)
 
 
