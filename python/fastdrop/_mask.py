@@ -68,7 +68,9 @@ class Mask:
             scratch = np.empty(self._shape, np.float16)
             spec = _redraw_spec(self._shape, self._keep, 1.0)
             gen = _core._generator_from_state(self._key)
-            self._bits = apply(ones, scratch, None, spec, gen, True).bits
+            bits = apply(ones, scratch, None, spec, gen, True).bits
+            assert bits is not None  # asked for with store_mask
+            self._bits = bits
         return self._bits
 
     def _apply(self, x: Any, out: Any) -> None:
