@@ -94,11 +94,11 @@ def _cached(build):
     """Caches a spec builder per arguments (specs are never mutated). A plain bounded dict
     rather than functools.lru_cache, which torch.compile warns about when it traces a call."""
 
-    def cached(mask_shape: tuple, p: float) -> Spec:
-        key = (build, mask_shape, p)
+    def cached(*args: Any) -> Spec:
+        key = (build, args)
         spec = _SPECS.get(key)
         if spec is None:
-            spec = build(mask_shape, p)
+            spec = build(*args)
             if len(_SPECS) < 1024:
                 _SPECS[key] = spec
         return spec
@@ -449,9 +449,16 @@ def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> Spec:
                 f"input must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}"
             )
         raise ShapeError("drop_path: Expected an input with a batch dimension, got a 0D input")
+    return _sample_spec((int(x.shape[0]),) + (1,) * (nd - 1), drop_prob, scale_by_keep)
+
+
+@_cached
+def _sample_spec(mask_shape: tuple, drop_prob: float, scale_by_keep: bool) -> Spec:
+    """drop_path's spec: kept samples divided by ``1 - drop_prob`` when `scale_by_keep` (and
+    something is kept), as timm's."""
     keep = 1.0 - drop_prob
     scale = 1.0 / keep if (keep > 0.0 and scale_by_keep) else 1.0
-    return Spec(Bernoulli((int(x.shape[0]),) + (1,) * (nd - 1), keep), Scale(scale), scale)
+    return Spec(Bernoulli(mask_shape, keep), Scale(scale), scale)
 
 
 def drop_path(
@@ -520,8 +527,25 @@ def drop_block_2d(
     mask_shape = (n, 1 if couple_channels else c, h, w)
     if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
         return _run(x, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
+    args = (drop_prob, block_size, float(gamma_scale), with_noise, couple_channels, scale_by_keep)
+    spec = _block_spec(mask_shape, *args)
+    return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
+
+
+@_cached
+def _block_spec(
+    mask_shape: tuple,
+    drop_prob: float,
+    block_size: int,
+    gamma_scale: float,
+    with_noise: bool,
+    couple_channels: bool,
+    scale_by_keep: bool,
+) -> Spec:
+    """DropBlock's spec on an (N, 1 or C, H, W) mask: timm's seed rate and clipped block."""
+    h, w = mask_shape[2], mask_shape[3]
     kh, kw = min(block_size, h), min(block_size, w)
-    gamma = float(gamma_scale) * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
+    gamma = gamma_scale * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
     if gamma > 1.0:
         raise ValueError(
             f"drop_block_2d: gamma_scale * drop_prob gives a block seed rate of {gamma:.4g} "
@@ -533,20 +557,20 @@ def drop_block_2d(
         app: Any = Noise(1.0)
     else:
         app = ScaleByKept() if scale_by_keep else Scale(1.0)
-    spec = Spec(
+    return Spec(
         Blocks(mask_shape, gamma, kh, kw),
         app,
         None if type(app) is ScaleByKept else 1.0,
+        # torch's ops off the CPU run timm's own algorithm from the call's arguments.
         origin=dict(
             drop_prob=drop_prob,
             block_size=block_size,
-            gamma_scale=float(gamma_scale),
+            gamma_scale=gamma_scale,
             with_noise=with_noise,
             couple_channels=couple_channels,
             scale_by_keep=scale_by_keep,
         ),
     )
-    return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
 
 
 def dropout_add(
@@ -706,11 +730,14 @@ def embedding_dropout(
     mask_shape = (int(weight.shape[0]), 1)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(weight, None, False, generator, return_mask, out=out, kept_shape=mask_shape)
-    if scale:
-        spec = _scale_spec(mask_shape, p)
-    else:
-        spec = Spec(Bernoulli(mask_shape, 1.0 - p), Scale(1.0), 1.0)
+    spec = _scale_spec(mask_shape, p) if scale else _unscaled_spec(mask_shape, p)
     return _run(weight, spec, False, generator, return_mask, out=out)
+
+
+@_cached
+def _unscaled_spec(mask_shape: tuple, p: float) -> Spec:
+    """Kept elements as they are, dropped ones 0."""
+    return Spec(Bernoulli(mask_shape, 1.0 - p), Scale(1.0), 1.0)
 
 
 def stochastic_depth(
