@@ -91,8 +91,24 @@ _SPECS: dict = {}
 
 
 def _cached(build):
-    """Caches a spec builder per arguments (specs are never mutated). A plain bounded dict
-    rather than functools.lru_cache, which torch.compile warns about when it traces a call."""
+    """Caches a spec builder of (mask shape, p) per arguments (specs are never mutated). A plain
+    bounded dict rather than functools.lru_cache, which torch.compile warns about when it
+    traces a call."""
+
+    def cached(mask_shape: tuple, p: float) -> Spec:
+        key = (build, mask_shape, p)
+        spec = _SPECS.get(key)
+        if spec is None:
+            spec = build(mask_shape, p)
+            if len(_SPECS) < 1024:
+                _SPECS[key] = spec
+        return spec
+
+    return cached
+
+
+def _cached_args(build):
+    """`_cached` for a builder of more arguments (a tuple more to make per call)."""
 
     def cached(*args: Any) -> Spec:
         key = (build, args)
@@ -452,7 +468,7 @@ def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> Spec:
     return _sample_spec((int(x.shape[0]),) + (1,) * (nd - 1), drop_prob, scale_by_keep)
 
 
-@_cached
+@_cached_args
 def _sample_spec(mask_shape: tuple, drop_prob: float, scale_by_keep: bool) -> Spec:
     """drop_path's spec: kept samples divided by ``1 - drop_prob`` when `scale_by_keep` (and
     something is kept), as timm's."""
@@ -532,7 +548,7 @@ def drop_block_2d(
     return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
 
 
-@_cached
+@_cached_args
 def _block_spec(
     mask_shape: tuple,
     drop_prob: float,
