@@ -635,7 +635,7 @@ def test_drop_block_3d_is_torchvisions_maths(block_size, shape):
     b = min(block_size, d, h, w)
     gamma = p * d * h * w / (b**3 * (d - b + 1) * (h - b + 1) * (w - b + 1))
     # The seeds this call drew: the first key block of Generator(40), as the call reserved it.
-    seeds = fastdrop.functional._seed_map(
+    seeds = fastdrop._keyed.seed_map(
         (40, 0, 0), shape[:2] + (d - b + 1, h - b + 1, w - b + 1), gamma
     )
     assert torch.equal(y, torchvision_from_seeds(x, seeds, b, 1e-6))
@@ -657,7 +657,7 @@ def test_drop_block_equals_torchvisions_own_function_given_the_same_seeds(
     b = min((block_size,) + shape[2:])
     corners = tuple(s - b + 1 for s in shape[2:])
     gamma = p * math.prod(shape[2:]) / (b**spatial * math.prod(corners))
-    seeds = fastdrop.functional._seed_map((46, 0, 0), shape[:2] + corners, gamma)
+    seeds = fastdrop._keyed.seed_map((46, 0, 0), shape[:2] + corners, gamma)
 
     def bernoulli_(self, rate, *args, **kwargs):
         # torchvision's only random draw, answered with the seeds fastdrop drew
@@ -676,7 +676,7 @@ def test_torchvision_drop_block_2d_module_is_torchvisions_maths(block_size):
     y = fnn.TorchvisionDropBlock2d(p, block_size, generator=Generator(44))(x)
     b = min(block_size, 6, 9)
     gamma = p * 6 * 9 / (b**2 * (6 - b + 1) * (9 - b + 1))
-    seeds = fastdrop.functional._seed_map((44, 0, 0), (2, 3, 6 - b + 1, 9 - b + 1), gamma)
+    seeds = fastdrop._keyed.seed_map((44, 0, 0), (2, 3, 6 - b + 1, 9 - b + 1), gamma)
     # torchvision's drop_block2d after its Bernoulli draw (odd sizes; even: the cube after it)
     noise = torch.from_numpy(seeds.astype(np.float64))
     if b % 2:

@@ -7,6 +7,9 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
+from ._checks import as_array, is_torch_tensor
+from ._core_call import apply
+from ._spec import Bernoulli, Scale, Spec
 
 
 class Mask:
@@ -63,16 +66,11 @@ class Mask:
             assert self._key is not None
             ones = np.broadcast_to(np.float16(1.0), self._shape)
             scratch = np.empty(self._shape, np.float16)
-            self._bits = _core.bernoulli_apply(
-                ones,
-                scratch,
-                None,
-                self._shape,
-                ("scale", 1.0),
-                self._keep,
-                _core._generator_from_state(self._key),
-                True,
-            )
+            spec = _redraw_spec(self._shape, self._keep, 1.0)
+            gen = _core._generator_from_state(self._key)
+            bits = apply(ones, scratch, None, spec, gen, True).bits
+            assert bits is not None  # asked for with store_mask
+            self._bits = bits
         return self._bits
 
     def _apply(self, x: Any, out: Any) -> None:
@@ -83,16 +81,8 @@ class Mask:
             _core.mask_apply(self._bits, x, out, self._scale)
         else:
             assert self._key is not None
-            _core.bernoulli_apply(
-                x,
-                out,
-                None,
-                self._shape,
-                ("scale", self._scale),
-                self._keep,
-                _core._generator_from_state(self._key),
-                False,
-            )
+            spec = _redraw_spec(self._shape, self._keep, self._scale)
+            apply(x, out, None, spec, _core._generator_from_state(self._key), False)
 
     @classmethod
     def _full(
@@ -138,13 +128,9 @@ class Mask:
 
         Takes and returns a NumPy array, or a torch tensor of the input's shape.
         """
-        from ._dispatch import is_torch_tensor
-
         on_torch = is_torch_tensor(grad_output)
         if not on_torch:
-            from .functional import _as_array
-
-            grad_output = _as_array(grad_output, "grad_output")
+            grad_output = as_array(grad_output, "grad_output")
         shape = tuple(grad_output.shape)
         if shape != self._input_shape:
             raise ValueError(
@@ -152,6 +138,8 @@ class Mask:
                 f"shape {self._input_shape}"
             )
         if on_torch:
+            # Loaded at call time (it imports torch, and this module): a tensor's gradient
+            # takes the torch side's masked product, differentiable as the forward is.
             from . import _torch
 
             return _torch.mask_backward(self, grad_output)
@@ -164,3 +152,44 @@ class Mask:
 
     def __repr__(self) -> str:
         return f"Mask(shape={self.shape}, input_shape={self._input_shape}, scale={self._scale!r})"
+
+
+_REDRAW_SPECS: dict = {}
+
+
+def _redraw_spec(shape: tuple[int, ...], keep: float, scale: float) -> Spec:
+    """The spec that redraws a keyed mask's decisions and scales kept elements by `scale`,
+    cached (a backward of a given layer asks for the same one every step; a Spec costs 2 us)."""
+    key = (shape, keep, scale)
+    spec = _REDRAW_SPECS.get(key)
+    if spec is None:
+        spec = Spec(Bernoulli(shape, keep), Scale(scale), scale)
+        if len(_REDRAW_SPECS) < 1024:
+            _REDRAW_SPECS[key] = spec
+    return spec
+
+
+def apply_spec(
+    x: Any,
+    out: Any,
+    residual: Any,
+    spec: Spec,
+    generator: _core.Generator,
+    want_mask: Any,
+    input_shape: tuple[int, ...],
+) -> Optional[Mask]:
+    """Runs `spec` from `x` (plus `residual`) into `out` (which may be `x`; NumPy arrays or CPU
+    DLPack capsules) and returns its `Mask` over an input of `input_shape` when wanted (a block
+    mask always: its bits are kept, not redrawn). ``want_mask="key"`` returns a Bernoulli mask
+    as its key alone, holding no bits (autograd's backward redraws them)."""
+    mask = spec.mask
+    if want_mask == "key" and type(mask) is Bernoulli:
+        seed, stream, _ = generator.get_state()
+        done = apply(x, out, residual, spec, generator, False)
+        key = (seed, stream, done.first_block)
+        return Mask._from_key(key, tuple(mask.shape), mask.keep, spec.grad_scale, input_shape)  # type: ignore[arg-type]
+    done = apply(x, out, residual, spec, generator, bool(want_mask))
+    if done.bits is None:
+        return None
+    scale = done.scale if spec.grad_scale is None else spec.grad_scale
+    return Mask(done.bits, scale, input_shape)

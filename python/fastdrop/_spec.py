@@ -98,3 +98,48 @@ class Spec:
     application: Application
     grad_scale: Optional[float]
     origin: Optional[Mapping[str, Any]] = field(default=None, compare=False, hash=False)
+
+    def with_leading(self, n: int) -> Spec:
+        """The same call with one more leading mask dimension of size `n` (a batch drawn at
+        once: `n` independent masks, or one broadcast over the batch for ``n == 1``)."""
+        return self.reshaped((n,) + tuple(self.mask.shape))
+
+    def with_trailing_one(self) -> Spec:
+        """The same call over an input with one more trailing dimension that shares each
+        decision (a complex tensor read as its (..., 2) float pairs)."""
+        return self.reshaped(tuple(self.mask.shape) + (1,))
+
+    def reshaped(self, shape: tuple[int, ...]) -> Spec:
+        """The same call with a Bernoulli mask of another shape (same keep probability)."""
+        mask = self.mask
+        if type(mask) is not Bernoulli:
+            raise TypeError(f"only a Bernoulli mask can be reshaped, not a {mask.kind} mask")
+        return Spec(Bernoulli(shape, mask.keep), self.application, self.grad_scale, self.origin)
+
+
+# --- a flat encoding, for torch.compile's custom ops (whose schemas take no classes) -------------
+
+
+def application_args(application: Application) -> tuple[str, list[float]]:
+    """`application` as its ``kind`` and its numbers, in field order; a TypeError for anything
+    that is not one of the applications above."""
+    t = type(application)
+    if t is Scale or t is Noise:
+        return application.kind, [float(application.scale)]  # type: ignore[union-attr]
+    if t is Affine:
+        a: Any = application
+        return Affine.kind, [float(a.a), float(a.shift), float(a.dropped)]
+    if t is ScaleByKept:
+        return ScaleByKept.kind, []
+    raise TypeError(f"not a fastdrop application: {application!r}")
+
+
+_APPLICATIONS: dict[str, Any] = {c.kind: c for c in (Scale, ScaleByKept, Affine, Noise)}
+
+
+def application_from_args(kind: str, args: list[float]) -> Application:
+    """The inverse of `application_args`; a ValueError for an unknown kind."""
+    cls = _APPLICATIONS.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown fastdrop application kind {kind!r}")
+    return cls(*args)  # type: ignore[no-any-return]

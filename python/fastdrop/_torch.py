@@ -1,33 +1,46 @@
 """Torch tensors through fastdrop: the CPU path into Rust, autograd, torch.compile, other devices.
 
-Imported the first time a torch tensor reaches `functional._run`, so `import fastdrop` never
-imports torch. Three paths, chosen per call:
+Imported the first time a torch tensor reaches the dispatcher (`_dispatch.run`), so `import
+fastdrop` never imports torch. `path_for` checks a call's tensors and names one of three paths:
 
-- a CPU tensor is viewed as a NumPy array (zero copies: the view shares the tensor's storage)
-  and runs through `functional._apply`, the same call NumPy input makes, so the same generator
+- `run_host`: a CPU tensor is handed to Rust as a DLPack capsule of its own storage (zero
+  copies) through `_mask.apply_spec`, the same call NumPy input makes, so the same generator
   state gives the same mask; a tensor that needs a gradient goes through `_DropoutFunction`,
-  which saves the bit-packed `Mask`, never a tensor of the input's size;
-- under `torch.compile` the same kernels run as the custom ops `fastdrop::bernoulli` and
-  `fastdrop::drop_block`, whose fake implementations let the compiler trace through them;
-- a tensor on any other device (CUDA, ``meta``, ...) stays there and goes to torch's own
-  operations (`F.dropout`, `_torch_fallback` for DropBlock), never touching host memory.
+  which saves the bit-packed `Mask` (or its key), never a tensor of the input's size;
+- `run_compiled`: under `torch.compile` the same kernels run as the custom ops
+  `fastdrop::bernoulli` and `fastdrop::drop_block`, whose fake implementations let the compiler
+  trace through them; the spec travels as their flat arguments (`_spec.application_args`);
+- `run_device`: a tensor on any other device (CUDA, ``meta``, ...) stays there and goes to
+  torch's own operations (`_device`), never touching host memory.
+
+The family members that are not a mask spec (`gaussian_dropout`, `patch_dropout`, torchvision's
+DropBlock) have their torch side at the end. Imports only downward: the bottom floor
+(`_checks`, `_spec`), `_core_call`, `_mask`, `_keyed` and `_device`.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.autograd.forward_ad as _fwAD
-import torch.nn.functional as F
 from torch.utils.dlpack import to_dlpack as _to_dlpack
 
-from . import _core
-from ._mask import Mask
-from .functional import _apply, _scale_spec, _Spec
+from . import _core, _device, _keyed
+from ._core_call import apply as core_apply
+from ._mask import Mask, apply_spec
+from ._spec import (
+    Affine,
+    Bernoulli,
+    Blocks,
+    Scale,
+    Spec,
+    application_args,
+    application_from_args,
+)
 
 #: What the kernels read directly; a complex tensor is read as its float pairs (view_as_real).
 _HOST_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
@@ -197,7 +210,7 @@ def _forward(x, residual, spec, gen, inplace, want_mask):
         out = _empty_like(x)  # a fresh tensor needs no detach
         o = _to_dlpack(out)
     r = None if residual is None else _host(residual)
-    return out, _apply(a, o, r, spec, gen, want_mask, tuple(x.shape))
+    return out, apply_spec(a, o, r, spec, gen, want_mask, tuple(x.shape))
 
 
 class _Call(list):
@@ -246,7 +259,7 @@ def _forward_complex(x, residual, spec, gen, inplace, want_mask):
     element, as torch's dropout family computes it: a real noise tensor times the complex input,
     so both parts are scaled by the same factor, and alpha dropout's shift (a real number) is
     added to the real part only."""
-    if spec.block is not None:
+    if type(spec.mask) is not Bernoulli:
         raise TypeError(
             f"drop_block_2d takes real tensors, got {x.dtype} (timm's DropBlock has no complex "
             "form)"
@@ -254,27 +267,21 @@ def _forward_complex(x, residual, spec, gen, inplace, want_mask):
     out = x if inplace else _empty_like(x)
     xr, outr = torch.view_as_real(x.detach()), torch.view_as_real(out.detach())
     shape = tuple(x.shape)
-    kind, *args = spec.application
-    if kind == "scale":
+    app = spec.application
+    if type(app) is Scale:
         # The mask gets a trailing 1, so one decision covers both parts of a pair.
-        pairs = _Spec(tuple(spec.mask_shape) + (1,), spec.application, spec.keep, spec.grad_scale)
         r = None if residual is None else _to_dlpack(torch.view_as_real(residual.detach()))
-        mask = _apply(_to_dlpack(xr), _to_dlpack(outr), r, pairs, gen, want_mask, shape)
+        pairs = spec.with_trailing_one()
+        mask = apply_spec(_to_dlpack(xr), _to_dlpack(outr), r, pairs, gen, want_mask, shape)
         return out, mask
+    if type(app) is not Affine:
+        raise TypeError(f"a Bernoulli mask takes a Scale or Affine application, not {app!r}")
     # Alpha dropout (never fused with a residual): the affine map on the real parts, whose mask
     # then scales the imaginary parts by `a` (kept) or zeroes them (dropped).
-    bits = _core.bernoulli_apply(
-        _to_dlpack(xr[..., 0]),
-        _to_dlpack(outr[..., 0]),
-        None,
-        spec.mask_shape,
-        spec.application,
-        spec.keep,
-        gen,
-        True,
-    )
-    _core.mask_apply(bits, _to_dlpack(xr[..., 1]), _to_dlpack(outr[..., 1]), args[0])
-    return out, Mask(bits, spec.grad_scale, shape) if want_mask else None
+    bits = core_apply(_to_dlpack(xr[..., 0]), _to_dlpack(outr[..., 0]), None, spec, gen, True).bits
+    assert bits is not None
+    _core.mask_apply(bits, _to_dlpack(xr[..., 1]), _to_dlpack(outr[..., 1]), app.a)
+    return out, Mask(bits, spec.grad_scale, shape) if want_mask else None  # type: ignore[arg-type]
 
 
 def _mask_operands(bits_rank: int, grad: torch.Tensor, out: torch.Tensor):
@@ -462,12 +469,8 @@ def _vmap_forward(info, in_dims, x, residual, call):
         rd = in_dims[1]
         rb = residual.expand(n, *residual.shape) if rd is None else residual.movedim(rd, 0)
     same = info.randomness == "same"
-    if spec.block is None:
-        lead = 1 if same else n
-        bspec = _Spec(
-            (lead,) + tuple(spec.mask_shape), spec.application, spec.keep, spec.grad_scale
-        )
-        inner = _Call((bspec, gen, inplace, want, None))
+    if type(spec.mask) is Bernoulli:
+        inner = _Call((spec.with_leading(1 if same else n), gen, inplace, want, None))
         out = _apply_dropout(xb, rb, inner)
         factor = _factor(inner[4])
         if same:
@@ -679,11 +682,11 @@ def _check_writable(x: torch.Tensor) -> None:
         raise RuntimeError(_ZERO_TENSOR_IMMUTABLE)
 
 
-def dropout_plain(x: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_plain(x: torch.Tensor, spec: Spec) -> torch.Tensor:
     """`fastdrop.dropout(x, p)` with every other argument at its default, for a `torch.Tensor`
-    and 0 < p < 1 (the caller checked those): the common CPU case goes straight to the kernel,
-    anything else (autograd of any kind, another device, torch.compile, a bad dtype) to `run`."""
-    spec = _scale_spec(x.shape, p)
+    and 0 < p < 1 (the caller checked those and built `spec`): the common CPU case goes straight
+    to the kernel, anything else (autograd of any kind, another device, torch.compile, a bad
+    dtype) through the dispatcher's paths."""
     if (
         x.requires_grad
         or not x.is_cpu
@@ -692,7 +695,7 @@ def dropout_plain(x: torch.Tensor, p: float) -> torch.Tensor:
         or _functorch_active()
         or torch.compiler.is_compiling()
     ):
-        return run(x, spec, False, None, False)
+        return path_for(x, None, None, False)(x, spec, False, None, False, None)
     return _forward(x, None, spec, _host_generator(None), False, False)[0]
 
 
@@ -705,11 +708,20 @@ def dropout_plain(x: torch.Tensor, p: float) -> torch.Tensor:
 ELEMENT_MASKS_AS_KEY = False
 
 
-def _saved_as_key(spec: _Spec, x: torch.Tensor) -> bool:
-    return ELEMENT_MASKS_AS_KEY or tuple(spec.mask_shape) != tuple(x.shape)
+def _want_for_backward(spec: Spec, x: torch.Tensor, return_mask: bool) -> Any:
+    """What autograd keeps of the mask: its key alone ("key") for a Bernoulli mask that
+    broadcasts (see `ELEMENT_MASKS_AS_KEY`) unless the caller wants the Mask, else the bits."""
+    if return_mask or type(spec.mask) is not Bernoulli:
+        return True
+    if ELEMENT_MASKS_AS_KEY or tuple(spec.mask.shape) != tuple(x.shape):
+        return "key"
+    return True
 
 
-def _run_host(x, spec, inplace, generator, return_mask, residual):
+def run_host(x, spec, inplace, generator, return_mask, residual):
+    """The CPU path: the kernels on the tensors' own storage."""
+    if inplace:
+        _check_writable(x)
     _check_host_dtype(x)
     transformed = _functorch_active()
     if transformed:
@@ -731,9 +743,7 @@ def _run_host(x, spec, inplace, generator, return_mask, residual):
     if inplace and grad_mode and x.requires_grad:
         _check_inplace(x)
     if needs_function:
-        # Broadcast masks are kept as their key (no bits) unless the caller wants the Mask.
-        want = "key" if not return_mask and spec.block is None and _saved_as_key(spec, x) else True
-        call = _Call((spec, gen, inplace, want, None))
+        call = _Call((spec, gen, inplace, _want_for_backward(spec, x, return_mask), None))
         out = _apply_dropout(x, residual, call)
         mask = call[4]
     else:
@@ -744,71 +754,10 @@ def _run_host(x, spec, inplace, generator, return_mask, residual):
     return (out, mask) if return_mask else out
 
 
-# --- other devices: torch's own operations ----------------------------------------------------
-
-
-def _device_generator(generator: Any, device: torch.device) -> Optional[torch.Generator]:
-    """A torch.Generator on `device` for torch's ops (None: the device's default generator)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, _core.Generator):
-        if device.type == "meta":
-            return None
-        # Reserve one block, so each call takes a fresh, reproducible seed from the stream.
-        seed, stream, _ = generator.get_state()
-        offset = generator._reserve(1)
-        g = torch.Generator(device=device)
-        g.manual_seed(hash((seed, stream, offset)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return g
-    raise TypeError(
-        "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
-        f"{type(generator).__name__}"
-    )
-
-
-def _bernoulli_on_device(x, spec, inplace, generator):
-    """ATen's `_dropout_impl` on the spec's mask shape: noise ~ Bernoulli(keep), divided by
-    keep to scale, or turned into alpha dropout's affine map."""
-    kind, *args = spec.application
-    if (
-        kind == "scale"
-        and generator is None
-        and tuple(spec.mask_shape) == tuple(x.shape)
-        and args[0] != 1.0
-    ):
-        return F.dropout(x, 1.0 - spec.keep, True, inplace)
-    # Real noise for a complex input, as ATen's (bernoulli_ has no complex kernel).
-    noise_dtype = x.real.dtype if x.is_complex() else x.dtype
-    noise = torch.empty(spec.mask_shape, dtype=noise_dtype, device=x.device)
-    noise.bernoulli_(spec.keep, generator=generator)
-    if kind == "scale":
-        if args[0] != 1.0 and spec.keep > 0.0:
-            noise.div_(spec.keep)
-        return x.mul_(noise) if inplace else x * noise
-    a, kept_shift, dropped = args
-    b = noise.add(-1).mul_(kept_shift - dropped).add_(kept_shift)
-    noise.mul_(a)
-    return x.mul_(noise).add_(b) if inplace else x * noise + b
-
-
-def _run_on_device(x, spec, inplace, generator, return_mask, residual):
-    if return_mask:
-        raise ValueError(
-            f"return_mask needs a CPU tensor; a mask for a tensor on {x.device} would have to "
-            "leave the device"
-        )
-    if spec is None:
-        return x if residual is None else x + residual
-    gen = _device_generator(generator, x.device)
-    if spec.block is not None:
-        from . import _torch_fallback
-
-        out = _torch_fallback.drop_block_2d(
-            x, **spec.args, inplace=inplace, training=True, generator=gen
-        )
-    else:
-        out = _bernoulli_on_device(x, spec, inplace, gen)
-    return out if residual is None else residual + out
+def run_device(x, spec, inplace, generator, return_mask, residual):
+    """Another device (or a tensor subclass that computes torch's ops): torch's own ops there."""
+    gen = _device.device_generator(generator, x.device)
+    return _device.run(x, spec, inplace, gen, residual)
 
 
 # --- torch.compile: the CPU kernels as custom ops ---------------------------------------------
@@ -821,20 +770,29 @@ def _packed(mask: Mask) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _packed_len(mask_shape) -> int:
+def _numel(shape) -> int:
     n = 1
-    for s in mask_shape:
+    for s in shape:
         n *= s
-    return (n + 7) // 8
+    return n
+
+
+def _packed_len(mask_shape) -> int:
+    return (_numel(mask_shape) + 7) // 8
 
 
 # Each call draws a fresh key: without this tag the compiler merges two identical calls into one.
 _RANDOM = (torch.Tag.nondeterministic_seeded,)
 
 
-def _grad_scale(app_args, keep: float) -> float:
-    """A kept element's gradient factor: the scale, or alpha dropout's `a` (its first arg)."""
+def _op_grad_scale(app_args: List[float], keep: float) -> float:
+    """A kept element's gradient factor from an op's flat arguments: the scale, or alpha
+    dropout's `a` (each its application's first number)."""
     return 0.0 if keep == 0.0 else app_args[0]
+
+
+# The ops' schemas take no classes, so a spec crosses as its flat parts: the Bernoulli mask's
+# shape and keep, the block mask's shape, gamma and block, and `_spec.application_args`.
 
 
 @torch.library.custom_op("fastdrop::bernoulli", mutates_args=(), device_types="cpu", tags=_RANDOM)
@@ -846,7 +804,8 @@ def _bernoulli_op(
     app_args: List[float],
     keep: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    spec = _Spec(tuple(mask_shape), (application, *app_args), keep, _grad_scale(app_args, keep))
+    app = application_from_args(application, app_args)
+    spec = Spec(Bernoulli(tuple(mask_shape), keep), app, _op_grad_scale(app_args, keep))
     out, mask = _forward(x, residual, spec, _host_generator(None), False, True)
     return out, _packed(mask)
 
@@ -859,31 +818,26 @@ def _(x, residual, mask_shape, application, app_args, keep):
 @torch.library.custom_op("fastdrop::drop_block", mutates_args=(), device_types="cpu", tags=_RANDOM)
 def _drop_block_op(
     x: torch.Tensor,
+    mask_shape: List[int],
     gamma: float,
     kh: int,
     kw: int,
-    couple_channels: bool,
-    with_noise: bool,
-    scale_by_keep: bool,
+    application: str,
+    app_args: List[float],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    spec = _Spec(
-        None,
-        None,
-        None,
-        1.0 if with_noise else None,
-        block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep),
-    )
+    n, c, h, w = mask_shape
+    app = application_from_args(application, app_args)
+    grad_scale = app_args[0] if app_args else None  # ScaleByKept: the scale the core computed
+    spec = Spec(Blocks((n, c, h, w), gamma, kh, kw), app, grad_scale)
     out, mask = _forward(x, None, spec, _host_generator(None), False, True)
     return out, _packed(mask), torch.tensor(mask.scale, dtype=torch.float64)
 
 
 @_drop_block_op.register_fake
-def _(x, gamma, kh, kw, couple_channels, with_noise, scale_by_keep):
-    n, c, h, w = x.shape
-    shape = (n, 1 if couple_channels else c, h, w)
+def _(x, mask_shape, gamma, kh, kw, application, app_args):
     return (
         torch.empty_like(x),
-        x.new_empty((_packed_len(shape),), dtype=torch.uint8),
+        x.new_empty((_packed_len(mask_shape),), dtype=torch.uint8),
         x.new_empty((), dtype=torch.float64),
     )
 
@@ -895,13 +849,6 @@ def _unpack(packed: torch.Tensor, mask_shape) -> torch.Tensor:
     return flat[: _numel(mask_shape)].view(mask_shape).bool()
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _compiled_grad(grad, packed, mask_shape, scale):
     return torch.where(_unpack(packed, mask_shape), grad * scale, torch.zeros_like(grad))
 
@@ -909,7 +856,7 @@ def _compiled_grad(grad, packed, mask_shape, scale):
 def _bernoulli_setup(ctx, inputs, output):
     x, residual, mask_shape, application, app_args, keep = inputs
     ctx.mask_shape, ctx.has_residual = list(mask_shape), residual is not None
-    ctx.scale = _grad_scale(app_args, keep)
+    ctx.scale = _op_grad_scale(app_args, keep)
     ctx.save_for_backward(output[1])
 
 
@@ -923,62 +870,47 @@ _bernoulli_op.register_autograd(_bernoulli_backward, setup_context=_bernoulli_se
 
 
 def _drop_block_setup(ctx, inputs, output):
-    x, gamma, kh, kw, couple_channels, with_noise, scale_by_keep = inputs
-    n, c, h, w = x.shape
-    ctx.mask_shape = [n, 1 if couple_channels else c, h, w]
+    ctx.mask_shape = list(inputs[1])
     ctx.save_for_backward(output[1], output[2])
 
 
 def _drop_block_backward(ctx, grad, _grad_packed, _grad_scale):
     packed, scale = ctx.saved_tensors
     keep = _unpack(packed, ctx.mask_shape)
-    return (
-        torch.where(keep, grad * scale.to(grad.dtype), torch.zeros_like(grad)),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grad_x = torch.where(keep, grad * scale.to(grad.dtype), torch.zeros_like(grad))
+    return grad_x, None, None, None, None, None, None
 
 
 _drop_block_op.register_autograd(_drop_block_backward, setup_context=_drop_block_setup)
 
 
-def _run_compiled(x, spec, inplace, generator, return_mask, residual):
-    if generator is not None or return_mask:
-        raise ValueError(
-            "under torch.compile fastdrop keys masks from torch's default generator and keeps "
-            "them inside the graph: leave generator=None and return_mask=False"
-        )
-    if spec is None:
-        return x if residual is None else x + residual
-    if spec.block is not None:
-        gamma, kh, kw, couple, noise, by_keep = spec.block
-        out = torch.ops.fastdrop.drop_block(x, gamma, kh, kw, couple, noise, by_keep)[0]
-    else:
-        kind, *args = spec.application
+def run_compiled(x, spec, inplace, generator, return_mask, residual):
+    """Under torch.compile: the spec's custom op, keyed from torch's default generator."""
+    mask = spec.mask
+    kind, args = application_args(spec.application)
+    if type(mask) is Bernoulli:
         out = torch.ops.fastdrop.bernoulli(
-            x, residual, list(spec.mask_shape), kind, [float(a) for a in args], float(spec.keep)
+            x, residual, list(mask.shape), kind, args, float(mask.keep)
         )[0]
+    elif type(mask) is Blocks:
+        out = torch.ops.fastdrop.drop_block(
+            x, list(mask.shape), mask.gamma, mask.kh, mask.kw, kind, args
+        )[0]
+    else:
+        raise TypeError(f"not a fastdrop mask: {mask!r}")
     # In place under compile: the same values written back, which the compiler can trace.
     return x.copy_(out) if inplace else out
 
 
-# --- the entry point --------------------------------------------------------------------------
+# --- which path -------------------------------------------------------------------------------
+
+_Path = Callable[..., Any]
 
 
-def run(
-    x: Any,
-    spec: Optional[_Spec],
-    inplace: bool,
-    generator: Any,
-    return_mask: bool,
-    residual: Any = None,
-    kept_shape: Optional[tuple] = None,
-):
-    """`functional._run` for torch tensors: same arguments, tensors out."""
+def path_for(x: Any, residual: Any, generator: Any, return_mask: bool) -> _Path:
+    """The path for a call on torch tensors (`run_host`, `run_compiled` or `run_device`),
+    after the checks every path shares and those of the path chosen, so that a call that drops
+    nothing raises what the same call dropping something would."""
     if not isinstance(x, torch.Tensor) or (
         residual is not None and not isinstance(residual, torch.Tensor)
     ):
@@ -991,9 +923,14 @@ def run(
             f"{residual.device} for input {tuple(x.shape)} {x.dtype} on {x.device}"
         )
     if not x.is_cpu:  # is_cpu: a fifth of the cost of device.type, on every call
-        return _run_on_device(x, spec, inplace, generator, return_mask, residual)
+        return _device_path(x, return_mask)
     if torch.compiler.is_compiling():
-        return _run_compiled(x, spec, inplace, generator, return_mask, residual)
+        if generator is not None or return_mask:
+            raise ValueError(
+                "under torch.compile fastdrop keys masks from torch's default generator and "
+                "keeps them inside the graph: leave generator=None and return_mask=False"
+            )
+        return run_compiled
     if x.layout is not torch.strided or x.is_nested:
         _check_kind(x)
     if residual is not None:
@@ -1002,17 +939,147 @@ def run(
         if _is_python_subclass(x) or (residual is not None and _is_python_subclass(residual)):
             # A tensor subclass that overrides torch's ops (a wrapper with no storage of its own,
             # say) gets them: torch's answer, computed by the subclass.
-            return _run_on_device(x, spec, inplace, generator, return_mask, residual)
-    if spec is None:
-        out = x if residual is None else x + residual
-        if return_mask:
-            return out, Mask._full(tuple(x.shape), kept_shape or tuple(x.shape), True, 1.0)
-        return out
-    if inplace:
-        _check_writable(x)
-    return _run_host(x, spec, inplace, generator, return_mask, residual)
+            return _device_path(x, return_mask)
+    return run_host
+
+
+def _device_path(x: torch.Tensor, return_mask: bool) -> _Path:
+    if return_mask:
+        raise ValueError(
+            f"return_mask needs a CPU tensor; a mask for a tensor on {x.device} would have to "
+            "leave the device"
+        )
+    return run_device
 
 
 def _is_python_subclass(t: torch.Tensor) -> bool:
     """Whether `t` is a tensor subclass with its own `__torch_dispatch__` (a wrapper tensor)."""
     return torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
+
+
+# --- the family members that are not a mask spec ----------------------------------------------
+# Their CPU randomness is `_keyed`'s (the draws NumPy input makes, so a fastdrop.Generator gives
+# both the same result); off the CPU, `_device`'s torch ops.
+
+
+def _times(t: torch.Tensor, factor: np.ndarray) -> torch.Tensor:
+    """`t * factor` computed in the factor's type (float32 or float64) and rounded once to t's
+    dtype: the arithmetic NumPy input gets."""
+    f = torch.from_numpy(factor)
+    return (t.to(f.dtype) * f).to(t.dtype)
+
+
+class _FactorFunction(torch.autograd.Function):
+    """``x * factor`` where ``make()`` builds the factor (a NumPy array) from the call's key.
+    The backward builds it again, so nothing of the input's size is saved; it is made of torch
+    ops, so double backward works."""
+
+    @staticmethod
+    def forward(ctx, x, make):
+        ctx.make = make
+        return _times(x, make())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _times(grad, ctx.make()), None
+
+
+def _apply_factor(x: torch.Tensor, make: Callable[[], np.ndarray], inplace: bool) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _FactorFunction.apply(x, make)
+    else:
+        out = _times(x, make())
+    if inplace:
+        # copy_ raises torch's own error for a leaf that requires grad, before writing.
+        return x.copy_(out)
+    return out
+
+
+def gaussian_dropout(x: torch.Tensor, sigma: float, inplace: bool, generator: Any) -> torch.Tensor:
+    """`fastdrop.gaussian_dropout` for a tensor (the caller checked the arguments)."""
+    if not x.is_cpu:
+        return _device.gaussian_dropout(x, sigma, inplace, generator)
+    _check_host_dtype(x)
+    key = _keyed.call_key(_host_generator(generator))
+    shape = tuple(x.shape)
+    op_np = np.float64 if x.dtype == torch.float64 else np.float32
+    return _apply_factor(x, lambda: _keyed.gaussian_factor(key, shape, op_np, sigma), inplace)
+
+
+def patch_dropout(
+    x: torch.Tensor,
+    prob: float,
+    num_prefix_tokens: int,
+    ordered: bool,
+    training: bool,
+    generator: Any,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`fastdrop.patch_dropout` for a tensor: (out, keep indices or None)."""
+    if not training or prob == 0.0:
+        return x, None
+    prefix, body = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    b, tokens = int(x.shape[0]), int(body.shape[1])
+    if x.is_cpu:
+        _check_host_dtype(x)
+        key = _keyed.call_key(_host_generator(generator))
+        idx = torch.from_numpy(_keyed.keep_indices(key, b, tokens, prob, ordered))
+    else:
+        idx = _device.patch_indices(x, b, tokens, prob, ordered, generator)
+    kept = body.gather(1, idx.unsqueeze(-1).expand((-1, -1) + tuple(body.shape[2:])))
+    out = torch.cat((prefix, kept), dim=1) if num_prefix_tokens else kept
+    return out, idx
+
+
+def drop_block_torchvision(
+    x: torch.Tensor,
+    p: float,
+    block_size: int,
+    inplace: bool,
+    eps: float,
+    generator: Any,
+    return_mask: bool,
+):
+    """torchvision's DropBlock over x's 2 or 3 trailing dimensions; the mask is kept as bits."""
+    if not x.is_cpu:
+        _device_path(x, return_mask)
+        return _device.drop_block_torchvision(x, p, block_size, inplace, eps, generator)
+    _check_host_dtype(x)
+    key = _keyed.call_key(_host_generator(generator))
+    mask = _keyed.torchvision_block_mask(key, tuple(x.shape), p, block_size, eps)
+    if torch.is_grad_enabled() and x.requires_grad:
+        if inplace:
+            _check_inplace(x)
+        out = _MaskedFunction.apply(x, mask, inplace)
+    else:
+        out = _apply_mask(x, mask, inplace)
+        if inplace:
+            torch.autograd.graph.increment_version(x)
+    return (out, mask) if return_mask else out
+
+
+def _apply_mask(x: torch.Tensor, mask: Mask, inplace: bool) -> torch.Tensor:
+    """`x * mask * scale` by the kernel (dropped elements exactly 0), into x or a new tensor laid
+    out as torch's dropout lays it out."""
+    a = _host(x)
+    if inplace:
+        _core.mask_apply(mask._words(), a, a, mask.scale)
+        return x
+    out = _empty_like(x)
+    _core.mask_apply(mask._words(), a, _to_dlpack(out), mask.scale)
+    return out
+
+
+class _MaskedFunction(torch.autograd.Function):
+    """A mask decided outside the kernels, applied to x; the backward is the masked gradient."""
+
+    @staticmethod
+    def forward(ctx, x, mask, inplace):
+        out = _apply_mask(x, mask, inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.mask, ctx.strides = mask, out.stride()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _MaskGradFunction.apply(grad, ctx.mask, ctx.strides), None, None

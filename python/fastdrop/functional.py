@@ -1,10 +1,12 @@
 """The dropout family as functions: NumPy arrays in, NumPy arrays out (torch tensors in, torch
-tensors out).
+tensors out). The public functions live here and only here.
 
 Every variant is a *mask granularity* (element, channel, sample, block) and an *application*
 (scale the kept elements, an affine map, or noise in the dropped ones). A function here checks
-its arguments, works out those two things as a `_Spec`, and hands it to `_run`, which picks the
-path for the input's type. The arithmetic lives in Rust (`fastdrop._core`).
+its arguments, describes its call as one `_spec.Spec` (mask and application, typed) and hands it
+to the one dispatcher, `_dispatch.run`, which picks the path for the input's type (a call that
+drops nothing hands it None). The arithmetic lives in Rust (`fastdrop._core`, reached through
+`_core_call.apply`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,19 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _core
-from ._dispatch import is_torch_tensor
-from ._mask import Mask
+from . import _core, _dispatch, _keyed
+from ._checks import NATIVE_FLOATS as _NATIVE_FLOATS
+from ._checks import ShapeError, is_torch_tensor
+from ._checks import as_array as _as_array
+from ._checks import check_bool as _check_bool
+from ._checks import check_int as _check_int
+from ._checks import check_prob as _check_prob
+from ._core_call import apply as _core_apply
+from ._dispatch import check_out as _check_out
+from ._dispatch import default_generator
+from ._dispatch import resolve_generator as _resolve_generator
+from ._dispatch import run as _run
+from ._spec import Affine, Bernoulli, Blocks, Noise, Scale, ScaleByKept, Spec
 
 __all__ = [
     "dropout",
@@ -36,225 +48,6 @@ __all__ = [
 #: SELU's alpha * scale... torch's constant for alpha dropout (ATen Dropout.cpp).
 ALPHA = 1.7580993408473766
 
-default_generator = _core.Generator()
-
-
-class ShapeError(ValueError, RuntimeError):
-    """A wrong number of dimensions. A ValueError, and a RuntimeError as torch raises it."""
-
-
-class _Spec:
-    """What a call does: its mask shape, application, keep probability and backward scale, or
-    the parameters of a block mask (``block`` is not None). ``args`` keeps a block call's own
-    arguments: torch's path for tensors off the CPU hands them to timm's algorithm unchanged.
-    Specs are never mutated, so the common ones are cached per (mask shape, p)."""
-
-    __slots__ = ("mask_shape", "application", "keep", "grad_scale", "block", "args")
-
-    def __init__(self, mask_shape, application, keep, grad_scale, block=None, args=None):
-        self.mask_shape = mask_shape
-        self.application = application
-        self.keep = keep
-        self.grad_scale = grad_scale
-        self.block = block
-        self.args = args
-
-
-# --- argument checks --------------------------------------------------------------------------
-
-
-def _check_prob(p: Any, name: str = "dropout probability") -> float:
-    if type(p) is float and 0.0 <= p <= 1.0:
-        # The common case, without the ABC isinstance below (half a microsecond a call).
-        return p
-    if is_torch_tensor(p):
-        # torch's functions and modules take a 0-d tensor as p (and refuse one that needs grad).
-        if p.ndim != 0 or p.requires_grad or p.is_complex():
-            what = "a tensor that requires grad" if p.requires_grad else f"a {p.ndim}-d tensor"
-            raise TypeError(
-                f"{name} must be a real number or a 0-d real tensor that does not require "
-                f"grad, got {what}"
-            )
-        p = p.item()
-    if isinstance(p, (str, bytes)) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(p).__name__}")
-    p = float(p)
-    if not (0.0 <= p <= 1.0):
-        raise ValueError(f"{name} has to be between 0 and 1, but got {p}")
-    return p
-
-
-def _check_bool(v: Any, name: str) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return bool(v)
-
-
-def _check_int(v: Any, name: str, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {v}")
-    return int(v)
-
-
-_NATIVE_FLOATS = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
-
-
-def _as_array(x: Any, name: str = "input") -> np.ndarray:
-    """The NumPy view of `x`: an ndarray as is, another CPU DLPack producer through DLPack."""
-    if type(x) is np.ndarray and x.dtype in _NATIVE_FLOATS:
-        return x  # the common case, in one set lookup
-    if not isinstance(x, np.ndarray):
-        if hasattr(x, "__dlpack__") and not isinstance(x, np.generic):
-            try:
-                x = np.from_dlpack(x)
-            except (BufferError, TypeError, RuntimeError, ValueError) as e:
-                raise TypeError(f"{name}: cannot read this DLPack object on the CPU ({e})") from e
-        else:
-            raise TypeError(
-                f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}"
-            )
-    if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
-        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {x.dtype}")
-    if not x.dtype.isnative:
-        raise TypeError(
-            f"{name} has non-native byte order ({x.dtype.str}); convert it with "
-            f"x.astype(x.dtype.newbyteorder('='))"
-        )
-    return x
-
-
-def _resolve_generator(generator: Any) -> _core.Generator:
-    """A fastdrop Generator for a NumPy call."""
-    if generator is None:
-        return default_generator
-    if isinstance(generator, _core.Generator):
-        return generator
-    if isinstance(generator, np.random.Generator):
-        # One 64-bit draw keys this call, so the NumPy generator's own stream stays the source.
-        return _core.Generator(int(generator.bit_generator.random_raw()))
-    raise TypeError(
-        "generator must be a fastdrop.Generator, a numpy.random.Generator (for NumPy input) or "
-        f"a torch.Generator (for torch input), got {type(generator).__name__}"
-    )
-
-
-def _torch_module():
-    """`fastdrop._torch`, imported on first use (it imports torch); cached, as an import
-    statement costs a microsecond a call."""
-    global _TORCH, _TENSOR
-    if _TORCH is None:
-        from . import _torch
-
-        _TORCH = _torch
-        _TENSOR = _torch.torch.Tensor
-    return _TORCH
-
-
-_TORCH: Any = None
-#: `torch.Tensor` once `fastdrop._torch` is loaded (by the first tensor seen); until then a
-#: class nothing is an instance of, so `type(x) is _TENSOR` is a one-step test either way.
-_TENSOR: Any = type("_NoTensorYet", (), {})
-
-
-# --- the one path every variant takes ---------------------------------------------------------
-
-
-def _run(
-    x: Any,
-    spec: Optional[_Spec],
-    inplace: bool,
-    generator: Any,
-    return_mask: bool,
-    residual: Any = None,
-    out: Any = None,
-    kept_shape: Optional[tuple] = None,
-):
-    """Applies `spec` to `x` (plus `residual`), or returns `x` untouched when `spec` is None;
-    into `out` when given (NumPy only). An untouched call's mask keeps everything and has the
-    variant's mask shape, `kept_shape` (default: the input's)."""
-    if is_torch_tensor(x) or (residual is not None and is_torch_tensor(residual)):
-        if out is not None:
-            raise TypeError(
-                "out= takes a NumPy array and is not supported for torch tensors, as torch's "
-                "dropout has none; use inplace=True or the returned tensor"
-            )
-        return _torch_module().run(x, spec, inplace, generator, return_mask, residual, kept_shape)
-    a = _as_array(x)
-    r = None if residual is None else _as_array(residual, "residual")
-    if r is not None and (r.shape != a.shape or r.dtype != a.dtype):
-        raise ValueError(
-            f"residual must match the input: got {r.shape} {r.dtype} for input {a.shape} {a.dtype}"
-        )
-    if out is not None:
-        _check_out(out, a, inplace)
-    gen = _resolve_generator(generator)
-    if spec is None:
-        if out is not None:
-            if r is None:
-                np.copyto(out, a)
-            else:
-                np.add(a, r, out=out)
-            result = out
-        else:
-            result = a if r is None else a + r
-        if not return_mask:
-            return result
-        return result, Mask._full(a.shape, kept_shape or a.shape, True, 1.0)
-    if inplace and not a.flags.writeable:
-        raise ValueError("inplace=True needs a writeable array, but the input is read-only")
-    if out is None:
-        # _core.empty_like is np.empty_like, with large outputs reused from freed ones.
-        out = a if inplace else _core.empty_like(a if r is None else r)
-    mask = _apply(a, out, r, spec, gen, return_mask, a.shape)
-    return (out, mask) if return_mask else out
-
-
-def _check_out(out: Any, a: np.ndarray, inplace: bool) -> None:
-    """`out=` must be a writeable array of the input's shape and dtype, and not with inplace."""
-    if inplace:
-        raise ValueError("pass either inplace=True or out=, not both")
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != a.shape or out.dtype != a.dtype:
-        raise ValueError(
-            f"out must have the input's shape and dtype {a.shape} {a.dtype}, got "
-            f"{out.shape} {out.dtype}"
-        )
-    if not out.flags.writeable:
-        raise ValueError("out is read-only; pass a writeable array")
-
-
-def _apply(
-    a: Any,
-    out: Any,
-    r: Any,
-    spec: _Spec,
-    gen: _core.Generator,
-    want_mask: Any,
-    shape: tuple[int, ...],
-) -> Optional[Mask]:
-    """Runs `spec` from `a` (plus `r`) into `out` (which may be `a`) in Rust. The operands are
-    NumPy arrays or CPU DLPack capsules (torch tensors), of `shape`. The mask is returned when
-    wanted (block masks always: they carry their scale); `want_mask="key"` returns it as its key
-    alone, holding no bits (autograd's backward redraws them)."""
-    if spec.block is not None:
-        bits, scale = _core.drop_block_apply(a, out, *spec.block, gen)
-        return Mask(bits, scale if spec.grad_scale is None else spec.grad_scale, shape)
-    if want_mask == "key":
-        seed, stream, _ = gen.get_state()
-        first = _core.bernoulli_apply(
-            a, out, r, spec.mask_shape, spec.application, spec.keep, gen, False
-        )
-        key = (seed, stream, first)
-        return Mask._from_key(key, tuple(spec.mask_shape), spec.keep, spec.grad_scale, shape)
-    bits = _core.bernoulli_apply(
-        a, out, r, spec.mask_shape, spec.application, spec.keep, gen, want_mask
-    )
-    return Mask(bits, spec.grad_scale, shape) if want_mask else None
-
-
 # --- the variants -----------------------------------------------------------------------------
 
 
@@ -268,15 +61,17 @@ def _ndim(x: Any) -> int:
         return len(x.shape) if hasattr(x, "shape") else -1
     except RuntimeError:
         if is_torch_tensor(x):
-            _torch_module()._check_kind(x)  # a nested tensor has no shape: a TypeError saying so
+            _dispatch.torch_module()._check_kind(
+                x
+            )  # a nested tensor has no shape: a TypeError saying so
         raise
 
 
 def _check_subclass_kind(x: Any) -> None:
     """A jagged nested tensor (a tensor subclass) has a symbolic shape, which must not reach the
     spec cache: refuse it (and other subclasses fastdrop cannot read) before its shape is read."""
-    if type(x) is not np.ndarray and type(x) is not _TENSOR and is_torch_tensor(x):
-        _torch_module()._check_kind(x)
+    if type(x) is not np.ndarray and type(x) is not _dispatch.TENSOR and is_torch_tensor(x):
+        _dispatch.torch_module()._check_kind(x)
 
 
 def _shape(x: Any) -> tuple:
@@ -286,7 +81,9 @@ def _shape(x: Any) -> tuple:
         return getattr(x, "shape", ())
     except RuntimeError:
         if is_torch_tensor(x):
-            _torch_module()._check_kind(x)  # a nested tensor has no shape: a TypeError saying so
+            _dispatch.torch_module()._check_kind(
+                x
+            )  # a nested tensor has no shape: a TypeError saying so
         raise
 
 
@@ -294,10 +91,11 @@ _SPECS: dict = {}
 
 
 def _cached(build):
-    """Caches a spec builder per arguments (specs are never mutated). A plain bounded dict
-    rather than functools.lru_cache, which torch.compile warns about when it traces a call."""
+    """Caches a spec builder of (mask shape, p) per arguments (specs are never mutated). A plain
+    bounded dict rather than functools.lru_cache, which torch.compile warns about when it
+    traces a call."""
 
-    def cached(mask_shape: tuple, p: float) -> _Spec:
+    def cached(mask_shape: tuple, p: float) -> Spec:
         key = (build, mask_shape, p)
         spec = _SPECS.get(key)
         if spec is None:
@@ -309,10 +107,26 @@ def _cached(build):
     return cached
 
 
+def _cached_args(build):
+    """`_cached` for a builder of more arguments (a tuple more to make per call)."""
+
+    def cached(*args: Any) -> Spec:
+        key = (build, args)
+        spec = _SPECS.get(key)
+        if spec is None:
+            spec = build(*args)
+            if len(_SPECS) < 1024:
+                _SPECS[key] = spec
+        return spec
+
+    return cached
+
+
 @_cached
-def _scale_spec(mask_shape: tuple, p: float) -> _Spec:
+def _scale_spec(mask_shape: tuple, p: float) -> Spec:
+    """Dropout's spec: kept elements scaled by ``1 / (1 - p)`` (by 0 for p = 1)."""
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-    return _Spec(mask_shape, ("scale", scale), 1.0 - p, scale)
+    return Spec(Bernoulli(mask_shape, 1.0 - p), Scale(scale), scale)
 
 
 def dropout(
@@ -368,20 +182,18 @@ def dropout(
             and input.dtype in _NATIVE_FLOATS
             and (generator is None or type(generator) is _core.Generator)
         ):
-            # _apply's element-mask call, made directly: one Python frame is 8 % of this path.
-            spec = _scale_spec(input.shape, p)
+            # The dispatcher's NumPy call, made directly: one Python frame is 8 % of this path.
             result = _core.empty_like(input)
             gen = default_generator if generator is None else generator
-            _core.bernoulli_apply(
-                input, result, None, spec.mask_shape, spec.application, spec.keep, gen, False
-            )
+            _core_apply(input, result, None, _scale_spec(input.shape, p), gen, False)
             return result
-        if type(input) is _TENSOR and generator is None:
+        if type(input) is _dispatch.TENSOR and generator is None:
             # The same for a torch tensor (once fastdrop's torch side is loaded).
+            torch_side = _dispatch._TORCH
             try:
-                return _TORCH.dropout_plain(input, p)
+                return torch_side.dropout_plain(input, _scale_spec(input.shape, p))
             except RuntimeError:
-                _TORCH._check_kind(input)  # a sparse or nested tensor: a TypeError that says so
+                torch_side._check_kind(input)  # a sparse or nested tensor: a TypeError saying so
                 raise
     p = _check_prob(p)
     mask_shape = _noise_mask_shape(input, noise_shape)
@@ -398,11 +210,14 @@ def dropout(
 
 
 @_cached
-def _alpha_spec(mask_shape: tuple, p: float) -> _Spec:
+def _alpha_spec(mask_shape: tuple, p: float) -> Spec:
+    """Alpha dropout's spec: kept ``a * x + alpha * a * p``, dropped ``-alpha * a * (1 - p)``
+    (zeros for p = 1, as torch gives)."""
     if p == 1.0:
-        return _Spec(mask_shape, ("scale", 0.0), 0.0, 0.0)
+        return Spec(Bernoulli(mask_shape, 0.0), Scale(0.0), 0.0)
     a = 1.0 / math.sqrt((ALPHA * ALPHA * p + 1.0) * (1.0 - p))
-    return _Spec(mask_shape, ("affine", a, ALPHA * a * p, -ALPHA * a * (1.0 - p)), 1.0 - p, a)
+    app = Affine(a, ALPHA * a * p, -ALPHA * a * (1.0 - p))
+    return Spec(Bernoulli(mask_shape, 1.0 - p), app, a)
 
 
 def alpha_dropout(
@@ -642,7 +457,7 @@ def feature_alpha_dropout(
     )
 
 
-def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> _Spec:
+def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> Spec:
     nd = _ndim(x)
     if nd < 1:
         if nd < 0:
@@ -650,9 +465,16 @@ def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> _Spec:
                 f"input must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}"
             )
         raise ShapeError("drop_path: Expected an input with a batch dimension, got a 0D input")
+    return _sample_spec((int(x.shape[0]),) + (1,) * (nd - 1), drop_prob, scale_by_keep)
+
+
+@_cached_args
+def _sample_spec(mask_shape: tuple, drop_prob: float, scale_by_keep: bool) -> Spec:
+    """drop_path's spec: kept samples divided by ``1 - drop_prob`` when `scale_by_keep` (and
+    something is kept), as timm's."""
     keep = 1.0 - drop_prob
     scale = 1.0 / keep if (keep > 0.0 and scale_by_keep) else 1.0
-    return _Spec((int(x.shape[0]),) + (1,) * (nd - 1), ("scale", scale), keep, scale)
+    return Spec(Bernoulli(mask_shape, keep), Scale(scale), scale)
 
 
 def drop_path(
@@ -672,7 +494,7 @@ def drop_path(
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     spec = _path_spec(x, drop_prob, scale_by_keep)
     if not _check_bool(training, "training") or drop_prob == 0.0:
-        return _run(x, None, False, generator, return_mask, out=out, kept_shape=spec.mask_shape)
+        return _run(x, None, False, generator, return_mask, out=out, kept_shape=spec.mask.shape)
     return _run(x, spec, False, generator, return_mask, out=out)
 
 
@@ -718,32 +540,53 @@ def drop_block_2d(
             f"drop_block_2d: Expected 4D (N, C, H, W) input, but received a {nd}D input"
         )
     n, c, h, w = (int(s) for s in x.shape)
+    mask_shape = (n, 1 if couple_channels else c, h, w)
     if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
-        kept = (n, 1 if couple_channels else c, h, w)
-        return _run(x, None, inplace, generator, return_mask, out=out, kept_shape=kept)
+        return _run(x, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
+    args = (drop_prob, block_size, float(gamma_scale), with_noise, couple_channels, scale_by_keep)
+    spec = _block_spec(mask_shape, *args)
+    return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
+
+
+@_cached_args
+def _block_spec(
+    mask_shape: tuple,
+    drop_prob: float,
+    block_size: int,
+    gamma_scale: float,
+    with_noise: bool,
+    couple_channels: bool,
+    scale_by_keep: bool,
+) -> Spec:
+    """DropBlock's spec on an (N, 1 or C, H, W) mask: timm's seed rate and clipped block."""
+    h, w = mask_shape[2], mask_shape[3]
     kh, kw = min(block_size, h), min(block_size, w)
-    gamma = float(gamma_scale) * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
+    gamma = gamma_scale * drop_prob * h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1))
     if gamma > 1.0:
         raise ValueError(
             f"drop_block_2d: gamma_scale * drop_prob gives a block seed rate of {gamma:.4g} "
             f"for {h}x{w} maps and {kh}x{kw} blocks; it must be at most 1"
         )
-    spec = _Spec(
-        (n, 1 if couple_channels else c, h, w),
-        None,
-        None,
-        1.0 if with_noise else None,
-        block=(gamma, kh, kw, couple_channels, with_noise, scale_by_keep),
-        args=dict(
+    # Dropped pixels become noise (kept ones unscaled), or 0 with kept ones scaled by the mask's
+    # size over its kept count (the core counts them), or 0 with kept ones as they are.
+    if with_noise:
+        app: Any = Noise(1.0)
+    else:
+        app = ScaleByKept() if scale_by_keep else Scale(1.0)
+    return Spec(
+        Blocks(mask_shape, gamma, kh, kw),
+        app,
+        None if type(app) is ScaleByKept else 1.0,
+        # torch's ops off the CPU run timm's own algorithm from the call's arguments.
+        origin=dict(
             drop_prob=drop_prob,
             block_size=block_size,
-            gamma_scale=float(gamma_scale),
+            gamma_scale=gamma_scale,
             with_noise=with_noise,
             couple_channels=couple_channels,
             scale_by_keep=scale_by_keep,
         ),
     )
-    return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
 
 
 def dropout_add(
@@ -789,7 +632,7 @@ def drop_path_add(
     spec = _path_spec(branch, drop_prob, scale_by_keep)
     if not _check_bool(training, "training") or drop_prob == 0.0:
         return _run(
-            branch, None, False, generator, return_mask, x, out=out, kept_shape=spec.mask_shape
+            branch, None, False, generator, return_mask, x, out=out, kept_shape=spec.mask.shape
         )
     return _run(branch, spec, False, generator, return_mask, x, out=out)
 
@@ -797,10 +640,10 @@ def drop_path_add(
 # === NEW: the rest of the family (issue 16) ==================================================
 # noise_shape (used by dropout and alpha_dropout above), locked_dropout, embedding_dropout,
 # stochastic_depth, gaussian_dropout, patch_dropout, drop_block_3d. Mask-shaped variants are a
-# `_Spec` handed to `_run`; the others (Gaussian noise, token selection, torchvision's blocks,
-# whose seeds only fit where a whole block does) draw their randomness with `_normals` /
-# `_seed_map` below, pure functions of (seed, stream, offset, index) like every mask, and their
-# torch side (autograd, other devices) lives in `_family_torch`.
+# `Spec` handed to `_run`; the others (Gaussian noise, token selection, torchvision's blocks,
+# whose seeds only fit where a whole block does) draw their randomness with `_keyed`, pure
+# functions of (seed, stream, offset, index) like every mask, and their torch side (autograd,
+# other devices) lives in `_torch` (and `_device`).
 
 __all__ += [
     "locked_dropout",
@@ -903,8 +746,14 @@ def embedding_dropout(
     mask_shape = (int(weight.shape[0]), 1)
     if not _check_bool(training, "training") or p == 0.0:
         return _run(weight, None, False, generator, return_mask, out=out, kept_shape=mask_shape)
-    spec = _scale_spec(mask_shape, p) if scale else _Spec(mask_shape, ("scale", 1.0), 1.0 - p, 1.0)
+    spec = _scale_spec(mask_shape, p) if scale else _unscaled_spec(mask_shape, p)
     return _run(weight, spec, False, generator, return_mask, out=out)
+
+
+@_cached
+def _unscaled_spec(mask_shape: tuple, p: float) -> Spec:
+    """Kept elements as they are, dropped ones 0."""
+    return Spec(Bernoulli(mask_shape, 1.0 - p), Scale(1.0), 1.0)
 
 
 def stochastic_depth(
@@ -939,43 +788,8 @@ def stochastic_depth(
     return _run(input, _scale_spec(mask_shape, p), False, generator, return_mask, out=out)
 
 
-# --- randomness that is not a mask: normal deviates and seed maps ------------------------------
-
-
-def _call_key(gen: _core.Generator) -> tuple[int, int, int]:
-    """Reserves one counter block of `gen` for a call and returns (seed, stream, block): the
-    call's values are drawn on the stream forked from that block, so they are a pure function
-    of the key and an index, whatever their number, and a backward can draw them again."""
-    seed, stream, _ = gen.get_state()
-    return seed, stream, gen._reserve(1)
-
-
-def _keyed_generator(key: tuple[int, int, int]) -> _core.Generator:
-    seed, stream, block = key
-    g = _core.Generator(seed)
-    g.set_state((seed, stream, 0))
-    return g.fork(block)
-
-
-def _normals(key: tuple[int, int, int], shape: tuple, dtype: Any) -> np.ndarray:
-    """Standard normal deviates of `shape` (float32 or float64), deviate i a pure function of
-    (key, i), as DropBlock's noise is."""
-    out = np.empty(shape, dtype)
-    if out.size:
-        _core.normal_fill(out, _keyed_generator(key))
-    return out
-
-
-def _seed_map(key: tuple[int, int, int], shape: tuple, rate: float) -> np.ndarray:
-    """Bernoulli(rate) decisions of `shape` as a bool array, decision i a pure function of
-    (key, i): the kernel's scale application on ones writes each decision as 1 or 0."""
-    out = np.empty(shape, np.float16)
-    if out.size:
-        ones = np.broadcast_to(np.float16(1.0), shape)
-        _core.bernoulli_apply(
-            ones, out, None, tuple(shape), ("scale", 1.0), rate, _keyed_generator(key), False
-        )
-    return out != 0
+# --- the family members that are not a mask spec ----------------------------------------------
+# Their randomness is `_keyed`'s (keyed draws like a mask's); their torch side is `_torch`'s.
 
 
 def _op_dtype(dtype: Any) -> Any:
@@ -1031,24 +845,14 @@ def gaussian_dropout(
             raise TypeError("out= takes a NumPy array and is not supported for torch tensors")
         if not training or p == 0.0:
             return input
-        from . import _family_torch
-
-        return _family_torch.gaussian_dropout(input, sigma, inplace, generator)
+        return _dispatch.torch_module().gaussian_dropout(input, sigma, inplace, generator)
     a = _as_array(input)
     _check_numpy_target(a, inplace, out)
     gen = _resolve_generator(generator)
     if not training or p == 0.0:
         return _run(a, None, inplace, gen, False, out=out)
-    factor = _gaussian_factor(_call_key(gen), a.shape, _op_dtype(a.dtype), sigma)
+    factor = _keyed.gaussian_factor(_keyed.call_key(gen), a.shape, _op_dtype(a.dtype), sigma)
     return _numpy_result(a, factor, inplace, out)
-
-
-def _gaussian_factor(key: tuple[int, int, int], shape: tuple, dtype: Any, sigma: float):
-    """``1 + sigma * z`` in `dtype`, with `sigma` rounded once to it."""
-    factor = _normals(key, shape, dtype)
-    factor *= dtype(sigma)
-    factor += dtype(1.0)
-    return factor
 
 
 def patch_dropout(
@@ -1087,9 +891,7 @@ def patch_dropout(
             f"tokens of the input"
         )
     if is_torch_tensor(x):
-        from . import _family_torch
-
-        out, idx = _family_torch.patch_dropout(
+        out, idx = _dispatch.torch_module().patch_dropout(
             x, prob, num_prefix_tokens, ordered, training, generator
         )
         return (out, idx) if return_indices else out
@@ -1098,27 +900,12 @@ def patch_dropout(
     if not training or prob == 0.0:
         return (a, None) if return_indices else a
     b, tokens = int(a.shape[0]), int(a.shape[1]) - num_prefix_tokens
-    keep = _keep_indices(_call_key(gen), b, tokens, prob, ordered)
+    keep = _keyed.keep_indices(_keyed.call_key(gen), b, tokens, prob, ordered)
     body = np.take_along_axis(
         a[:, num_prefix_tokens:], keep.reshape(keep.shape + (1,) * (nd - 2)), axis=1
     )
     result = np.concatenate((a[:, :num_prefix_tokens], body), axis=1)
     return (result, keep) if return_indices else result
-
-
-def _keep_indices(
-    key: tuple[int, int, int], batch: int, tokens: int, prob: float, ordered: bool
-) -> np.ndarray:
-    """timm's token choice: the first ``max(1, int(L * (1 - prob)))`` of a random permutation
-    per sample (argsort of normal deviates; a stable sort breaks any tie by index)."""
-    num_keep = max(1, int(tokens * (1.0 - prob)))
-    if tokens == 0:
-        return np.zeros((batch, 0), np.int64)
-    order = np.argsort(_normals(key, (batch, tokens), np.float64), axis=-1, kind="stable")
-    idx = order[:, :num_keep].astype(np.int64)
-    if ordered:
-        idx.sort(axis=-1)
-    return idx
 
 
 def drop_block_3d(
@@ -1194,9 +981,7 @@ def _drop_block_torchvision(
             raise TypeError("out= takes a NumPy array and is not supported for torch tensors")
         if not training or p == 0.0 or input.numel() == 0:
             return _run(input, None, inplace, generator, return_mask)
-        from . import _family_torch
-
-        return _family_torch.drop_block_torchvision(
+        return _dispatch.torch_module().drop_block_torchvision(
             input, p, block_size, inplace, eps, generator, return_mask
         )
     a = _as_array(input)
@@ -1204,42 +989,8 @@ def _drop_block_torchvision(
     gen = _resolve_generator(generator)
     if not training or p == 0.0 or a.size == 0:
         return _run(a, None, inplace, gen, return_mask, out=out)
-    mask = _torchvision_block_mask(_call_key(gen), a.shape, p, block_size, eps)
+    mask = _keyed.torchvision_block_mask(_keyed.call_key(gen), a.shape, p, block_size, eps)
     if out is None:
         out = a if inplace else _core.empty_like(a)
     _core.mask_apply(mask._words(), a, out, mask.scale)
     return (out, mask) if return_mask else out
-
-
-def _torchvision_block_seed_rate(spatial: tuple, p: float, block_size: int) -> tuple[int, float]:
-    """torchvision's clamped block size and seed rate for maps of shape `spatial`. The rate is
-    at most p: b * (n - b + 1) >= n for 1 <= b <= n, along each axis."""
-    b = min((block_size,) + spatial)
-    gamma = p * math.prod(spatial) / (b ** len(spatial) * math.prod(s - b + 1 for s in spatial))
-    return b, gamma
-
-
-def _torchvision_block_mask(
-    key: tuple[int, int, int], shape: tuple, p: float, block_size: int, eps: float
-) -> Mask:
-    """The keep map of torchvision's DropBlock (the input's shape) and its scale, as a Mask."""
-    spatial = tuple(int(s) for s in shape[2:])
-    b, gamma = _torchvision_block_seed_rate(spatial, p, block_size)
-    corners = tuple(s - b + 1 for s in spatial)
-    dropped = _seed_map(key, tuple(int(s) for s in shape[:2]) + corners, gamma)
-    for axis, size in enumerate(spatial, start=2):
-        # Grow each seed along this axis: index i is dropped by seeds at i - b + 1 .. i.
-        grown_shape = list(dropped.shape)
-        grown_shape[axis] = size
-        grown = np.zeros(grown_shape, bool)
-        span = dropped.shape[axis]
-        for j in range(b):
-            sl = [slice(None)] * dropped.ndim
-            sl[axis] = slice(j, j + span)
-            grown[tuple(sl)] |= dropped
-        dropped = grown
-    keep = ~dropped
-    # torchvision's `numel / (eps + sum)` on a tensor is evaluated as `reciprocal(...) * numel`.
-    scale = (1.0 / (eps + int(np.count_nonzero(keep)))) * keep.size
-    packed = np.packbits(keep, axis=None, bitorder="little").tobytes()
-    return Mask(_core.mask_bits_from_packed(keep.shape, packed), scale, keep.shape)

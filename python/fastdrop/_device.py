@@ -1,103 +1,114 @@
-"""Pure-PyTorch implementations used for tensors that are not on the CPU.
+"""Every path for tensors off the CPU (CUDA, MPS, XPU, ``meta``, ...) and for tensor subclasses
+that compute torch's ops themselves: torch's own operations on the input's device.
 
-The Rust kernels of fastdrop work on host memory. For tensors on any other
-device (CUDA, MPS, XPU, ``meta``, ...) these functions are used instead. They
-only call PyTorch tensor operations on the input's device: no ``.cpu()``, no
-``.item()``, no NumPy, no host synchronisation. Every random draw takes an
-optional ``torch.Generator`` (``None`` means PyTorch's default generator of
-the device).
+The Rust kernels work on host memory; these functions only call torch tensor operations on the
+input's device: no ``.cpu()``, no ``.item()``, no NumPy, no host synchronisation. Every random
+draw takes an optional ``torch.Generator`` on that device (``None``: the device's default).
 
-The maths follows ``timm.layers.drop`` (timm 1.0.31, identical to timm git
-main 1.0.29.dev0 of 2026-08): with ``generator=None`` and the same
-``torch.manual_seed``, :func:`drop_path` and :func:`drop_block_2d` return
-exactly what timm's functions of the same name return, because they perform
-the same random draws and the same operations in the same order.
+`run` applies a `_spec.Spec` (the dispatcher's path for a tensor off the CPU): a Bernoulli mask
+as ATen's ``_dropout_impl`` draws one, a block mask by timm's algorithm (`drop_block_2d`, with
+``generator=None`` and the same ``torch.manual_seed`` exactly what timm's function returns, as it
+makes the same draws and operations in the same order: timm 1.0.31, identical to timm git main
+1.0.29.dev0 of 2026-08). The family members that are not a mask (`gaussian_dropout`,
+`patch_indices`, `drop_block_torchvision`) have their device forms here too.
 
-This module deliberately does not import the ``fastdrop`` package (nor its
-compiled extension), so it can be imported and tested on its own.
+Imports torch, and of fastdrop only the bottom floor (`_checks`, `_spec`), `_core` (to
+recognise a `fastdrop.Generator`) and `_keyed`'s torchvision seed rate (plain arithmetic).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import _core
+from ._checks import check_int, check_prob
+from ._keyed import torchvision_block_seed_rate
+from ._spec import Affine, Bernoulli, Blocks, Scale, Spec
+
 __all__ = [
-    "drop_path",
+    "run",
+    "device_generator",
     "drop_block_2d",
-    "dropout_add",
-    "drop_path_add",
     "drop_block_kernel",
     "drop_block_gamma",
+    "gaussian_dropout",
+    "patch_indices",
+    "drop_block_torchvision",
 ]
 
 
-def _check_prob(p: float, name: str) -> None:
-    """Raise ``ValueError`` unless ``0 <= p <= 1`` (NaN rejected)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(p).__name__}")
-    if math.isnan(p) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {p!r}")
+def device_generator(generator: Any, device: torch.device) -> Optional[torch.Generator]:
+    """A torch.Generator on `device` for torch's ops (None: the device's default generator)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, _core.Generator):
+        if device.type == "meta":
+            return None
+        # Reserve one block, so each call takes a fresh, reproducible seed from the stream.
+        seed, stream, _ = generator.get_state()
+        offset = generator._reserve(1)
+        g = torch.Generator(device=device)
+        g.manual_seed(hash((seed, stream, offset)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return g
+    raise TypeError(
+        "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
+        f"{type(generator).__name__}"
+    )
 
 
-def drop_path(
+def run(
     x: torch.Tensor,
-    drop_prob: float = 0.0,
-    training: bool = False,
-    scale_by_keep: bool = True,
-    generator: torch.Generator | None = None,
+    spec: Spec,
+    inplace: bool,
+    generator: Optional[torch.Generator],
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Drop whole samples (stochastic depth), as ``timm.layers.drop_path``.
+    """`spec` applied to `x` (plus `residual`) by torch's ops on x's device."""
+    mask = spec.mask
+    if type(mask) is Bernoulli:
+        out = _bernoulli(x, spec, inplace, generator)
+    elif type(mask) is Blocks:
+        # timm's own algorithm, from the public function's arguments (`origin`).
+        assert spec.origin is not None
+        out = drop_block_2d(x, **spec.origin, inplace=inplace, training=True, generator=generator)
+    else:
+        raise TypeError(f"not a fastdrop mask: {mask!r}")
+    return out if residual is None else residual + out
 
-    If ``drop_prob == 0`` or ``not training`` the input itself is returned.
-    Otherwise, with ``keep = 1 - drop_prob``::
 
-        mask = x.new_empty((N, 1, ..., 1)).bernoulli_(keep, generator=generator)
-        if keep > 0 and scale_by_keep:
-            mask.div_(keep)
-        return x * mask
+def _bernoulli(x: torch.Tensor, spec: Spec, inplace: bool, generator: Any) -> torch.Tensor:
+    """ATen's `_dropout_impl` on the spec's mask shape: noise ~ Bernoulli(keep), divided by
+    keep to scale, or turned into alpha dropout's affine map."""
+    mask, app = spec.mask, spec.application
+    assert type(mask) is Bernoulli
+    keep, shape = mask.keep, tuple(mask.shape)
+    if type(app) is Scale:
+        if generator is None and shape == tuple(x.shape) and app.scale != 1.0:
+            return F.dropout(x, 1.0 - keep, True, inplace)
+        noise = _bernoulli_noise(x, shape, keep, generator)
+        if app.scale != 1.0 and keep > 0.0:
+            noise.div_(keep)
+        return x.mul_(noise) if inplace else x * noise
+    if type(app) is Affine:
+        noise = _bernoulli_noise(x, shape, keep, generator)
+        b = noise.add(-1).mul_(app.shift - app.dropped).add_(app.shift)
+        noise.mul_(app.a)
+        return x.mul_(noise).add_(b) if inplace else x * noise + b
+    raise TypeError(f"a Bernoulli mask takes a Scale or Affine application, not {app!r}")
 
-    where the mask has ``x.ndim`` dimensions, ``N = x.shape[0]``, and the
-    mask has ``x``'s dtype and device (so the ``1 / keep`` factor is rounded
-    to ``x``'s dtype). With ``drop_prob == 1`` every sample is zeroed and
-    nothing is scaled.
 
-    Parameters
-    ----------
-    x : torch.Tensor
-        Input of at least one dimension; dimension 0 is the sample dimension.
-    drop_prob : float, optional
-        Probability of dropping each sample, in ``[0, 1]``. Default 0.0.
-    training : bool, optional
-        Apply the drop only when true. Default False (as timm).
-    scale_by_keep : bool, optional
-        Divide kept samples by ``keep``. Default True.
-    generator : torch.Generator, optional
-        Generator for the Bernoulli draw, on ``x``'s device.
+def _bernoulli_noise(x: torch.Tensor, shape: tuple, keep: float, generator: Any) -> torch.Tensor:
+    # Real noise for a complex input, as ATen's (bernoulli_ has no complex kernel).
+    noise_dtype = x.real.dtype if x.is_complex() else x.dtype
+    noise = torch.empty(shape, dtype=noise_dtype, device=x.device)
+    return noise.bernoulli_(keep, generator=generator)
 
-    Returns
-    -------
-    torch.Tensor
-        ``x`` itself when nothing is applied, else a new tensor.
 
-    Raises
-    ------
-    ValueError
-        If ``drop_prob`` is outside ``[0, 1]`` or ``x`` is 0-dimensional.
-    """
-    _check_prob(drop_prob, "drop_prob")
-    if drop_prob == 0.0 or not training:
-        return x
-    if x.ndim == 0:
-        raise ValueError("drop_path needs a tensor with a batch dimension, got a 0-d tensor")
-    keep_prob = 1 - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    random_tensor = x.new_empty(shape).bernoulli_(keep_prob, generator=generator)
-    if keep_prob > 0.0 and scale_by_keep:
-        random_tensor.div_(keep_prob)
-    return x * random_tensor
+# --- timm's DropBlock ---------------------------------------------------------------------------
 
 
 def drop_block_kernel(height: int, width: int, block_size: int) -> tuple[int, int]:
@@ -259,11 +270,8 @@ def drop_block_2d(
     TypeError
         If ``x`` is not floating point or ``block_size`` is not an int.
     """
-    _check_prob(drop_prob, "drop_prob")
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    drop_prob = check_prob(drop_prob, "drop_prob")
+    block_size = check_int(block_size, "block_size", 1)
     if math.isnan(gamma_scale) or gamma_scale < 0:
         raise ValueError(f"gamma_scale must be >= 0, got {gamma_scale!r}")
     if x.ndim != 4:
@@ -319,93 +327,50 @@ def drop_block_2d(
     return x
 
 
-def dropout_add(
-    input: torch.Tensor,
-    residual: torch.Tensor,
-    p: float,
-    training: bool,
-    generator: torch.Generator | None = None,
+# --- the family members that are not a mask -----------------------------------------------------
+
+
+def _op_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gaussian_dropout(x: torch.Tensor, sigma: float, inplace: bool, generator: Any) -> torch.Tensor:
+    """``x * (1 + sigma * z)`` with ``z`` drawn by torch on x's device, in float32 (float64 for
+    float64) and rounded once to x's dtype."""
+    gen = device_generator(generator, x.device)
+    op = _op_dtype(x)
+    z = torch.randn(x.shape, dtype=op, device=x.device, generator=gen)
+    factor = z.mul_(sigma).add_(1.0)
+    out = (x.to(op) * factor).to(x.dtype)
+    return x.copy_(out) if inplace else out
+
+
+def patch_indices(
+    x: torch.Tensor, batch: int, tokens: int, prob: float, ordered: bool, generator: Any
 ) -> torch.Tensor:
-    """``residual + F.dropout(input, p, training)``.
-
-    With ``generator=None`` this is literally that expression. With a
-    generator, the dropout is spelled out the way PyTorch's non-fused
-    (CPU) ``dropout`` computes it, drawing from ``generator``::
-
-        mask = torch.empty_like(input).bernoulli_(1 - p, generator=generator)
-        mask.div_(1 - p)
-        out = residual + input * mask      # p == 1: residual + input * 0
-
-    On the CPU this gives the same values as ``F.dropout`` seeded
-    identically; on CUDA ``F.dropout`` uses a fused kernel with its own
-    random stream, so only the distribution is the same.
-
-    Parameters
-    ----------
-    input : torch.Tensor
-        Tensor to drop out.
-    residual : torch.Tensor
-        Tensor added to the result (broadcasting as ``+`` does).
-    p : float
-        Drop probability in ``[0, 1]``.
-    training : bool
-        Apply dropout only when true.
-    generator : torch.Generator, optional
-        Generator for the Bernoulli draw, on ``input``'s device.
-
-    Returns
-    -------
-    torch.Tensor
-        A new tensor.
-
-    Raises
-    ------
-    ValueError
-        If ``p`` is outside ``[0, 1]``.
-    """
-    if generator is None:
-        return residual + F.dropout(input, p, training)
-    _check_prob(p, "p")
-    if not training or p == 0.0 or input.numel() == 0:
-        return residual + input
-    if p == 1.0:
-        return residual + input * torch.zeros((), dtype=input.dtype, device=input.device)
-    noise = torch.empty_like(input).bernoulli_(1 - p, generator=generator)
-    noise.div_(1 - p)
-    return residual + input * noise
+    """timm's PatchDropout token choice on x's device: the first ``max(1, int(L * (1 - prob)))``
+    of an argsort of normal deviates, per sample."""
+    gen = device_generator(generator, x.device)
+    num_keep = max(1, int(tokens * (1.0 - prob)))
+    noise = torch.randn(batch, tokens, device=x.device, generator=gen)
+    idx = torch.argsort(noise, dim=-1)[:, :num_keep]
+    if ordered:
+        idx = idx.sort(dim=-1)[0]
+    return idx
 
 
-def drop_path_add(
-    x: torch.Tensor,
-    branch: torch.Tensor,
-    drop_prob: float,
-    training: bool,
-    scale_by_keep: bool = True,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``x + drop_path(branch, drop_prob, training, scale_by_keep, generator)``.
-
-    The residual update of a block with stochastic depth: the branch output
-    is dropped (and rescaled) per sample, then added to the shortcut ``x``.
-
-    Parameters
-    ----------
-    x : torch.Tensor
-        Shortcut tensor.
-    branch : torch.Tensor
-        Residual-branch output; dimension 0 is the sample dimension.
-    drop_prob : float
-        Probability of dropping the branch of each sample, in ``[0, 1]``.
-    training : bool
-        Apply only when true.
-    scale_by_keep : bool, optional
-        Divide kept branches by ``1 - drop_prob``. Default True.
-    generator : torch.Generator, optional
-        Generator for the Bernoulli draw.
-
-    Returns
-    -------
-    torch.Tensor
-        A new tensor.
-    """
-    return x + drop_path(branch, drop_prob, training, scale_by_keep, generator)
+def drop_block_torchvision(x, p, block_size, inplace, eps, generator):
+    """torchvision's recipe on the device; a seed at a corner grows into the block after it,
+    which also covers even sizes."""
+    spatial = tuple(int(s) for s in x.shape[2:])
+    b, gamma = torchvision_block_seed_rate(spatial, p, block_size)
+    gen = device_generator(generator, x.device)
+    pool = F.max_pool3d if len(spatial) == 3 else F.max_pool2d
+    with torch.no_grad():
+        seeds = torch.empty(
+            tuple(x.shape[:2]) + tuple(s - b + 1 for s in spatial), dtype=x.dtype, device=x.device
+        ).bernoulli_(gamma, generator=gen)
+        seeds = F.pad(seeds, [b - 1] * (2 * len(spatial)), value=0.0)
+        keep = 1.0 - pool(seeds, kernel_size=b, stride=1)
+        keep.mul_(keep.numel() / (eps + keep.sum()))
+    return x.mul_(keep) if inplace else x * keep

@@ -1,24 +1,21 @@
-"""Tests for python/fastdrop/_torch_fallback.py (loaded by file path, not via the package)."""
+"""Tests for python/fastdrop/_device.py: torch's own ops, the path for tensors off the CPU.
+
+Its functions run on any device, so their values are checked here on CPU tensors against timm
+and torch; the public functions on ``meta`` (and CUDA, when present) tensors take this path.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import pathlib
 import struct
-import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
+import fastdrop  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "python" / "fastdrop" / "_torch_fallback.py"
-_spec = importlib.util.spec_from_file_location("_fastdrop_torch_fallback_under_test", _PATH)
-assert _spec is not None and _spec.loader is not None
-fb = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fb
-_spec.loader.exec_module(fb)
+from fastdrop import _device as dev  # noqa: E402
+from fastdrop import functional as fd  # noqa: E402
 
 try:
     from timm.layers import drop as timm_drop
@@ -42,6 +39,25 @@ def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 # ======================================================================== drop_path
+# The device path of `fastdrop.drop_path` / `dropout_add` / `drop_path_add`: the public
+# function's spec run by `_device.run` on a CPU tensor (the public function answers a call that
+# drops nothing itself, before any path).
+
+
+def _drop_path(x, drop_prob=0.0, training=False, scale_by_keep=True, generator=None, add=None):
+    if not training or drop_prob == 0.0:
+        if add is None:
+            return fastdrop.drop_path(x, drop_prob, training, scale_by_keep)
+        return fastdrop.drop_path_add(add, x, drop_prob, training, scale_by_keep)
+    return dev.run(x, fd._path_spec(x, drop_prob, scale_by_keep), False, generator, add)
+
+
+def _dropout_add(inp, res, p, training, generator=None):
+    if not training or p == 0.0:
+        return fastdrop.dropout_add(inp, res, p, training)
+    return dev.run(inp, fd._scale_spec(tuple(inp.shape), p), False, generator, res)
+
+
 @needs_timm
 @pytest.mark.parametrize("shape", [(8,), (8, 5), (16, 3, 4, 4), (6, 2, 3, 4, 5)])
 @pytest.mark.parametrize("drop_prob", [0.0, 0.1, 0.5, 0.9, 1.0])
@@ -52,47 +68,47 @@ def test_drop_path_matches_timm(shape, drop_prob, scale_by_keep, dtype) -> None:
     torch.manual_seed(1234)
     ref = timm_drop.drop_path(x, drop_prob, True, scale_by_keep)
     torch.manual_seed(1234)
-    out = fb.drop_path(x, drop_prob, True, scale_by_keep)
+    out = _drop_path(x, drop_prob, True, scale_by_keep)
     assert_bitwise_equal(out, ref)
 
 
 def test_drop_path_identity_cases() -> None:
-    x = torch.randn(4, 3)
-    assert fb.drop_path(x, 0.5, training=False) is x
-    assert fb.drop_path(x, 0.0, training=True) is x
-    assert fb.drop_path(x) is x  # timm defaults: drop_prob=0, training=False
+    for x in (torch.randn(4, 3), torch.empty(4, 3, device="meta")):
+        assert fastdrop.drop_path(x, 0.5, training=False) is x
+        assert fastdrop.drop_path(x, 0.0, training=True) is x
+        assert fastdrop.drop_path(x) is x  # timm defaults: drop_prob=0, training=False
 
 
 def test_drop_path_structure() -> None:
     x = torch.ones(64, 3, 5)
-    out = fb.drop_path(x, 0.25, training=True)
+    out = _drop_path(x, 0.25, training=True)
     per_sample = out.reshape(64, -1)
     for row in per_sample:
         assert torch.all(row == row[0])
         assert row[0].item() == 0.0 or row[0].item() == pytest.approx(1 / 0.75)
-    out = fb.drop_path(x, 0.25, training=True, scale_by_keep=False)
+    out = _drop_path(x, 0.25, training=True, scale_by_keep=False)
     assert set(out.unique().tolist()) <= {0.0, 1.0}
-    assert torch.all(fb.drop_path(x, 1.0, training=True) == 0)
+    assert torch.all(_drop_path(x, 1.0, training=True) == 0)
 
 
 def test_drop_path_generator() -> None:
     x = torch.randn(32, 4)
     state = torch.random.get_rng_state()
-    a = fb.drop_path(x, 0.5, True, generator=torch.Generator().manual_seed(7))
-    b = fb.drop_path(x, 0.5, True, generator=torch.Generator().manual_seed(7))
+    a = _drop_path(x, 0.5, True, generator=torch.Generator().manual_seed(7))
+    b = _drop_path(x, 0.5, True, generator=torch.Generator().manual_seed(7))
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
     assert_bitwise_equal(a, b)
     torch.manual_seed(7)
-    assert_bitwise_equal(a, fb.drop_path(x, 0.5, True))  # fresh generator == manual_seed stream
+    assert_bitwise_equal(a, _drop_path(x, 0.5, True))  # fresh generator == manual_seed stream
 
 
 def test_drop_path_errors() -> None:
-    x = torch.randn(4, 3)
-    for p in (-0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError):
-            fb.drop_path(x, p, True)
+    for x in (torch.randn(4, 3), torch.empty(4, 3, device="meta")):
+        for p in (-0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError):
+                fastdrop.drop_path(x, p, True)
     with pytest.raises(ValueError):
-        fb.drop_path(torch.tensor(1.0), 0.5, True)
+        fastdrop.drop_path(torch.empty((), device="meta"), 0.5, True)
 
 
 # ======================================================================== drop_block_2d
@@ -121,12 +137,12 @@ def test_drop_block_matches_timm(
     torch.manual_seed(99)
     ref = timm_drop.drop_block_2d(x.clone(), **kwargs)
     torch.manual_seed(99)
-    out = fb.drop_block_2d(x.clone(), **kwargs)
+    out = dev.drop_block_2d(x.clone(), **kwargs)
     assert_bitwise_equal(out, ref)
     # in-place variant: same values, same object
     torch.manual_seed(99)
     y = x.clone()
-    out_inplace = fb.drop_block_2d(y, inplace=True, **kwargs)
+    out_inplace = dev.drop_block_2d(y, inplace=True, **kwargs)
     assert out_inplace is y
     assert_bitwise_equal(out_inplace, ref)
 
@@ -140,7 +156,7 @@ def test_drop_block_matches_timm_dtypes(dtype, block_size) -> None:
         torch.manual_seed(5)
         ref = timm_drop.drop_block_2d(x, 0.2, block_size, gamma_scale)
         torch.manual_seed(5)
-        out = fb.drop_block_2d(x, 0.2, block_size, gamma_scale)
+        out = dev.drop_block_2d(x, 0.2, block_size, gamma_scale)
         assert_bitwise_equal(out, ref)
 
 
@@ -178,14 +194,14 @@ def test_drop_block_matches_documented_algorithm(
     B, C, H, W = shape
     x = torch.randn(shape, generator=torch.Generator().manual_seed(11))
     drop_prob = 0.4
-    kh, kw = fb.drop_block_kernel(H, W, block_size)
+    kh, kw = dev.drop_block_kernel(H, W, block_size)
     assert (kh, kw) == (min(block_size, H), min(block_size, W))
-    gamma = fb.drop_block_gamma(H, W, block_size, drop_prob)
+    gamma = dev.drop_block_gamma(H, W, block_size, drop_prob)
     assert gamma == float(drop_prob * H * W) / float(kh * kw) / float((H - kh + 1) * (W - kw + 1))
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         seeds = torch.empty((B, 1 if couple_channels else C, H, W)).bernoulli_(gamma, generator=g)
-        out = fb.drop_block_2d(
+        out = dev.drop_block_2d(
             x,
             drop_prob,
             block_size,
@@ -216,10 +232,10 @@ def test_drop_block_fraction() -> None:
     torch.manual_seed(123)
     x = torch.ones((32, 16, 56, 56))
     drop_prob = 0.1
-    out = fb.drop_block_2d(x, drop_prob=drop_prob, block_size=7, scale_by_keep=False)
+    out = dev.drop_block_2d(x, drop_prob=drop_prob, block_size=7, scale_by_keep=False)
     frac = (out == 0).sum().item() / out.numel()
     assert abs(frac - drop_prob) < 0.03
-    out = fb.drop_block_2d(
+    out = dev.drop_block_2d(
         x, drop_prob=drop_prob, block_size=7, couple_channels=False, scale_by_keep=False
     )
     frac = (out == 0).sum().item() / out.numel()
@@ -228,19 +244,21 @@ def test_drop_block_fraction() -> None:
 
 def test_drop_block_structure() -> None:
     x = torch.ones(2, 4, 16, 16)
-    out = fb.drop_block_2d(x, 0.3, 5, generator=torch.Generator().manual_seed(0))
+    out = dev.drop_block_2d(x, 0.3, 5, generator=torch.Generator().manual_seed(0))
     zero = out == 0
     assert torch.equal(zero, zero[:, :1].expand_as(zero))  # coupled: same mask for every channel
     kept = out[~zero]
     assert torch.all(kept == kept[0]) and kept[0] > 1  # one scale factor, > 1
     n, k = 2 * 16 * 16, int((~zero[:, 0]).sum())
     assert kept[0].item() == pytest.approx(n / k, rel=1e-6)
-    out = fb.drop_block_2d(
+    out = dev.drop_block_2d(
         x, 0.3, 5, couple_channels=False, generator=torch.Generator().manual_seed(0)
     )
     assert not torch.equal(out[0, 0] == 0, out[0, 1] == 0)
-    noisy = fb.drop_block_2d(x, 0.3, 5, with_noise=True, generator=torch.Generator().manual_seed(0))
-    plain = fb.drop_block_2d(
+    noisy = dev.drop_block_2d(
+        x, 0.3, 5, with_noise=True, generator=torch.Generator().manual_seed(0)
+    )
+    plain = dev.drop_block_2d(
         x, 0.3, 5, scale_by_keep=False, generator=torch.Generator().manual_seed(0)
     )
     dropped = plain == 0
@@ -250,7 +268,7 @@ def test_drop_block_structure() -> None:
 
 def test_drop_block_everything_dropped() -> None:
     x = torch.randn(1, 2, 3, 3)
-    out = fb.drop_block_2d(x, 1.0, 3, gamma_scale=1.0, generator=torch.Generator().manual_seed(0))
+    out = dev.drop_block_2d(x, 1.0, 3, gamma_scale=1.0, generator=torch.Generator().manual_seed(0))
     # gamma = 1 for a block covering the map: every pixel is a seed
     assert torch.all(out == 0) and not torch.isnan(out).any()
 
@@ -258,10 +276,10 @@ def test_drop_block_everything_dropped() -> None:
 def test_drop_block_identity_cases() -> None:
     x = torch.randn(2, 3, 8, 8)
     state = torch.random.get_rng_state()
-    assert fb.drop_block_2d(x, 0.5, 3, training=False) is x
-    assert fb.drop_block_2d(x, 0.0, 3) is x
+    assert dev.drop_block_2d(x, 0.5, 3, training=False) is x
+    assert dev.drop_block_2d(x, 0.0, 3) is x
     empty = torch.randn(0, 3, 8, 8)
-    assert fb.drop_block_2d(empty, 0.5, 3) is empty
+    assert dev.drop_block_2d(empty, 0.5, 3) is empty
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -269,10 +287,10 @@ def test_drop_block_generator() -> None:
     x = torch.randn(2, 3, 12, 12)
     state = torch.random.get_rng_state()
     for noise in (False, True):
-        a = fb.drop_block_2d(
+        a = dev.drop_block_2d(
             x, 0.3, 4, with_noise=noise, generator=torch.Generator().manual_seed(21)
         )
-        b = fb.drop_block_2d(
+        b = dev.drop_block_2d(
             x, 0.3, 4, with_noise=noise, generator=torch.Generator().manual_seed(21)
         )
         assert_bitwise_equal(a, b)
@@ -281,9 +299,9 @@ def test_drop_block_generator() -> None:
 
 def test_drop_block_grad() -> None:
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
-    out = fb.drop_block_2d(x, 0.3, 3, generator=torch.Generator().manual_seed(1))
+    out = dev.drop_block_2d(x, 0.3, 3, generator=torch.Generator().manual_seed(1))
     out.sum().backward()
-    expected = fb.drop_block_2d(
+    expected = dev.drop_block_2d(
         torch.ones(2, 3, 8, 8), 0.3, 3, generator=torch.Generator().manual_seed(1)
     )
     assert torch.equal(x.grad, expected)
@@ -293,19 +311,19 @@ def test_drop_block_errors() -> None:
     x = torch.randn(2, 3, 8, 8)
     for p in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError):
-            fb.drop_block_2d(x, p)
+            dev.drop_block_2d(x, p)
     with pytest.raises(ValueError):
-        fb.drop_block_2d(x, 0.1, 0)
+        dev.drop_block_2d(x, 0.1, 0)
     with pytest.raises(TypeError):
-        fb.drop_block_2d(x, 0.1, 3.0)
+        dev.drop_block_2d(x, 0.1, 3.0)
     with pytest.raises(ValueError):
-        fb.drop_block_2d(x, 0.1, 3, gamma_scale=-1.0)
+        dev.drop_block_2d(x, 0.1, 3, gamma_scale=-1.0)
     with pytest.raises(ValueError, match="gamma"):
-        fb.drop_block_2d(x, 1.0, 3, gamma_scale=100.0)
+        dev.drop_block_2d(x, 1.0, 3, gamma_scale=100.0)
     with pytest.raises(ValueError):
-        fb.drop_block_2d(torch.randn(3, 8, 8), 0.1)
+        dev.drop_block_2d(torch.randn(3, 8, 8), 0.1)
     with pytest.raises(TypeError):
-        fb.drop_block_2d(torch.ones(2, 3, 8, 8, dtype=torch.int64), 0.1)
+        dev.drop_block_2d(torch.ones(2, 3, 8, 8, dtype=torch.int64), 0.1)
 
 
 # ======================================================================== add variants
@@ -315,19 +333,19 @@ def test_dropout_add_matches_expression() -> None:
         torch.manual_seed(2)
         ref = res + F.dropout(inp, p, training)
         torch.manual_seed(2)
-        assert_bitwise_equal(fb.dropout_add(inp, res, p, training), ref)
+        assert_bitwise_equal(_dropout_add(inp, res, p, training), ref)
         # with a generator: same values as F.dropout seeded identically (CPU, non-fused path)
-        out = fb.dropout_add(inp, res, p, training, generator=torch.Generator().manual_seed(2))
+        out = _dropout_add(inp, res, p, training, generator=torch.Generator().manual_seed(2))
         assert_bitwise_equal(out, ref)
 
 
 def test_dropout_add_errors() -> None:
-    inp = torch.randn(4)
+    inp = torch.empty(4, device="meta")
     for p in (-0.5, 1.5):
         with pytest.raises(ValueError):
-            fb.dropout_add(inp, inp, p, True)
+            fastdrop.dropout_add(inp, inp, p, True)
         with pytest.raises(ValueError):
-            fb.dropout_add(inp, inp, p, True, generator=torch.Generator())
+            fastdrop.dropout_add(inp, inp, p, True, generator=torch.Generator())
 
 
 def test_drop_path_add() -> None:
@@ -339,12 +357,10 @@ def test_drop_path_add() -> None:
         (0.4, False, True),
     ]:
         torch.manual_seed(3)
-        ref = x + fb.drop_path(branch, p, training, sbk)
+        ref = x + _drop_path(branch, p, training, sbk)
         torch.manual_seed(3)
-        assert_bitwise_equal(fb.drop_path_add(x, branch, p, training, sbk), ref)
-        g_out = fb.drop_path_add(
-            x, branch, p, training, sbk, generator=torch.Generator().manual_seed(3)
-        )
+        assert_bitwise_equal(_drop_path(branch, p, training, sbk, add=x), ref)
+        g_out = _drop_path(branch, p, training, sbk, torch.Generator().manual_seed(3), add=x)
         assert_bitwise_equal(g_out, ref)
 
 
@@ -353,18 +369,18 @@ def test_meta_tensors() -> None:
     x = torch.empty(4, 3, 10, 7, device="meta")
     r = torch.empty(4, 3, 10, 7, device="meta")
     outs = [
-        fb.drop_path(x, 0.2, True),
-        fb.drop_path_add(r, x, 0.2, True),
-        fb.dropout_add(x, r, 0.2, True),
+        fastdrop.drop_path(x, 0.2, True),
+        fastdrop.drop_path_add(r, x, 0.2, True),
+        fastdrop.dropout_add(x, r, 0.2, True),
     ]
     for bs in (3, 4, 12):
         for cc, noise, sbk in itertools.product([True, False], repeat=3):
             outs.append(
-                fb.drop_block_2d(
+                dev.drop_block_2d(
                     x, 0.2, bs, with_noise=noise, couple_channels=cc, scale_by_keep=sbk
                 )
             )
-    outs.append(fb.drop_block_2d(x.clone(), 0.2, 4, inplace=True))
+    outs.append(dev.drop_block_2d(x.clone(), 0.2, 4, inplace=True))
     for o in outs:
         assert o.device.type == "meta"
         assert o.shape == x.shape
@@ -379,12 +395,12 @@ def test_cuda_device_paths() -> None:
     try:
         x = torch.ones(8, 4, 16, 16, device=dev)
         g = torch.Generator(device=dev).manual_seed(0)
-        dp = fb.drop_path(x, 0.5, True, generator=g)
-        db = fb.drop_block_2d(x, 0.3, 5, generator=g)
-        dbn = fb.drop_block_2d(x, 0.3, 4, with_noise=True, couple_channels=False, generator=g)
-        da = fb.dropout_add(x, x, 0.5, True, generator=g)
-        da0 = fb.dropout_add(x, x, 0.5, True)
-        dpa = fb.drop_path_add(x, x, 0.5, True, generator=g)
+        dp = fastdrop.drop_path(x, 0.5, True, generator=g)
+        db = dev.drop_block_2d(x, 0.3, 5, generator=g)
+        dbn = dev.drop_block_2d(x, 0.3, 4, with_noise=True, couple_channels=False, generator=g)
+        da = fastdrop.dropout_add(x, x, 0.5, True, generator=g)
+        da0 = fastdrop.dropout_add(x, x, 0.5, True)
+        dpa = fastdrop.drop_path_add(x, x, 0.5, True, generator=g)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for o in (dp, db, dbn, da, da0, dpa):
@@ -402,11 +418,11 @@ def test_cuda_device_paths() -> None:
     assert set(da0.unique().tolist()) <= {1.0, 3.0}
     assert set(dpa.unique().tolist()) <= {1.0, 3.0}
     # reproducible with a CUDA generator
-    a = fb.drop_block_2d(x, 0.3, 5, generator=torch.Generator(device=dev).manual_seed(1))
-    b = fb.drop_block_2d(x, 0.3, 5, generator=torch.Generator(device=dev).manual_seed(1))
+    a = dev.drop_block_2d(x, 0.3, 5, generator=torch.Generator(device=dev).manual_seed(1))
+    b = dev.drop_block_2d(x, 0.3, 5, generator=torch.Generator(device=dev).manual_seed(1))
     assert torch.equal(a, b)
     if timm_drop is not None:
         torch.manual_seed(4)
         ref = timm_drop.drop_block_2d(x, 0.3, 6, couple_channels=False)
         torch.manual_seed(4)
-        assert torch.equal(fb.drop_block_2d(x, 0.3, 6, couple_channels=False), ref)
+        assert torch.equal(dev.drop_block_2d(x, 0.3, 6, couple_channels=False), ref)
