@@ -1,7 +1,6 @@
 """`_core.apply`, the one entry point a typed `fastdrop._spec.Spec` goes through (issue 15):
-the same masks, outputs and counters as the entry points it replaces (`bernoulli_apply`,
-`drop_block_apply`) from the same generator state, every application kind, stored and keyed
-masks, and errors that come before any write and leave the generator as it was."""
+outputs that are each application of the mask the call's first block redraws, every
+application kind, stored and keyed masks, block masks, and errors that come before any write and leave the generator as it was."""
 
 from __future__ import annotations
 
@@ -15,12 +14,7 @@ from fastdrop._spec import Affine, Bernoulli, Blocks, Noise, Scale, ScaleByKept,
 
 X = np.random.default_rng(1).standard_normal((4, 6, 9, 10)).astype(np.float32)
 
-# (application for apply, the same as bernoulli_apply's tuple)
-APPLICATIONS = [
-    (Scale(2.0), ("scale", 2.0)),
-    (Affine(1.5, -0.25, 0.75), ("affine", 1.5, -0.25, 0.75)),
-    (Noise(1.25), ("noise", 1.25)),
-]
+APPLICATIONS = [Scale(2.0), Affine(1.5, -0.25, 0.75), Noise(1.25)]
 # element (fused into the kernel), channel, sample and a broadcast last axis (drawn first)
 MASK_SHAPES = [X.shape, (4, 6, 1, 1), (4, 1, 1, 1), (1, 1, 1, 10)]
 
@@ -33,55 +27,82 @@ def _bits_equal(a, b):
     return a.shape == b.shape and a.to_bytes() == b.to_bytes()
 
 
+def _expected(x, keep, app, residual):
+    """What an application makes of `x` where `keep` (broadcast) says kept; NaN where the
+    dropped value is noise (checked separately)."""
+    if isinstance(app, Affine):
+        y = np.where(keep, x * np.float32(app.a) + np.float32(app.shift), np.float32(app.dropped))
+    elif isinstance(app, Noise):
+        y = np.where(keep, x * np.float32(app.scale), np.nan)
+    else:
+        y = np.where(keep, x * np.float32(app.scale), np.float32(0.0))
+    y = y.astype(np.float32)
+    return y if residual is None else y + residual
+
+
+def _check_output(out, x, keep, app, residual):
+    want = _expected(x, keep, app, residual)
+    kept = np.broadcast_to(keep, x.shape)
+    np.testing.assert_allclose(out[kept], want[kept], rtol=1e-6, atol=1e-6)
+    if isinstance(app, Noise):
+        noise = out[~kept] - (0.0 if residual is None else residual[~kept])
+        # one deviate per dropped decision, shared by the elements the decision covers
+        assert np.isfinite(noise).all()
+        assert np.unique(noise).size == np.count_nonzero(~np.asarray(keep))
+    else:
+        np.testing.assert_allclose(out[~kept], want[~kept], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=str)
-@pytest.mark.parametrize("app,legacy", APPLICATIONS, ids=lambda a: getattr(a, "kind", ""))
+@pytest.mark.parametrize("app", APPLICATIONS, ids=lambda a: a.kind)
 @pytest.mark.parametrize("store_mask", [False, True])
-def test_apply_matches_bernoulli_apply_from_the_same_state(mask_shape, app, legacy, store_mask):
+def test_apply_writes_its_application_of_the_mask_its_first_block_redraws(
+    mask_shape, app, store_mask
+):
     residual = np.full_like(X, 0.5)
     for r in [None, residual]:
-        g1, g2 = Generator(7).fork(3), Generator(7).fork(3)
-        g1.set_state((7, g1.stream, 1234))
-        g2.set_state(g1.get_state())
-        out1, out2 = np.full_like(X, np.nan), np.full_like(X, np.nan)
-        got = _core.apply(X, out1, r, _spec(Bernoulli(mask_shape, 0.6), app), g1, store_mask)
-        want = _core.bernoulli_apply(X, out2, r, list(mask_shape), legacy, 0.6, g2, store_mask)
-        np.testing.assert_array_equal(out1, out2)
-        assert g1.get_state() == g2.get_state()
+        g = Generator(7).fork(3)
+        g.set_state((7, g.stream, 1234))
+        out = np.full_like(X, np.nan)
+        got = _core.apply(X, out, r, _spec(Bernoulli(mask_shape, 0.6), app), g, store_mask)
         assert got.first_block == 1234
+        # The redraw: the same key and first block, stored this time.
+        again = Generator(7).fork(3)
+        again.set_state((7, again.stream, 1234))
+        redrawn = _core.apply(
+            X, np.empty_like(X), r, _spec(Bernoulli(mask_shape, 0.6), app), again, True
+        )
+        assert g.get_state() == again.get_state()  # the same counter range, taken whole
         if store_mask:
-            assert _bits_equal(got.bits, want)
+            assert _bits_equal(got.bits, redrawn.bits)
         else:
-            assert got.bits is None and want == 1234
+            assert got.bits is None
+        _check_output(out, X, _keep_of(redrawn.bits), app, r)
         assert got.scale == (app.a if isinstance(app, Affine) else app.scale)
 
 
 @pytest.mark.parametrize("couple", [False, True])
-@pytest.mark.parametrize(
-    "app,with_noise,scale_by_keep",
-    [(ScaleByKept(), False, True), (Scale(1.0), False, False), (Noise(1.0), True, True)],
-    ids=["scale_by_kept", "scale", "noise"],
-)
+@pytest.mark.parametrize("app", [ScaleByKept(), Scale(1.0), Noise(1.0)], ids=lambda a: a.kind)
 @pytest.mark.parametrize("store_mask", [False, True])
-def test_apply_matches_drop_block_apply_from_the_same_state(
-    couple, app, with_noise, scale_by_keep, store_mask
-):
+def test_a_block_mask_always_returns_its_bits_and_applies_them(couple, app, store_mask):
     n, c, h, w = X.shape
     mask = Blocks((n, 1 if couple else c, h, w), 0.08, 3, 2)
-    g1, g2 = Generator(11), Generator(11)
-    out1, out2 = np.full_like(X, np.nan), np.full_like(X, np.nan)
-    got = _core.apply(X, out1, None, _spec(mask, app), g1, store_mask)
-    bits, scale = _core.drop_block_apply(X, out2, 0.08, 3, 2, couple, with_noise, scale_by_keep, g2)
-    np.testing.assert_array_equal(out1, out2)
-    assert g1.get_state() == g2.get_state()
-    assert got.first_block == 0
+    g = Generator(11)
+    out = np.full_like(X, np.nan)
+    got = _core.apply(X, out, None, _spec(mask, app), g, store_mask)
+    assert got.first_block == 0 and g.offset > 0
     # DropBlock's dilated bits are kept whatever store_mask says: they are not redrawn.
-    assert _bits_equal(got.bits, bits)
-    assert got.scale == scale
-    if scale_by_keep and not with_noise:
-        m = int(np.prod(mask.shape))
-        assert got.scale == m / got.bits.count_kept()
+    keep = _keep_of(got.bits)
+    assert keep.shape == mask.shape and 0 < keep.sum() < keep.size
+    if isinstance(app, ScaleByKept):
+        assert got.scale == keep.size / got.bits.count_kept()
+        _check_output(out, X, keep, Scale(got.scale), None)
     else:
         assert got.scale == 1.0
+        _check_output(out, X, keep, app, None)
+    # The same state draws the same blocks.
+    again = _core.apply(X, np.empty_like(X), None, _spec(mask, app), Generator(11), store_mask)
+    assert _bits_equal(got.bits, again.bits)
 
 
 def _keep_of(bits: _core.MaskBits) -> np.ndarray:

@@ -168,7 +168,6 @@ def test_an_unknown_application_or_mask_is_refused_before_anything_is_written():
     x = np.ones((4, 8), np.float32)
     for spec in (
         Spec(Bernoulli((4, 8), 0.5), Shift(1.0), 1.0),  # type: ignore[arg-type]
-        Spec(Bernoulli((4, 8), 0.5), Noise(1.0), 1.0),  # noise needs a block mask's noise key
         Spec(Rows((4, 1), 0.5), Scale(2.0), 2.0),  # type: ignore[arg-type]
     ):
         out = np.full_like(x, 7.0)
