@@ -605,28 +605,6 @@ fn operands<'a, 'py>(
     ))
 }
 
-fn parse_application(app: &Bound<'_, PyTuple>) -> PyResult<Application> {
-    let bad = || {
-        PyValueError::new_err(format!(
-            "application must be ('scale', s), ('affine', a, shift, dropped) or ('noise', s), got {}",
-            app.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
-        ))
-    };
-    let kind = app.get_item(0).map_err(|_| bad())?;
-    let kind = kind.cast::<PyString>().map_err(|_| bad())?.to_cow()?;
-    let f = |i: usize| -> PyResult<f64> { app.get_item(i)?.extract() };
-    match (kind.as_ref(), app.len()) {
-        ("scale", 2) => Ok(Application::Scale { scale: f(1)? }),
-        ("affine", 4) => Ok(Application::Affine {
-            a: f(1)?,
-            shift: f(2)?,
-            dropped: f(3)?,
-        }),
-        ("noise", 2) => Ok(Application::Noise { scale: f(1)? }),
-        _ => Err(bad()),
-    }
-}
-
 /// Below this many elements the kernel takes less time than releasing and retaking the GIL.
 const RELEASE_GIL_MIN: usize = 1 << 14;
 
@@ -998,93 +976,6 @@ fn apply<'py>(
     })
 }
 
-/// What `bernoulli_apply` returns: the mask's bits, or only the counter block it started at,
-/// from which `(seed, stream, first_block)` replays the same bits (a mask is its key).
-#[derive(IntoPyObject)]
-enum Drawn {
-    Bits(MaskBits),
-    FirstBlock(u64),
-}
-
-/// `out = application(mask, x) [+ residual]` with a fresh Bernoulli(keep) mask of `mask_shape`
-/// drawn from `generator`. Returns the mask when `store_mask`, else the first counter block the
-/// call reserved: a generator set to `(seed, stream, that block)` redraws the same mask.
-/// `apply` with a `Bernoulli` spec, until the Python side calls that.
-#[pyfunction]
-#[pyo3(signature = (x, out, residual, mask_shape, application, keep, generator, store_mask))]
-#[allow(clippy::too_many_arguments)]
-fn bernoulli_apply<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    out: &Bound<'py, PyAny>,
-    residual: Option<&Bound<'py, PyAny>>,
-    mask_shape: &Bound<'py, PyAny>,
-    application: &Bound<'py, PyTuple>,
-    keep: f64,
-    generator: &Generator,
-    store_mask: bool,
-) -> PyResult<Drawn> {
-    spec::check_probability("keep probability", keep)?;
-    let spec = Spec {
-        mask: Mask::Bernoulli {
-            shape: shape_arg("mask_shape", mask_shape)?,
-            keep,
-        },
-        application: parse_application(application)?,
-    };
-    let mut pins = Vec::new();
-    let ops = operands("input", x, out, residual, &mut pins)?;
-    let done = run_call(py, call::prepare(&spec, ops, &generator.state, store_mask)?);
-    Ok(match done.bits {
-        Some(bits) => Drawn::Bits(bits.into()),
-        None => Drawn::FirstBlock(done.first_block),
-    })
-}
-
-/// DropBlock on an (N, C, H, W) array: seeds Bernoulli(gamma) over (N, C or 1, H, W), grown to
-/// kh x kw blocks. Kept pixels are scaled by numel / kept when `scale_by_keep` (and left as they
-/// are with noise); dropped ones become 0 or, `with_noise`, N(0, 1) noise. Returns the mask.
-/// `apply` with a `Blocks` spec, until the Python side calls that.
-#[pyfunction]
-#[pyo3(signature = (x, out, gamma, kh, kw, couple_channels, with_noise, scale_by_keep, generator))]
-#[allow(clippy::too_many_arguments)]
-fn drop_block_apply<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    out: &Bound<'py, PyAny>,
-    gamma: f64,
-    kh: &Bound<'py, PyAny>,
-    kw: &Bound<'py, PyAny>,
-    couple_channels: bool,
-    with_noise: bool,
-    scale_by_keep: bool,
-    generator: &Generator,
-) -> PyResult<(MaskBits, f64)> {
-    spec::check_probability("gamma (the block seed rate)", gamma)?;
-    let (kh, kw) = (u64_arg("kh", kh)? as usize, u64_arg("kw", kw)? as usize);
-    let mut pins = Vec::new();
-    let ops = operands("input", x, out, None, &mut pins)?;
-    ops.check()?;
-    let spec = Spec {
-        mask: Mask::Blocks {
-            shape: spec::block_mask_shape(ops.x().shape(), couple_channels)?,
-            gamma,
-            kh,
-            kw,
-        },
-        application: match (with_noise, scale_by_keep) {
-            (true, _) => Application::Noise { scale: 1.0 },
-            (false, true) => Application::ScaleByKept,
-            (false, false) => Application::Scale { scale: 1.0 },
-        },
-    };
-    let done = run_call(py, call::prepare(&spec, ops, &generator.state, true)?);
-    let bits = done.bits.ok_or_else(|| {
-        pyo3::exceptions::PySystemError::new_err("a DropBlock call returned no mask")
-    })?;
-    Ok((bits.into(), done.scale))
-}
-
 /// `out = x * mask * scale [+ residual]`: the backward of every variant, and the forward replay
 /// of a saved mask.
 #[pyfunction]
@@ -1327,8 +1218,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Applied>()?;
     m.add_function(wrap_pyfunction!(_generator_from_state, m)?)?;
     m.add_function(wrap_pyfunction!(apply, m)?)?;
-    m.add_function(wrap_pyfunction!(bernoulli_apply, m)?)?;
-    m.add_function(wrap_pyfunction!(drop_block_apply, m)?)?;
     m.add_function(wrap_pyfunction!(mask_apply, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;

@@ -100,17 +100,6 @@ pub fn check_probability(name: &'static str, value: f64) -> Result<()> {
     Ok(())
 }
 
-/// DropBlock's mask shape for an (N, C, H, W) input: (N, 1, H, W) when the channels share one
-/// mask (`couple_channels`), else the input's.
-pub fn block_mask_shape(input: &[usize], couple_channels: bool) -> Result<[usize; 4]> {
-    let [n, c, h, w] = input[..] else {
-        return Err(DropError::NotFourD {
-            shape: input.to_vec(),
-        });
-    };
-    Ok([n, if couple_channels { 1 } else { c }, h, w])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,12 +182,5 @@ mod tests {
         assert_eq!(spec.check(&[2, 9]), Ok(()));
         assert!(spec.check(&[3, 9]).is_err());
         assert!(spec.check(&[2, 9, 1]).is_err());
-    }
-
-    #[test]
-    fn block_mask_shapes_couple_channels_or_not() {
-        assert_eq!(block_mask_shape(&[2, 3, 4, 5], true), Ok([2, 1, 4, 5]));
-        assert_eq!(block_mask_shape(&[2, 3, 4, 5], false), Ok([2, 3, 4, 5]));
-        assert!(block_mask_shape(&[2, 3, 4], false).is_err());
     }
 }

@@ -1,6 +1,7 @@
 """`_core.apply`, the one entry point a typed `fastdrop._spec.Spec` goes through (issue 15):
 outputs that are each application of the mask the call's first block redraws, every
-application kind, stored and keyed masks, block masks, and errors that come before any write and leave the generator as it was."""
+application kind, stored and keyed masks, block masks, and errors that come before any write
+and leave the generator as it was."""
 
 from __future__ import annotations
 

@@ -386,90 +386,122 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 
 HOSTILE = [
-    # bernoulli_apply(x, out, residual, mask_shape, application, keep, generator, store_mask)
-    (lambda: _core.bernoulli_apply(A, A.copy(), None, [4, 8], (), 0.5, G, False), ValueError),
+    # apply(x, out, residual, spec, generator, store_mask): the operands and the spec's fields
     (
-        lambda: _core.bernoulli_apply(A, A.copy(), None, [4, 8], ("affine", 1.0), 0.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A.copy(), None, [4, 8], ("scale", "2"), 0.5, G, False),
-        TypeError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A.copy(), None, [4, 8], ["scale", 1.0], 0.5, G, False),
-        TypeError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A.copy(), None, [-4, 8], ("scale", 1.0), 0.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A.copy(), None, [4], ("scale", 1.0), 0.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A.copy(), None, [2, 8], ("scale", 1.0), 0.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A.copy(), None, [4, 8], ("scale", 1.0), 1.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A.copy(), None, [4, 8], ("scale", 1.0), 0.5, 3, 0),
-        TypeError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A[:2].copy(), None, [4, 8], ("scale", 1.0), 0.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A.copy(), A[:, :2], [4, 8], ("scale", 1.0), 0.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(
-            A, A.astype(object), None, [4, 8], ("scale", 1.0), 0.5, G, False
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Bernoulli((4, 8), 0.5), _spec.Scale("2")), G, False
         ),
         TypeError,
     ),
     (
-        lambda: _core.bernoulli_apply(
-            A.astype(object), A.copy(), None, [4, 8], ("scale", 1.0), 0.5, G, 0
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Bernoulli((-4, 8), 0.5), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(A, A.copy(), None, _call_spec(_Bernoulli((4,), 0.5), _SCALE), G, False),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Bernoulli((4, 8), 1.5), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(A, A.copy(), None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, 0),
+        TypeError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A[:2].copy(), None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.copy(), A[:, :2], _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.astype(object), None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
         ),
         TypeError,
     ),
     (
-        lambda: _core.bernoulli_apply(
-            A, A.astype(np.float64), None, [4, 8], ("scale", 1), 0.5, G, False
+        lambda: _core.apply(
+            A.astype(object), A.copy(), None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
         ),
         TypeError,
     ),
     (
-        lambda: _core.bernoulli_apply(A, [1.0], None, [4, 8], ("scale", 1.0), 0.5, G, False),
+        lambda: _core.apply(
+            A, A.astype(np.float64), None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
+        ),
         TypeError,
     ),
     (
-        lambda: _core.bernoulli_apply(A, A.T, None, [4, 8], ("scale", 1.0), 0.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(A, A[:, ::2], None, [4, 8], ("scale", 1), 0.5, G, False),
-        ValueError,
-    ),
-    (
-        lambda: _core.bernoulli_apply(_capsule(True), A, None, [4, 8], ("scale", 1), 0.5, G, False),
+        lambda: _core.apply(A, [1.0], None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False),
         TypeError,
     ),
-    # drop_block_apply(x, out, gamma, kh, kw, couple_channels, with_noise, scale_by_keep, gen)
-    (lambda: _core.drop_block_apply(X, X.copy(), 0.1, -1, 2, False, False, True, G), ValueError),
-    (lambda: _core.drop_block_apply(X, X.copy(), 0.1, 2**64, 2, False, False, True, G), ValueError),
-    (lambda: _core.drop_block_apply(X, X.copy(), 0.1, 0, 2, False, False, True, G), ValueError),
-    (lambda: _core.drop_block_apply(X, X.copy(), 0.1, 9, 2, False, False, True, G), ValueError),
-    (lambda: _core.drop_block_apply(X, X.copy(), 0.1, 2.0, 2, False, False, True, G), TypeError),
-    (lambda: _core.drop_block_apply(A, A.copy(), 0.1, 1, 1, False, False, True, G), ValueError),
-    (lambda: _core.drop_block_apply(X, X.copy(), -0.1, 1, 1, False, False, True, G), ValueError),
+    (
+        lambda: _core.apply(
+            A, A[:, ::2], None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            _capsule(True), A, None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
+        ),
+        TypeError,
+    ),
+    # a Blocks spec's block size and seed rate
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 1, 8, 8), 0.1, -1, 2), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 1, 8, 8), 0.1, 2**64, 2), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 1, 8, 8), 0.1, 0, 2), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 1, 8, 8), 0.1, 9, 2), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 1, 8, 8), 0.1, 2.0, 2), _BY_KEPT), G, False
+        ),
+        TypeError,
+    ),
+    (
+        lambda: _core.apply(
+            A, A.copy(), None, _call_spec(_Blocks((4, 1, 8, 8), 0.1, 1, 1), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
+    (
+        lambda: _core.apply(
+            X, X.copy(), None, _call_spec(_Blocks((4, 1, 8, 8), -0.1, 1, 1), _BY_KEPT), G, False
+        ),
+        ValueError,
+    ),
     # apply(x, out, residual, spec, generator, store_mask): the spec read by kind and field
     (lambda: _core.apply(A, A.copy(), None, None, G, False), TypeError),
     (

@@ -85,26 +85,19 @@ def test_the_core_reads_versioned_dlpack_capsules(dtype):
     g = fastdrop.Generator(3)
     spec_y = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(3))
     from fastdrop import _core
+    from fastdrop._spec import Bernoulli, Scale, Spec
 
-    _core.bernoulli_apply(
-        x.__dlpack__(max_version=(1, 0)),
-        out.__dlpack__(max_version=(1, 0)),
-        None,
-        [6, 5],
-        ("scale", 2.0),
-        0.5,
-        g,
-        False,
+    spec = Spec(Bernoulli((6, 5), 0.5), Scale(2.0), 2.0)
+    _core.apply(
+        x.__dlpack__(max_version=(1, 0)), out.__dlpack__(max_version=(1, 0)), None, spec, g, False
     )
     torch.testing.assert_close(out, spec_y, rtol=0, atol=0)
     with pytest.raises(TypeError, match="DLPack dtype"):
-        _core.bernoulli_apply(
+        _core.apply(
             torch.ones(3, dtype=torch.int32).__dlpack__(),
             out.__dlpack__(),
             None,
-            [3],
-            ("scale", 2.0),
-            0.5,
+            Spec(Bernoulli((3,), 0.5), Scale(2.0), 2.0),
             g,
             False,
         )

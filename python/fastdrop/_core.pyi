@@ -17,11 +17,6 @@ from fastdrop._spec import Spec
 # A NumPy array or a DLPack capsule ("dltensor" / "dltensor_versioned") of CPU memory.
 _Array = Union[np.ndarray, Any]
 
-_Application = Union[
-    tuple[str, float],  # ("scale", s)  and  ("noise", s)
-    tuple[str, float, float, float],  # ("affine", a, shift, dropped)
-]
-
 class Generator:
     """A counter-based ARS-5 generator: masks are a pure function of (seed, stream, offset,
     index). ``seed=None`` draws a seed from the OS. Seeds are ints in [-2**63, 2**64); streams,
@@ -93,25 +88,6 @@ def apply(
     that does not broadcast to ``x`` (a ``Blocks`` mask needs a 4-D ``x``), a bad output or an
     exhausted generator stream."""
 
-# Returns the MaskBits when `store_mask`, else the first counter block the call reserved (an
-# int): a generator at `(seed, stream, that block)` redraws the same mask. Typed Any because
-# functional._apply binds this and drop_block_apply's mask to one name.
-def bernoulli_apply(
-    x: _Array,
-    out: _Array,
-    residual: Optional[_Array],
-    mask_shape: Union[list[int], tuple[int, ...]],
-    application: _Application,
-    keep: float,
-    generator: Generator,
-    store_mask: bool,
-) -> Any: ...
-
-# drop_block_apply(x, out, gamma: float, kh: int, kw: int, couple_channels: bool,
-#                  with_noise: bool, scale_by_keep: bool, generator: Generator) -> (mask, scale)
-# The tail is *args because functional._apply passes `*spec.block, gen`, and mypy
-# cannot match positional arguments that follow a star argument.
-def drop_block_apply(x: _Array, out: _Array, *args: Any) -> tuple[MaskBits, float]: ...
 def mask_apply(
     mask: MaskBits,
     x: _Array,
