@@ -7,6 +7,7 @@
 //! call's counters from a `generator::GeneratorState`, and `call::Call::run` draws the mask (or
 //! lets `kernel::run` draw it on the fly) and applies it.
 
+mod affinity;
 pub mod attention;
 pub mod buffer;
 pub mod call;

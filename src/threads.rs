@@ -12,6 +12,8 @@
 //! - a call whose helpers cost more than they saved (every core busy: torch's threads, other
 //!   processes) sends the next calls to the calling thread alone, 1, 2, 4 ... up to 64 of
 //!   them, before the helpers are tried again; so N threads are not slower than one;
+//! - the helpers are kept off the calling thread's CPU (`affinity`), where the scheduler would
+//!   otherwise queue a woken helper behind the caller's own share of the call;
 //! - a child made by `fork` (which inherits the pool but none of its threads) builds a pool of
 //!   its own;
 //! - a thread count is capped at [`MAX_THREADS`], and a pool that cannot be built (threads that
@@ -20,6 +22,8 @@
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use crate::affinity::Helpers;
 
 /// Below this many elements a call runs on the calling thread: waking the pool costs more.
 pub const PARALLEL_MIN: usize = 1 << 17;
@@ -108,14 +112,17 @@ pub fn set_num_threads(n: usize) -> crate::error::Result<()> {
 struct Pool {
     pid: u32,
     helpers: usize,
-    pool: Option<Arc<rayon::ThreadPool>>,
+    pool: Option<Workers>,
 }
+
+/// A built pool and its threads' ids (to keep them off the caller's CPU: `affinity`).
+type Workers = (Arc<rayon::ThreadPool>, Arc<Helpers>);
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
 /// A pool of `helpers` threads, built on first use, rebuilt when the count changes or the
 /// process is a forked child of the one that built it; `None` when threads cannot be spawned.
-fn pool(helpers: usize) -> Option<Arc<rayon::ThreadPool>> {
+fn pool(helpers: usize) -> Option<Workers> {
     // One getpid syscall per parallel call (well under a microsecond against the 100 us and
     // more that a call of PARALLEL_MIN elements takes); it spares a pthread_atfork handler.
     let pid = std::process::id();
@@ -135,12 +142,15 @@ fn pool(helpers: usize) -> Option<Arc<rayon::ThreadPool>> {
         // The parent's own old pool drops here: rayon tells its threads to exit and does not
         // wait for them.
     }
+    let ids = Arc::new(Helpers::new());
+    let register = ids.clone();
     let built = rayon::ThreadPoolBuilder::new()
         .num_threads(helpers)
         .thread_name(|i| format!("fastdrop-{i}"))
+        .start_handler(move |_| register.register_current())
         .build()
         .ok()
-        .map(Arc::new);
+        .map(|p| (Arc::new(p), ids));
     *guard = Some(Pool {
         pid,
         helpers,
@@ -175,10 +185,11 @@ pub(crate) fn for_each_chunk(
     } else {
         pool(threads - 1)
     };
-    let Some(pool) = pool else {
+    let Some((pool, ids)) = pool else {
         (0..chunks).for_each(f);
         return;
     };
+    ids.steer_away_from_caller();
     let next = AtomicUsize::new(0);
     let work = || {
         let mut done = 0usize;

@@ -120,6 +120,52 @@ def test_threads_that_cannot_be_spawned_leave_the_call_on_the_caller():
     assert "Panic" not in r.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU sets are Linux's")
+def test_helpers_stay_off_the_callers_cpu_and_inside_the_process_cpus():
+    # The helpers are kept off the caller's CPU (the scheduler queued them behind the caller,
+    # so 2 threads ran no faster than 1), never outside the CPUs the process was given: here
+    # the caller is pinned first, to one CPU (nothing to steer to) and then to all of them.
+    r = run_python("""
+        import glob, os, numpy as np, fastdrop
+        def helpers():
+            out = []
+            for status in glob.glob("/proc/self/task/*/status"):
+                text = open(status).read()
+                if "fastdrop-" in text.split("\\n", 1)[0]:
+                    line = [l for l in text.splitlines() if l.startswith("Cpus_allowed_list")][0]
+                    out.append(line.split(":")[1].strip())
+            return out
+        x = np.ones(1 << 20, np.float32)
+        cpus = sorted(os.sched_getaffinity(0))
+        fastdrop.set_num_threads(1)
+        one = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(9))
+        fastdrop.set_num_threads(3)
+        os.sched_setaffinity(0, {cpus[0]})
+        pinned = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(9))
+        print(np.array_equal(one, pinned), "|".join(helpers()))
+        os.sched_setaffinity(0, set(cpus))
+        for _ in range(3):
+            free = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(9))
+        print(np.array_equal(one, free), "|".join(helpers()))
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, second = r.stdout.splitlines()
+    cpus = sorted(os.sched_getaffinity(0))
+    assert first == f"True {cpus[0]}|{cpus[0]}"  # one CPU: the helpers keep it
+    if len(cpus) > 1:
+        ok, lists = second.split(" ")
+        assert ok == "True"
+        sets = lists.split("|")  # the helpers' Cpus_allowed_list, e.g. 1|1 or 0,2-3|0,2-3
+        assert len(sets) == 2
+        for cpu_list in sets:
+            allowed = set()
+            for part in cpu_list.split(","):
+                lo, _, hi = part.partition("-")
+                allowed.update(range(int(lo), int(hi or lo) + 1))
+            # the caller's CPU when it last moved is gone; every other CPU of the process stays
+            assert allowed < set(cpus) and len(allowed) == len(cpus) - 1
+
+
 # FASTDROP_NUM_THREADS values that are not thread counts, and the warning each gets at import.
 ACCEPTED = "expected an integer from 1 to 1024; using the default, {cpus} (the CPUs available)"
 ENV_WARNINGS = [
