@@ -10,7 +10,6 @@ use crate::rng::{self, Key};
 use crate::simd::{Linear, RunMask};
 use half::{bf16, f16};
 use std::ops::{Add, Mul};
-use std::sync::OnceLock;
 
 /// Elements per parallel work item. A multiple of the generator's 256-decision group, so that
 /// every chunk starts on a mask word and a group, and small enough that a chunk's bits
@@ -28,38 +27,8 @@ const _: () = assert!(SUB.is_multiple_of(rng::GROUP) && CHUNK.is_multiple_of(SUB
 /// line, a third of the memory traffic of the call.
 pub const STREAM_MIN_BYTES: usize = 16 << 20;
 
-/// The instruction sets the element loops may use. Every path gives the same bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// Plain Rust, for every CPU.
-    Portable,
-    /// x86-64 AVX2 with F16C conversions.
-    Avx2,
-}
-
-/// The best path this CPU runs, or the portable one when `FASTDROP_SIMD` is `portable` (or
-/// `scalar`); read once, like the generator's `rng::backend`, from the same setting (`cpu`).
-pub fn isa() -> Isa {
-    static CHOSEN: OnceLock<Isa> = OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        if crate::cpu::simd() == crate::cpu::Simd::Portable {
-            Isa::Portable
-        } else {
-            best_isa()
-        }
-    })
-}
-
-/// The best path this CPU runs, whatever the environment says.
-pub fn best_isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
-            return Isa::Avx2;
-        }
-    }
-    Isa::Portable
-}
+// The element loops' instruction set is chosen with the generator's, from one probe (`cpu`).
+pub use crate::cpu::{best_isa, isa, Isa};
 
 /// The arithmetic type an element is computed in (torch's "opmath": f32 for 16-bit floats).
 pub trait OpFloat:

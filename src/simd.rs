@@ -529,7 +529,7 @@ mod x86 {
         /// exponent, sign and NaN class and a dense sample of mantissas (ties included).
         #[test]
         fn bf16_rounding_is_halfs() {
-            if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+            if crate::cpu::best_isa() != crate::cpu::Isa::Avx2 {
                 return;
             }
             #[target_feature(enable = "avx2,f16c")]
@@ -559,7 +559,7 @@ mod x86 {
                 batch[i] = x;
                 i += 1;
                 if i == 8 {
-                    // SAFETY: AVX2 and F16C were detected above.
+                    // SAFETY: `best_isa` found AVX2 and F16C above.
                     unsafe { check(&batch) };
                     i = 0;
                 }
