@@ -1,10 +1,12 @@
-//! Normal deviates in bulk: [`fill_normals`] writes `kernel::normal_at(key, first_block, i)` for
-//! every index `i` of a slice, drawing the counter blocks a chunk at a time (the vector ARS-5
+//! Normal deviates: [`normal_at`] is deviate `i` of a key's counter blocks from `first_block`, a
+//! pure function of (key, first_block, i) like every other random value here (Gaussian dropout's
+//! noise and `Application::Noise`'s dropped values). [`fill_normals`] writes it for every index
+//! `i` of a slice, drawing the counter blocks a chunk at a time (the vector ARS-5
 //! paths) instead of one block per deviate, in parallel by index range. Gaussian dropout's
 //! multiplicative noise comes from here; deviate `i` never depends on the thread count.
 
-use crate::kernel::{for_each_chunk, get_num_threads};
 use crate::rng::{self, Key};
+use crate::threads::{for_each_chunk, get_num_threads};
 use std::sync::Mutex;
 
 /// Deviates per chunk: even, so every chunk starts on a counter block (two deviates a block).
@@ -29,13 +31,26 @@ impl Deviate for f64 {
     }
 }
 
-/// Box-Muller on two 32-bit words, as `kernel::normal_at` computes it: `(w0 + 0.5) / 2^32`
-/// lies in (0, 1), so the logarithm is finite.
+/// Box-Muller on two 32-bit words: `(w0 + 0.5) / 2^32` lies in (0, 1), so the logarithm is
+/// finite.
 #[inline(always)]
 fn box_muller(w0: u32, w1: u32) -> f64 {
     let u1 = (w0 as f64 + 0.5) * (1.0 / 4294967296.0);
     let u2 = w1 as f64 * (1.0 / 4294967296.0);
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// The standard normal deviate of logical index `index` (Box-Muller on words 0-1 or 2-3 of
+/// counter block `first_block + index / 2`).
+pub fn normal_at(key: Key, first_block: u64, index: usize) -> f64 {
+    let mut words = [0u32; 4];
+    rng::fill_u32(
+        key,
+        first_block.wrapping_add((index / 2) as u64),
+        &mut words,
+    );
+    let lane = 2 * (index % 2);
+    box_muller(words[lane], words[lane + 1])
 }
 
 /// `out[i] = normal_at(key, first_block, i)` rounded to `T`, for every `i`. Uses
@@ -66,7 +81,7 @@ fn fill_range<T: Deviate>(key: Key, first_block: u64, out: &mut [T]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::{normal_at, set_num_threads};
+    use crate::threads::set_num_threads;
 
     #[test]
     fn deviates_are_normal_at_for_any_length_offset_and_thread_count() {
