@@ -6,7 +6,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fastdrop::kernel::{
-    apply_contiguous, apply_in_place, bernoulli_words, Application, Bits, Config, Element,
+    apply_contiguous, apply_in_place, bernoulli_words, Application, Bits, Config, Contiguous,
+    Element,
 };
 use fastdrop::rng::{keep_words, threshold_for, Key};
 use half::f16;
@@ -67,13 +68,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res: None,
+                        bits: fresh(),
+                        app: scale(),
+                    },
                     black_box(&x),
                     &mut out,
-                    None,
-                    fresh(),
-                    &scale(),
                 )
             })
         });
@@ -82,12 +85,14 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_in_place(
                     config,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res: None,
+                        bits: fresh(),
+                        app: scale(),
+                    },
                     black_box(&mut y),
-                    None,
-                    fresh(),
-                    &scale(),
                 )
             })
         });
@@ -100,13 +105,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res: None,
+                        bits: fresh(),
+                        app,
+                    },
                     black_box(&x),
                     &mut out,
-                    None,
-                    fresh(),
-                    &app,
                 )
             })
         });
@@ -116,13 +123,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &shape,
-                    &ms,
+                    Contiguous {
+                        shape: &shape,
+                        mask_shape: &ms,
+                        res: None,
+                        bits: Bits::Given(&channel_words),
+                        app: scale(),
+                    },
                     black_box(&x[..n3]),
                     &mut out[..n3],
-                    None,
-                    Bits::Given(&channel_words),
-                    &scale(),
                 )
             })
         });
@@ -132,13 +141,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &shape,
-                    &ms,
+                    Contiguous {
+                        shape: &shape,
+                        mask_shape: &ms,
+                        res: None,
+                        bits: Bits::Given(&sample_words),
+                        app: scale(),
+                    },
                     black_box(&x[..n3]),
                     &mut out[..n3],
-                    None,
-                    Bits::Given(&sample_words),
-                    &scale(),
                 )
             })
         });
@@ -148,13 +159,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res: Some(&r),
+                        bits: fresh(),
+                        app: scale(),
+                    },
                     black_box(&x),
                     &mut out,
-                    Some(&r),
-                    fresh(),
-                    &scale(),
                 )
             })
         });
@@ -164,13 +177,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &shape,
-                    &ms,
+                    Contiguous {
+                        shape: &shape,
+                        mask_shape: &ms,
+                        res: Some(&r[..n3]),
+                        bits: Bits::Given(&sample_words),
+                        app: scale(),
+                    },
                     black_box(&x[..n3]),
                     &mut out[..n3],
-                    Some(&r[..n3]),
-                    Bits::Given(&sample_words),
-                    &scale(),
                 )
             })
         });
@@ -210,13 +225,15 @@ fn incache(c: &mut Criterion) {
                     };
                     apply_contiguous(
                         config,
-                        &[n],
-                        &[n],
+                        Contiguous {
+                            shape: &[n],
+                            mask_shape: &[n],
+                            res: None,
+                            bits,
+                            app,
+                        },
                         black_box(&x),
                         &mut out,
-                        None,
-                        bits,
-                        &app,
                     )
                 })
             });
@@ -229,13 +246,15 @@ fn incache(c: &mut Criterion) {
                     let bits = Bits::Given(&words);
                     apply_contiguous(
                         config,
-                        &[n],
-                        &[n],
+                        Contiguous {
+                            shape: &[n],
+                            mask_shape: &[n],
+                            res: None,
+                            bits,
+                            app,
+                        },
                         black_box(&x),
                         &mut out,
-                        None,
-                        bits,
-                        &app,
                     )
                 })
             });

@@ -821,21 +821,25 @@ fn run_kernel(
     let work = move || {
         let job = job;
         let (shape, ms) = (&job.x.shape, job.mask_shape);
-        let (src, dst, res) = (
-            job.x.operand(),
-            job.out.operand(),
-            job.res.map(|r| r.operand()),
-        );
+        let call = kernel::Call {
+            shape,
+            mask_shape: ms,
+            src: job.x.operand(),
+            dst: job.out.operand(),
+            res: job.res.map(|r| r.operand()),
+            bits: job.bits,
+            app: job.app,
+        };
         // SAFETY: `view` read the pointers, shapes and strides from live ndarrays of this dtype,
         // so every index of `shape` addresses an element of the array; `check_output` refused
         // read-only and zero-stride outputs and outputs that overlap an input without being
         // the same view; mask sizes were checked by the callers below.
         unsafe {
             match job.x.dtype {
-                Dtype::F16 => kernel::run::<f16>(shape, ms, src, dst, res, job.bits, &job.app),
-                Dtype::BF16 => kernel::run::<bf16>(shape, ms, src, dst, res, job.bits, &job.app),
-                Dtype::F32 => kernel::run::<f32>(shape, ms, src, dst, res, job.bits, &job.app),
-                Dtype::F64 => kernel::run::<f64>(shape, ms, src, dst, res, job.bits, &job.app),
+                Dtype::F16 => kernel::run::<f16>(call),
+                Dtype::BF16 => kernel::run::<bf16>(call),
+                Dtype::F32 => kernel::run::<f32>(call),
+                Dtype::F64 => kernel::run::<f64>(call),
             }
         }
     };

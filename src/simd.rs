@@ -13,6 +13,26 @@ pub struct Linear<F> {
     pub add: Option<F>,
 }
 
+/// What the vector loops write: kept elements `x * mul (+ add)` (`lin`, in the arithmetic type
+/// `F`), dropped ones `dropped`; streamed past the cache (non-temporal stores) when `stream`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fast<T, F> {
+    pub lin: Linear<F>,
+    pub dropped: T,
+    pub stream: bool,
+}
+
+/// A contiguous run of `len` elements: where they are read and written, and their decisions.
+#[derive(Clone, Copy, Debug)]
+pub struct Run<'a, T> {
+    pub mask: RunMask<'a>,
+    pub src: *const T,
+    pub dst: *mut T,
+    /// Added to the masked value when given.
+    pub res: Option<*const T>,
+    pub len: usize,
+}
+
 /// The keep decisions of a run.
 #[derive(Clone, Copy, Debug)]
 pub enum RunMask<'a> {
@@ -39,7 +59,7 @@ pub use x86::{apply_bf16, apply_f16, apply_f32, apply_f64};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{word_at, Linear, RunMask};
+    use super::{word_at, Fast, Linear, Run, RunMask};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -140,7 +160,6 @@ mod x86 {
 
     /// One group of eight: `sel`'s lane sign bits are the keep decisions (for `BITS`).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn group8<T: Lanes8, const MODE: u8, const RES: bool, const STREAM: bool>(
         mul: __m256,
         add: Option<__m256>,
@@ -172,7 +191,6 @@ mod x86 {
 
     /// Runs of 64 elements; the caller handles the tail.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn words8<T: Lanes8, const MODE: u8, const RES: bool, const STREAM: bool>(
         lin: Linear<f32>,
         dropped: __m256,
@@ -219,17 +237,19 @@ mod x86 {
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn apply_lanes8<T: Lanes8 + Default>(
-        lin: Linear<f32>,
-        dropped: f32,
-        mask: RunMask,
-        src: *const T,
-        dst: *mut T,
-        res: Option<*const T>,
-        len: usize,
-        stream: bool,
-    ) {
+    unsafe fn apply_lanes8<T: Lanes8 + Default>(fast: Fast<f32, f32>, run: Run<T>) {
+        let Fast {
+            lin,
+            dropped,
+            stream,
+        } = fast;
+        let Run {
+            mask,
+            src,
+            dst,
+            res,
+            len,
+        } = run;
         let dropped_v = _mm256_set1_ps(dropped);
         let full = len / 64;
         let stream = stream && (dst as usize).is_multiple_of(16) && full > 0;
@@ -309,24 +329,14 @@ mod x86 {
     }
 
     /// `dst[j] = keep(j) ? src[j] * mul (+ add) : dropped`, then `res[j] +` that when given, for
-    /// j < len, in f32.
+    /// j < len, in f32 (`dst` streamed when `fast.stream` and it is 16-byte aligned).
     ///
     /// # Safety
     /// The CPU must have AVX2 and F16C; `src`, `dst` and `res` must be valid for `len` elements
     /// (`dst` may equal `src`, but no other overlap); `Bits` must cover bits `first..first + len`.
     #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn apply_f32(
-        lin: Linear<f32>,
-        dropped: f32,
-        mask: RunMask,
-        src: *const f32,
-        dst: *mut f32,
-        res: Option<*const f32>,
-        len: usize,
-        stream: bool,
-    ) {
-        apply_lanes8::<f32>(lin, dropped, mask, src, dst, res, len, stream)
+    pub unsafe fn apply_f32(fast: Fast<f32, f32>, run: Run<f32>) {
+        apply_lanes8::<f32>(fast, run)
     }
 
     /// [`apply_f32`] for f16 storage: widened to f32, computed, rounded to nearest-even; with a
@@ -335,18 +345,13 @@ mod x86 {
     /// # Safety
     /// As [`apply_f32`].
     #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn apply_f16(
-        lin: Linear<f32>,
-        dropped: f16,
-        mask: RunMask,
-        src: *const f16,
-        dst: *mut f16,
-        res: Option<*const f16>,
-        len: usize,
-        stream: bool,
-    ) {
-        apply_lanes8::<f16>(lin, dropped.to_f32(), mask, src, dst, res, len, stream)
+    pub unsafe fn apply_f16(fast: Fast<f16, f32>, run: Run<f16>) {
+        let fast = Fast {
+            lin: fast.lin,
+            dropped: fast.dropped.to_f32(),
+            stream: fast.stream,
+        };
+        apply_lanes8::<f16>(fast, run)
     }
 
     /// [`apply_f32`] for bfloat16 storage, as [`apply_f16`] for float16 (round to nearest
@@ -355,23 +360,17 @@ mod x86 {
     /// # Safety
     /// As [`apply_f32`].
     #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn apply_bf16(
-        lin: Linear<f32>,
-        dropped: bf16,
-        mask: RunMask,
-        src: *const bf16,
-        dst: *mut bf16,
-        res: Option<*const bf16>,
-        len: usize,
-        stream: bool,
-    ) {
-        apply_lanes8::<bf16>(lin, dropped.to_f32(), mask, src, dst, res, len, stream)
+    pub unsafe fn apply_bf16(fast: Fast<bf16, f32>, run: Run<bf16>) {
+        let fast = Fast {
+            lin: fast.lin,
+            dropped: fast.dropped.to_f32(),
+            stream: fast.stream,
+        };
+        apply_lanes8::<bf16>(fast, run)
     }
 
     /// One group of four f64.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn group4<const MODE: u8, const RES: bool, const STREAM: bool>(
         mul: __m256d,
         add: Option<__m256d>,
@@ -408,7 +407,6 @@ mod x86 {
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn words4<const MODE: u8, const RES: bool, const STREAM: bool>(
         lin: Linear<f64>,
         dropped: __m256d,
@@ -450,17 +448,19 @@ mod x86 {
     /// # Safety
     /// As [`apply_f32`].
     #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn apply_f64(
-        lin: Linear<f64>,
-        dropped: f64,
-        mask: RunMask,
-        src: *const f64,
-        dst: *mut f64,
-        res: Option<*const f64>,
-        len: usize,
-        stream: bool,
-    ) {
+    pub unsafe fn apply_f64(fast: Fast<f64, f64>, run: Run<f64>) {
+        let Fast {
+            lin,
+            dropped,
+            stream,
+        } = fast;
+        let Run {
+            mask,
+            src,
+            dst,
+            res,
+            len,
+        } = run;
         let dropped_v = _mm256_set1_pd(dropped);
         let full = len / 64;
         let stream = stream && (dst as usize).is_multiple_of(16) && full > 0;

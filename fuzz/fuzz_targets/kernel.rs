@@ -218,9 +218,18 @@ fn check<T: FuzzFloat>(u: &mut Unstructured) -> Result<()> {
         None => src_op,
     };
     let res_op = res.as_mut().map(|r| r.operand());
+    let call = kernel::Call {
+        shape: &shape,
+        mask_shape: &mask_shape,
+        src: src_op,
+        dst: dst_op,
+        res: res_op,
+        bits,
+        app,
+    };
     // SAFETY: every view lies inside its own buffer (View::new sized it), outputs have
     // non-overlapping non-zero strides, and buffers are distinct unless in place (same view).
-    unsafe { kernel::run::<T>(&shape, &mask_shape, src_op, dst_op, res_op, bits, &app) };
+    unsafe { kernel::run::<T>(call) };
 
     // The reference keep decisions: element e keeps iff its uniform word is < threshold.
     let mut words = vec![0u32; if fresh { n } else { 0 }];

@@ -5,7 +5,7 @@
 use super::application::Application;
 use super::dispatch::{run_with, Config};
 use super::element::Element;
-use super::{Bits, Operand};
+use super::{Bits, Call, Operand};
 use crate::mask::words_for;
 
 /// Checks what the safe fronts promise [`run`]: buffers of `prod(shape)` elements, a mask shape
@@ -51,23 +51,30 @@ fn c_strides<T>(shape: &[usize]) -> Vec<isize> {
     strides
 }
 
-/// `dst = app(mask, src) [+ res]` over C-contiguous buffers of `shape`: [`run_with`] without
-/// the pointers, for tests, benchmarks and Rust callers.
+/// A call over C-contiguous buffers of `shape`: a [`Call`] without the pointers; the input and
+/// output buffers are the fronts' own arguments.
+pub struct Contiguous<'a, T> {
+    pub shape: &'a [usize],
+    pub mask_shape: &'a [usize],
+    pub res: Option<&'a [T]>,
+    pub bits: Bits<'a>,
+    pub app: Application,
+}
+
+/// `dst = app(mask, src) [+ res]` over C-contiguous buffers: [`run_with`] without the
+/// pointers, for tests, benchmarks and Rust callers.
 ///
 /// # Panics
 /// When a buffer does not hold `prod(shape)` elements, `mask_shape` does not broadcast to
 /// `shape`, a fresh mask is not element-granular or given bits are too few.
-#[allow(clippy::too_many_arguments)]
-pub fn apply_contiguous<T: Element>(
-    config: Config,
-    shape: &[usize],
-    mask_shape: &[usize],
-    src: &[T],
-    dst: &mut [T],
-    res: Option<&[T]>,
-    bits: Bits,
-    app: &Application,
-) {
+pub fn apply_contiguous<T: Element>(config: Config, call: Contiguous<T>, src: &[T], dst: &mut [T]) {
+    let Contiguous {
+        shape,
+        mask_shape,
+        res,
+        bits,
+        app,
+    } = call;
     check_contiguous(
         shape,
         mask_shape,
@@ -79,35 +86,32 @@ pub fn apply_contiguous<T: Element>(
         ptr: p as *mut u8,
         strides: &strides,
     };
+    let call = Call {
+        shape,
+        mask_shape,
+        src: op(src.as_ptr()),
+        dst: op(dst.as_mut_ptr()),
+        res: res.map(|r| op(r.as_ptr())),
+        bits,
+        app,
+    };
     // SAFETY: every buffer holds prod(shape) elements laid out C-contiguously, `dst` is a
     // unique borrow (so it overlaps neither input), and `check_contiguous` sized the mask.
-    unsafe {
-        run_with::<T>(
-            config,
-            shape,
-            mask_shape,
-            op(src.as_ptr()),
-            op(dst.as_mut_ptr()),
-            res.map(|r| op(r.as_ptr())),
-            bits,
-            app,
-        )
-    }
+    unsafe { run_with::<T>(config, call) }
 }
 
 /// [`apply_contiguous`] writing over its input.
 ///
 /// # Panics
 /// As [`apply_contiguous`].
-pub fn apply_in_place<T: Element>(
-    config: Config,
-    shape: &[usize],
-    mask_shape: &[usize],
-    data: &mut [T],
-    res: Option<&[T]>,
-    bits: Bits,
-    app: &Application,
-) {
+pub fn apply_in_place<T: Element>(config: Config, call: Contiguous<T>, data: &mut [T]) {
+    let Contiguous {
+        shape,
+        mask_shape,
+        res,
+        bits,
+        app,
+    } = call;
     check_contiguous(
         shape,
         mask_shape,
@@ -115,15 +119,23 @@ pub fn apply_in_place<T: Element>(
         &bits,
     );
     let strides = c_strides::<T>(shape);
-    let p = data.as_mut_ptr() as *mut u8;
     let op = Operand {
-        ptr: p,
+        ptr: data.as_mut_ptr() as *mut u8,
         strides: &strides,
     };
     let res = res.map(|r| Operand {
         ptr: r.as_ptr() as *mut u8,
         strides: &strides,
     });
+    let call = Call {
+        shape,
+        mask_shape,
+        src: op,
+        dst: op,
+        res,
+        bits,
+        app,
+    };
     // SAFETY: as in `apply_contiguous`; source and destination are the very same view.
-    unsafe { run_with::<T>(config, shape, mask_shape, op, op, res, bits, app) }
+    unsafe { run_with::<T>(config, call) }
 }

@@ -4,48 +4,25 @@
 
 use super::application::{AffineRule, Application, NoiseRule, Rule, ScaleRule};
 use super::element::{Element, OpFloat};
+use super::loops::apply_range;
 #[cfg(target_arch = "x86_64")]
 use super::loops::apply_range_avx2;
-use super::loops::{apply_range, Fast};
 use super::walk::Plan;
-use super::{Bits, Operand, CHUNK, STREAM_MIN_BYTES, SUB};
+use super::{Bits, Call, CHUNK, STREAM_MIN_BYTES, SUB};
 use crate::cpu::{best_isa, isa, Isa};
 use crate::mask::{clear_tail, spread, words_for};
 use crate::rng::{self, Key};
+use crate::simd::Fast;
 use crate::threads::{for_each_chunk, for_each_word_chunk, get_num_threads};
 
-/// Writes `dst = application(mask, src) [+ res]` for every element of `shape`.
-///
-/// `mask_shape` has the rank of `shape`, each dimension equal to it or 1 (broadcast). With
-/// `Bits::Fresh` it must equal `shape` (element granularity).
+/// Runs `call`: writes `dst = application(mask, src) [+ res]` for every element of its shape.
 ///
 /// # Safety
-/// - `src`, `dst` and `res` (if any) must address, through their byte strides, valid and
-///   properly initialised elements of type `T` for every index of `shape` (pointers may be
-///   unaligned); the strides have `shape.len()` entries.
-/// - Distinct indices of `dst` must be distinct addresses (no zero or overlapping strides), and
-///   `dst` must not overlap `src` or `res` unless it is exactly the same view (in place).
-/// - `Bits::Given` must hold at least `prod(mask_shape)` bits and a `store` at least
-///   `ceil(prod(shape) / 64)` words.
-pub unsafe fn run<T: Element>(
-    shape: &[usize],
-    mask_shape: &[usize],
-    src: Operand,
-    dst: Operand,
-    res: Option<Operand>,
-    bits: Bits,
-    app: &Application,
-) {
-    run_with::<T>(
-        Config::current(),
-        shape,
-        mask_shape,
-        src,
-        dst,
-        res,
-        bits,
-        app,
-    )
+/// As [`Call`] says: the operands address valid elements of type `T` for every index of the
+/// shape, `dst` is written at distinct addresses that overlap no other operand unless it is the
+/// very same view as `src` (in place), and the bits are as many as the mask needs.
+pub unsafe fn run<T: Element>(call: Call) {
+    run_with::<T>(Config::current(), call)
 }
 
 /// How a call runs; the output never depends on it.
@@ -70,17 +47,7 @@ impl Config {
 ///
 /// # Safety
 /// As [`run`].
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn run_with<T: Element>(
-    config: Config,
-    shape: &[usize],
-    mask_shape: &[usize],
-    src: Operand,
-    dst: Operand,
-    res: Option<Operand>,
-    bits: Bits,
-    app: &Application,
-) {
+pub unsafe fn run_with<T: Element>(config: Config, call: Call) {
     let op = |v: f64| T::Op::from_f64(v);
     let config = Config {
         isa: if config.isa == best_isa() {
@@ -90,68 +57,46 @@ pub unsafe fn run_with<T: Element>(
         },
         threads: config.threads.max(1),
     };
-    match *app {
-        Application::Scale { scale } => run_rule::<T, _>(
-            config,
-            shape,
-            mask_shape,
-            src,
-            dst,
-            res,
-            bits,
-            &ScaleRule(op(scale)),
-        ),
-        Application::Affine { a, shift, dropped } => run_rule::<T, _>(
-            config,
-            shape,
-            mask_shape,
-            src,
-            dst,
-            res,
-            bits,
-            &AffineRule {
+    match call.app {
+        Application::Scale { scale } => run_rule::<T, _>(config, call, &ScaleRule(op(scale))),
+        Application::Affine { a, shift, dropped } => {
+            let rule = AffineRule {
                 a: op(a),
                 shift: op(shift),
                 dropped: op(dropped),
-            },
-        ),
+            };
+            run_rule::<T, _>(config, call, &rule)
+        }
         Application::Noise {
             scale,
             key,
             first_block,
-        } => run_rule::<T, _>(
-            config,
-            shape,
-            mask_shape,
-            src,
-            dst,
-            res,
-            bits,
-            &NoiseRule {
+        } => {
+            let rule = NoiseRule {
                 scale: op(scale),
                 key,
                 first_block,
-            },
-        ),
+            };
+            run_rule::<T, _>(config, call, &rule)
+        }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_rule<T: Element, R: Rule<T>>(
-    config: Config,
-    shape: &[usize],
-    mask_shape: &[usize],
-    src: Operand,
-    dst: Operand,
-    res: Option<Operand>,
-    bits: Bits,
-    rule: &R,
-) {
+/// [`run_with`] once the application is `rule` (`call.app` is not read again).
+unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R) {
+    let Call {
+        shape,
+        mask_shape,
+        src,
+        dst,
+        res,
+        ..
+    } = call;
     let n: usize = shape.iter().product();
     if n == 0 {
         return;
     }
-    if let (Bits::Given(words), true) = (&bits, R::CONST_DROPPED) {
+    if let (Bits::Given(words), true) = (&call.bits, R::CONST_DROPPED) {
         // One decision per run of fewer than 64 elements (the channels of small maps, the
         // samples of small inputs), or a mask broadcast over a middle dimension whose runs are
         // that short (a channel-coupled DropBlock mask over 5x5 maps): spread the decisions to
@@ -159,16 +104,12 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(
         // scalar loop per short run. The dropped value does not depend on the mask index here,
         // so nothing else changes.
         if let Some(spread) = spread::element_bits_of_short_runs(words, shape, mask_shape) {
-            return run_rule::<T, R>(
-                config,
-                shape,
-                shape,
-                src,
-                dst,
-                res,
-                Bits::Given(&spread),
-                rule,
-            );
+            let call = Call {
+                mask_shape: shape,
+                bits: Bits::Given(&spread),
+                ..call
+            };
+            return run_rule::<T, R>(config, call, rule);
         }
     }
     let zeros = vec![0isize; shape.len()];
@@ -209,7 +150,7 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(
         unsafe { apply_range::<T, R>(&plan, rule, start, end, words, base, None) }
     };
     let chunks = n.div_ceil(CHUNK);
-    match bits {
+    match call.bits {
         Bits::Given(words) => for_each_chunk(config.threads, n, chunks, |c| {
             range(c * CHUNK, ((c + 1) * CHUNK).min(n), words, 0)
         }),

@@ -2,7 +2,7 @@
 //! how it widens to the type it is computed in, how it rounds back, and which vector loop runs
 //! its contiguous runs.
 
-use crate::simd::{Linear, RunMask};
+use crate::simd::{Fast, Run};
 use half::{bf16, f16};
 use std::ops::{Add, Mul};
 
@@ -38,19 +38,9 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// the type has none and the caller must run the portable loop.
     ///
     /// # Safety
-    /// As `simd::apply_f32`: AVX2 and F16C present, pointers valid for `len` elements.
+    /// As `simd::apply_f32`: AVX2 and F16C present, the run's pointers valid for `len` elements.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn apply_run(
-        _lin: Linear<Self::Op>,
-        _dropped: Self,
-        _mask: RunMask,
-        _src: *const Self,
-        _dst: *mut Self,
-        _res: Option<*const Self>,
-        _len: usize,
-        _stream: bool,
-    ) -> bool {
+    unsafe fn apply_run(_fast: Fast<Self, Self::Op>, _run: Run<Self>) -> bool {
         false
     }
 }
@@ -71,17 +61,8 @@ macro_rules! element {
             }
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
-            unsafe fn apply_run(
-                lin: Linear<$op>,
-                dropped: $t,
-                mask: RunMask,
-                src: *const $t,
-                dst: *mut $t,
-                res: Option<*const $t>,
-                len: usize,
-                stream: bool,
-            ) -> bool {
-                crate::simd::$simd(lin, dropped, mask, src, dst, res, len, stream);
+            unsafe fn apply_run(fast: Fast<$t, $op>, run: Run<$t>) -> bool {
+                crate::simd::$simd(fast, run);
                 true
             }
         }

@@ -7,16 +7,7 @@ use super::application::Rule;
 use super::element::Element;
 use super::walk::Plan;
 use crate::mask::bit;
-use crate::simd::{Linear, RunMask};
-
-/// What the vector loops need of a rule: its kept map, its constant dropped value, and whether
-/// to stream the output.
-#[derive(Clone, Copy)]
-pub(super) struct Fast<T: Element> {
-    pub(super) lin: Linear<T::Op>,
-    pub(super) dropped: T,
-    pub(super) stream: bool,
-}
+use crate::simd::{Fast, Run, RunMask};
 
 /// [`apply_range`] compiled for AVX2 and F16C, with contiguous runs going to the vector loops.
 ///
@@ -31,7 +22,7 @@ pub(super) unsafe fn apply_range_avx2<T: Element, R: Rule<T>>(
     end: usize,
     words: &[u64],
     base: usize,
-    fast: Fast<T>,
+    fast: Fast<T, T::Op>,
 ) {
     apply_range::<T, R>(plan, rule, start, end, words, base, Some(fast))
 }
@@ -51,7 +42,7 @@ pub(super) unsafe fn apply_range<T: Element, R: Rule<T>>(
     end: usize,
     words: &[u64],
     base: usize,
-    fast: Option<Fast<T>>,
+    fast: Option<Fast<T, T::Op>>,
 ) {
     let nd = plan.shape.len();
     let [s_in, d_in, r_in, m_in] = [0, 1, 2, 3].map(|k| plan.strides[k][nd - 1]);
@@ -69,16 +60,14 @@ pub(super) unsafe fn apply_range<T: Element, R: Rule<T>>(
             } else {
                 RunMask::Bits { words, first: m0 }
             };
-            if T::apply_run(
-                f.lin,
-                f.dropped,
+            let run = Run {
                 mask,
-                src as *const T,
-                dst as *mut T,
-                res.map(|r| r as *const T),
+                src: src as *const T,
+                dst: dst as *mut T,
+                res: res.map(|r| r as *const T),
                 len,
-                f.stream,
-            ) {
+            };
+            if T::apply_run(f, run) {
                 return;
             }
         }

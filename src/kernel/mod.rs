@@ -6,8 +6,8 @@
 //! leave L1 unless the caller wants them stored); coarser masks (channel, sample, block) are
 //! generated first (`mask`), they are small.
 //!
-//! One call, top to bottom: [`run`] takes the call's operands and bits (this module) and its
-//! [`Application`] (`application`), compiles the application into a rule and shares the call's
+//! One call, top to bottom: [`run`] takes a [`Call`] (this module: shape, mask shape, operands,
+//! bits and [`Application`]), compiles the application into a rule and shares the call's
 //! chunks among the threads (`dispatch`); each chunk walks a merged plan of the strides
 //! (`walk`) and runs the inner loops over it (`loops`), per element type (`element`). The safe
 //! fronts over slices are in `contiguous`.
@@ -20,7 +20,7 @@ mod loops;
 pub(crate) mod walk;
 
 pub use application::Application;
-pub use contiguous::{apply_contiguous, apply_in_place};
+pub use contiguous::{apply_contiguous, apply_in_place, Contiguous};
 pub use dispatch::{run, run_with, Config};
 pub use element::{Element, OpFloat};
 
@@ -52,6 +52,31 @@ const _: () = assert!(SUB.is_multiple_of(rng::GROUP) && CHUNK.is_multiple_of(SUB
 /// cannot stay in cache anyway, and streaming them saves the read-for-ownership of every output
 /// line, a third of the memory traffic of the call.
 pub const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// One call of the kernel: everything [`run`] reads.
+///
+/// # Contract
+/// What [`run`] takes on trust (the safe fronts check it; the bindings check it on the arrays):
+/// - `src`, `dst` and `res` (if any) address, through their byte strides, valid and properly
+///   initialised elements of the kernel's type for every index of `shape` (pointers may be
+///   unaligned); the strides have `shape.len()` entries.
+/// - Distinct indices of `dst` are distinct addresses (no zero or overlapping strides), and
+///   `dst` does not overlap `src` or `res` unless it is exactly the same view (in place).
+/// - `Bits::Given` holds at least `prod(mask_shape)` bits and a `store` at least
+///   `ceil(prod(shape) / 64)` words.
+pub struct Call<'a> {
+    /// The logical shape of every operand.
+    pub shape: &'a [usize],
+    /// The rank of `shape`, each dimension equal to it or 1 (broadcast); equal to `shape` for
+    /// `Bits::Fresh` (element granularity).
+    pub mask_shape: &'a [usize],
+    pub src: Operand<'a>,
+    pub dst: Operand<'a>,
+    /// Added to the masked value when given (`residual + dropout(x)`).
+    pub res: Option<Operand<'a>>,
+    pub bits: Bits<'a>,
+    pub app: Application,
+}
 
 /// A strided operand: a base pointer and per-dimension strides in bytes (NumPy's convention).
 #[derive(Clone, Copy, Debug)]

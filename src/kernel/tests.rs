@@ -128,19 +128,29 @@ fn layout<T>(shape: &[usize], pad: usize, start: usize) -> Layout {
     }
 }
 
-/// Runs one call on fresh copies of `x` (and `r`): out of place into a zeroed buffer, or in
-/// place; returns the whole output buffer and the stored mask.
-#[allow(clippy::too_many_arguments)]
-fn call<T: Probe>(
-    config: Config,
-    l: &Layout,
-    mask_shape: &[usize],
-    x: &[T],
-    r: Option<&[T]>,
-    given: Option<&[u64]>,
-    app: &Application,
-    in_place: bool,
-) -> (Vec<T>, Vec<u64>) {
+/// One call's inputs: a layout, a mask shape, the values of the input (and residual) buffers,
+/// given mask bits (or a fresh mask) and the application.
+#[derive(Clone, Copy)]
+struct Case<'a, T> {
+    l: &'a Layout,
+    mask_shape: &'a [usize],
+    x: &'a [T],
+    r: Option<&'a [T]>,
+    given: Option<&'a [u64]>,
+    app: Application,
+}
+
+/// Runs `case` on fresh copies of its buffers: out of place into a zeroed buffer, or in place;
+/// returns the whole output buffer and the stored mask.
+fn call<T: Probe>(config: Config, case: Case<T>, in_place: bool) -> (Vec<T>, Vec<u64>) {
+    let Case {
+        l,
+        mask_shape,
+        x,
+        r,
+        given,
+        app,
+    } = case;
     let n: usize = l.shape.iter().product();
     let mut src = x.to_vec();
     let mut dst = if in_place {
@@ -173,19 +183,21 @@ fn call<T: Probe>(
     unsafe {
         run_with::<T>(
             config,
-            &l.shape,
-            mask_shape,
-            Operand {
-                ptr: sp,
-                strides: &l.strides,
+            Call {
+                shape: &l.shape,
+                mask_shape,
+                src: Operand {
+                    ptr: sp,
+                    strides: &l.strides,
+                },
+                dst: Operand {
+                    ptr: dp,
+                    strides: &l.strides,
+                },
+                res: rp,
+                bits,
+                app,
             },
-            Operand {
-                ptr: dp,
-                strides: &l.strides,
-            },
-            rp,
-            bits,
-            app,
         );
     }
     (if in_place { src } else { dst }, store)
@@ -237,16 +249,22 @@ fn check_paths<T: Probe>(shape: &[usize], pad: usize, start: usize) {
                     res.is_some(),
                     given.is_some()
                 );
-                let (want, want_mask) = call::<T>(PORTABLE, &l, ms, &x, res, given, &app, false);
+                let case = Case {
+                    l: &l,
+                    mask_shape: ms,
+                    x: &x,
+                    r: res,
+                    given,
+                    app,
+                };
+                let (want, want_mask) = call::<T>(PORTABLE, case, false);
                 for config in configs {
                     for in_place in [false, true] {
-                        let (got, got_mask) =
-                            call::<T>(config, &l, ms, &x, res, given, &app, in_place);
+                        let (got, got_mask) = call::<T>(config, case, in_place);
                         assert_eq!(want_mask, got_mask, "{what}: mask on {config:?}");
                         if in_place {
                             // Outside the view the buffer keeps the input's values.
-                            let (mut w, _) =
-                                call::<T>(PORTABLE, &l, ms, &x, res, given, &app, true);
+                            let (mut w, _) = call::<T>(PORTABLE, case, true);
                             w.truncate(got.len());
                             assert_same(&w, &got, &format!("{what} in place on {config:?}"));
                         } else {
@@ -299,20 +317,33 @@ fn masks_broadcast_over_a_middle_dimension_give_what_their_element_mask_gives() 
         let mut want_out = vec![0f32; n];
         apply_contiguous(
             PORTABLE,
-            shape,
-            shape,
+            Contiguous {
+                shape,
+                mask_shape: shape,
+                res: None,
+                bits: Bits::Given(&element),
+                app,
+            },
             &x,
             &mut want_out,
-            None,
-            Bits::Given(&element),
-            &app,
         );
         for threads in [1, 2] {
             for isa in [best_isa(), Isa::Portable] {
                 let mut out = vec![0f32; n];
                 let config = Config { isa, threads };
                 let bits = Bits::Given(&words);
-                apply_contiguous(config, shape, mask_shape, &x, &mut out, None, bits, &app);
+                apply_contiguous(
+                    config,
+                    Contiguous {
+                        shape,
+                        mask_shape,
+                        res: None,
+                        bits,
+                        app,
+                    },
+                    &x,
+                    &mut out,
+                );
                 assert_same(
                     &want_out,
                     &out,
@@ -338,21 +369,20 @@ fn streamed_outputs_match() {
         let x: Vec<f32> = values(l.len, 9).into_iter().map(|v| v as f32).collect();
         let r: Vec<f32> = values(l.len, 8).into_iter().map(|v| v as f32).collect();
         for res in [None, Some(&r[..])] {
-            let app = Application::Scale { scale: 2.5 };
-            let (want, _) = call::<f32>(PORTABLE, &l, &[n], &x, res, None, &app, false);
-            let (got, _) = call::<f32>(
-                Config {
-                    isa: best_isa(),
-                    threads: 2,
-                },
-                &l,
-                &[n],
-                &x,
-                res,
-                None,
-                &app,
-                false,
-            );
+            let case = Case {
+                l: &l,
+                mask_shape: &[n],
+                x: &x,
+                r: res,
+                given: None,
+                app: Application::Scale { scale: 2.5 },
+            };
+            let (want, _) = call::<f32>(PORTABLE, case, false);
+            let config = Config {
+                isa: best_isa(),
+                threads: 2,
+            };
+            let (got, _) = call::<f32>(config, case, false);
             assert_same(&want, &got, "streamed f32");
         }
     }
@@ -380,26 +410,30 @@ fn every_f16_value_gets_the_same_bits_on_every_path() {
                 let mut got = vec![f16::ZERO; n];
                 apply_contiguous(
                     PORTABLE,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res,
+                        bits: Bits::Given(words),
+                        app,
+                    },
                     &x,
                     &mut want,
-                    res,
-                    Bits::Given(words),
-                    &app,
                 );
                 apply_contiguous(
                     Config {
                         isa: best_isa(),
                         threads: 1,
                     },
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res,
+                        bits: Bits::Given(words),
+                        app,
+                    },
                     &x,
                     &mut got,
-                    res,
-                    Bits::Given(words),
-                    &app,
                 );
                 assert_same(
                     &want,
@@ -426,22 +460,26 @@ fn the_safe_fronts_agree_with_each_other() {
     let app = Application::Scale { scale: 1.0 / 0.3 };
     apply_contiguous(
         Config::current(),
-        &[n],
-        &[n],
+        Contiguous {
+            shape: &[n],
+            mask_shape: &[n],
+            res: None,
+            bits: fresh(),
+            app,
+        },
         &x,
         &mut out,
-        None,
-        fresh(),
-        &app,
     );
     apply_in_place(
         Config::current(),
-        &[n],
-        &[n],
+        Contiguous {
+            shape: &[n],
+            mask_shape: &[n],
+            res: None,
+            bits: fresh(),
+            app,
+        },
         &mut inplace,
-        None,
-        fresh(),
-        &app,
     );
     assert_same(&out, &inplace, "in place vs out of place");
     let kept = out.iter().filter(|v| **v != 0.0).count();
@@ -458,12 +496,14 @@ fn the_safe_front_refuses_a_bad_mask_shape() {
     let mut out = vec![0f32; 6];
     apply_contiguous(
         PORTABLE,
-        &[2, 3],
-        &[3, 1],
+        Contiguous {
+            shape: &[2, 3],
+            mask_shape: &[3, 1],
+            res: None,
+            bits: Bits::Given(&[0]),
+            app: Application::Scale { scale: 1.0 },
+        },
         &x,
         &mut out,
-        None,
-        Bits::Given(&[0]),
-        &Application::Scale { scale: 1.0 },
     );
 }
