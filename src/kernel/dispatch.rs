@@ -22,7 +22,8 @@ use crate::threads::{for_each_chunk, for_each_word_chunk, get_num_threads};
 /// shape, `dst` is written at distinct addresses that overlap no other operand unless it is the
 /// very same view as `src` (in place), and the bits are as many as the mask needs.
 pub unsafe fn run<T: Element>(call: Call) {
-    run_with::<T>(Config::current(), call)
+    // SAFETY: the caller's contract is `run_with`'s.
+    unsafe { run_with::<T>(Config::current(), call) }
 }
 
 /// How a call runs; the output never depends on it.
@@ -58,14 +59,17 @@ pub unsafe fn run_with<T: Element>(config: Config, call: Call) {
         threads: config.threads.max(1),
     };
     match call.app {
-        Application::Scale { scale } => run_rule::<T, _>(config, call, &ScaleRule(op(scale))),
+        // SAFETY (each arm): the caller's contract; `config.isa` is one this CPU runs.
+        Application::Scale { scale } => unsafe {
+            run_rule::<T, _>(config, call, &ScaleRule(op(scale)))
+        },
         Application::Affine { a, shift, dropped } => {
             let rule = AffineRule {
                 a: op(a),
                 shift: op(shift),
                 dropped: op(dropped),
             };
-            run_rule::<T, _>(config, call, &rule)
+            unsafe { run_rule::<T, _>(config, call, &rule) }
         }
         Application::Noise {
             scale,
@@ -77,12 +81,15 @@ pub unsafe fn run_with<T: Element>(config: Config, call: Call) {
                 key,
                 first_block,
             };
-            run_rule::<T, _>(config, call, &rule)
+            unsafe { run_rule::<T, _>(config, call, &rule) }
         }
     }
 }
 
 /// [`run_with`] once the application is `rule` (`call.app` is not read again).
+///
+/// # Safety
+/// As [`run`], and `config.isa` must be one this CPU runs.
 unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R) {
     let Call {
         shape,
@@ -109,7 +116,8 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R)
                 bits: Bits::Given(&spread),
                 ..call
             };
-            return run_rule::<T, R>(config, call, rule);
+            // SAFETY: the same operands, with an element mask of the whole shape.
+            return unsafe { run_rule::<T, R>(config, call, rule) };
         }
     }
     let zeros = vec![0isize; shape.len()];

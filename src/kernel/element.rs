@@ -62,7 +62,8 @@ macro_rules! element {
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
             unsafe fn apply_run(fast: Fast<$t, $op>, run: Run<$t>) -> bool {
-                crate::simd::$simd(fast, run);
+                // SAFETY: the caller's contract is the vector loop's.
+                unsafe { crate::simd::$simd(fast, run) };
                 true
             }
         }

@@ -24,7 +24,8 @@ pub(super) unsafe fn apply_range_avx2<T: Element, R: Rule<T>>(
     base: usize,
     fast: Fast<T, T::Op>,
 ) {
-    apply_range::<T, R>(plan, rule, start, end, words, base, Some(fast))
+    // SAFETY: this function's contract is `apply_range`'s, and this CPU has AVX2 and F16C.
+    unsafe { apply_range::<T, R>(plan, rule, start, end, words, base, Some(fast)) }
 }
 
 /// Applies `rule` to the logical range [start, end). `words` holds mask bit `m` at position
@@ -48,9 +49,15 @@ pub(super) unsafe fn apply_range<T: Element, R: Rule<T>>(
     let [s_in, d_in, r_in, m_in] = [0, 1, 2, 3].map(|k| plan.strides[k][nd - 1]);
     let size = std::mem::size_of::<T>() as isize;
     plan.walk(start, end, |off, mbit, len| {
-        let src = plan.src.offset(off[0]);
-        let dst = plan.dst.offset(off[1]);
-        let res = plan.res.map(|r| r.offset(off[2]));
+        // SAFETY: `walk` gives the byte offsets of the run's first element in each operand,
+        // which addresses an element of it (the caller's contract), so the offsets stay inside.
+        let (src, dst, res) = unsafe {
+            (
+                plan.src.offset(off[0]),
+                plan.dst.offset(off[1]),
+                plan.res.map(|r| r.offset(off[2])),
+            )
+        };
         let m0 = (mbit as usize).wrapping_sub(base);
         let contiguous = s_in == size && d_in == size && (res.is_none() || r_in == size);
         // Runs shorter than a mask word are not worth the vector loop's set-up and tail copy.
@@ -67,7 +74,9 @@ pub(super) unsafe fn apply_range<T: Element, R: Rule<T>>(
                 res: res.map(|r| r as *const T),
                 len,
             };
-            if T::apply_run(f, run) {
+            // SAFETY: `fast` is only given on a CPU with AVX2 and F16C; the run is `len`
+            // contiguous elements of each operand, and its mask bits are in `words`.
+            if unsafe { T::apply_run(f, run) } {
                 return;
             }
         }
@@ -75,21 +84,56 @@ pub(super) unsafe fn apply_range<T: Element, R: Rule<T>>(
             // One decision for the whole run: channel, sample and broadcast masks.
             let keep = bit(words, m0);
             if contiguous {
-                run_const::<T, R>(
+                // SAFETY: the run is `len` contiguous elements of each operand.
+                unsafe {
+                    run_const::<T, R>(
+                        rule,
+                        keep,
+                        src as *const T,
+                        dst as *mut T,
+                        res.map(|r| r as *const T),
+                        mbit as usize,
+                        len,
+                    )
+                };
+            } else {
+                for j in 0..len as isize {
+                    // SAFETY: element j of the run is `j * stride` bytes on in each operand.
+                    unsafe {
+                        let v = if keep {
+                            rule.kept(read::<T>(src, j * s_in))
+                        } else {
+                            rule.dropped(mbit as usize)
+                        };
+                        write(
+                            dst,
+                            j * d_in,
+                            finish::<T>(v, res.map(|r| r.offset(j * r_in))),
+                        );
+                    }
+                }
+            }
+        } else if contiguous && m_in == 1 && m0.is_multiple_of(64) && R::CONST_DROPPED {
+            // SAFETY: the run is `len` contiguous elements of each operand.
+            unsafe {
+                run_words::<T, R>(
                     rule,
-                    keep,
+                    &words[m0 / 64..],
                     src as *const T,
                     dst as *mut T,
                     res.map(|r| r as *const T),
-                    mbit as usize,
                     len,
-                );
-            } else {
-                for j in 0..len as isize {
+                )
+            };
+        } else {
+            for j in 0..len as isize {
+                let keep = bit(words, (m0 as isize + j * m_in) as usize);
+                // SAFETY: element j of the run is `j * stride` bytes on in each operand.
+                unsafe {
                     let v = if keep {
                         rule.kept(read::<T>(src, j * s_in))
                     } else {
-                        rule.dropped(mbit as usize)
+                        rule.dropped((mbit + j * m_in) as usize)
                     };
                     write(
                         dst,
@@ -98,55 +142,51 @@ pub(super) unsafe fn apply_range<T: Element, R: Rule<T>>(
                     );
                 }
             }
-        } else if contiguous && m_in == 1 && m0.is_multiple_of(64) && R::CONST_DROPPED {
-            run_words::<T, R>(
-                rule,
-                &words[m0 / 64..],
-                src as *const T,
-                dst as *mut T,
-                res.map(|r| r as *const T),
-                len,
-            );
-        } else {
-            for j in 0..len as isize {
-                let keep = bit(words, (m0 as isize + j * m_in) as usize);
-                let v = if keep {
-                    rule.kept(read::<T>(src, j * s_in))
-                } else {
-                    rule.dropped((mbit + j * m_in) as usize)
-                };
-                write(
-                    dst,
-                    j * d_in,
-                    finish::<T>(v, res.map(|r| r.offset(j * r_in))),
-                );
-            }
         }
     });
 }
 
+/// The element `byte_offset` bytes from `p`, widened.
+///
+/// # Safety
+/// `p + byte_offset` must address a valid element of type `T` (maybe unaligned).
 #[inline(always)]
 unsafe fn read<T: Element>(p: *const u8, byte_offset: isize) -> T::Op {
-    (p.offset(byte_offset) as *const T).read_unaligned().to_op()
+    // SAFETY: the caller's contract.
+    unsafe { (p.offset(byte_offset) as *const T).read_unaligned().to_op() }
 }
 
+/// Writes `v` `byte_offset` bytes from `p`.
+///
+/// # Safety
+/// `p + byte_offset` must address an element of type `T` (maybe unaligned) that nothing else
+/// reads or writes meanwhile.
 #[inline(always)]
 unsafe fn write<T: Element>(p: *mut u8, byte_offset: isize, v: T) {
-    (p.offset(byte_offset) as *mut T).write_unaligned(v)
+    // SAFETY: the caller's contract.
+    unsafe { (p.offset(byte_offset) as *mut T).write_unaligned(v) }
 }
 
 /// Rounds the masked value to `T` and adds the residual, so a fused `residual + dropout(x)` gives
 /// the bits of the unfused pair for every dtype.
+///
+/// # Safety
+/// `res`, when given, must address a valid element of type `T` (maybe unaligned).
 #[inline(always)]
 unsafe fn finish<T: Element>(v: T::Op, res: Option<*const u8>) -> T {
     let v = T::from_op(v);
     match res {
         None => v,
-        Some(r) => T::from_op((r as *const T).read_unaligned().to_op() + v.to_op()),
+        // SAFETY: the caller's contract.
+        Some(r) => T::from_op(unsafe { (r as *const T).read_unaligned() }.to_op() + v.to_op()),
     }
 }
 
 /// A contiguous run with one decision (mask bit `mask_index`): a dropped run never reads `src`.
+///
+/// # Safety
+/// `src` (read only when `keep`) and `res` (when given) must be valid for `len` reads and `dst`
+/// for `len` writes (maybe unaligned); `dst` may be `src`, but overlap no other way.
 #[inline(always)]
 unsafe fn run_const<T: Element, R: Rule<T>>(
     rule: &R,
@@ -160,22 +200,30 @@ unsafe fn run_const<T: Element, R: Rule<T>>(
     match (keep, res) {
         (true, None) => {
             for j in 0..len {
-                dst.add(j)
-                    .write_unaligned(T::from_op(rule.kept(src.add(j).read_unaligned().to_op())));
+                // SAFETY: j < len (the caller's contract).
+                unsafe {
+                    dst.add(j)
+                        .write_unaligned(T::from_op(rule.kept(src.add(j).read_unaligned().to_op())))
+                };
             }
         }
         (true, Some(r)) => {
             for j in 0..len {
-                let v = T::from_op(rule.kept(src.add(j).read_unaligned().to_op()));
-                dst.add(j)
-                    .write_unaligned(T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()));
+                // SAFETY: j < len (the caller's contract).
+                unsafe {
+                    let v = T::from_op(rule.kept(src.add(j).read_unaligned().to_op()));
+                    dst.add(j)
+                        .write_unaligned(T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()));
+                }
             }
         }
         (false, _) if R::CONST_DROPPED => {
             let v = T::from_op(rule.dropped(mask_index));
             match res {
-                None => (0..len).for_each(|j| dst.add(j).write_unaligned(v)),
-                Some(r) => (0..len).for_each(|j| {
+                // SAFETY: j < len (the caller's contract).
+                None => (0..len).for_each(|j| unsafe { dst.add(j).write_unaligned(v) }),
+                // SAFETY: j < len (the caller's contract).
+                Some(r) => (0..len).for_each(|j| unsafe {
                     dst.add(j)
                         .write_unaligned(T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()))
                 }),
@@ -184,17 +232,23 @@ unsafe fn run_const<T: Element, R: Rule<T>>(
         (false, _) => {
             for j in 0..len {
                 let v = T::from_op(rule.dropped(mask_index));
-                let v = match res {
-                    None => v,
-                    Some(r) => T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()),
-                };
-                dst.add(j).write_unaligned(v);
+                // SAFETY: j < len (the caller's contract).
+                unsafe {
+                    let v = match res {
+                        None => v,
+                        Some(r) => T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()),
+                    };
+                    dst.add(j).write_unaligned(v);
+                }
             }
         }
     }
 }
 
 /// The hot loop: contiguous data, one mask bit per element starting on a word boundary.
+///
+/// # Safety
+/// As [`run_const`] (with `src` always read), and `words` must hold `len` bits.
 #[inline(always)]
 unsafe fn run_words<T: Element, R: Rule<T>>(
     rule: &R,
@@ -207,41 +261,53 @@ unsafe fn run_words<T: Element, R: Rule<T>>(
     let dropped = T::from_op(rule.dropped(0));
     let full = len / 64;
     for (w, &word) in words[..full].iter().enumerate() {
-        let (s, d) = (src.add(w * 64), dst.add(w * 64));
+        // SAFETY: w * 64 + 64 <= len, so every element of this word is in the run.
+        let (s, d) = unsafe { (src.add(w * 64), dst.add(w * 64)) };
         match res {
             None => {
                 for j in 0..64 {
-                    let x = s.add(j).read_unaligned().to_op();
-                    let kept = T::from_op(rule.kept(x));
-                    d.add(j)
-                        .write_unaligned(if (word >> j) & 1 == 1 { kept } else { dropped });
+                    // SAFETY: j < 64, inside this word's elements.
+                    unsafe {
+                        let x = s.add(j).read_unaligned().to_op();
+                        let kept = T::from_op(rule.kept(x));
+                        d.add(j)
+                            .write_unaligned(if (word >> j) & 1 == 1 { kept } else { dropped });
+                    }
                 }
             }
             Some(r) => {
-                let r = r.add(w * 64);
+                // SAFETY: as for `s` and `d`.
+                let r = unsafe { r.add(w * 64) };
                 for j in 0..64 {
-                    let x = s.add(j).read_unaligned().to_op();
-                    let v = if (word >> j) & 1 == 1 {
-                        T::from_op(rule.kept(x))
-                    } else {
-                        dropped
-                    };
-                    d.add(j)
-                        .write_unaligned(T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()));
+                    // SAFETY: j < 64, inside this word's elements.
+                    unsafe {
+                        let x = s.add(j).read_unaligned().to_op();
+                        let v = if (word >> j) & 1 == 1 {
+                            T::from_op(rule.kept(x))
+                        } else {
+                            dropped
+                        };
+                        d.add(j).write_unaligned(T::from_op(
+                            r.add(j).read_unaligned().to_op() + v.to_op(),
+                        ));
+                    }
                 }
             }
         }
     }
     for j in full * 64..len {
-        let v = if bit(words, j) {
-            T::from_op(rule.kept(src.add(j).read_unaligned().to_op()))
-        } else {
-            dropped
-        };
-        let v = match res {
-            None => v,
-            Some(r) => T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()),
-        };
-        dst.add(j).write_unaligned(v);
+        // SAFETY: j < len.
+        unsafe {
+            let v = if bit(words, j) {
+                T::from_op(rule.kept(src.add(j).read_unaligned().to_op()))
+            } else {
+                dropped
+            };
+            let v = match res {
+                None => v,
+                Some(r) => T::from_op(r.add(j).read_unaligned().to_op() + v.to_op()),
+            };
+            dst.add(j).write_unaligned(v);
+        }
     }
 }
