@@ -26,9 +26,10 @@ pub use element::{Element, OpFloat};
 
 use crate::rng::{self, Key};
 
-// Names that lived in this module before it was split by concept, re-exported so that every
-// caller's path stays valid: the instruction set (`cpu`), the threads (`threads`), mask drawing
-// (`mask`), the generator's counters (`generator`, `rng`) and normal deviates (`noise`).
+// What a call needs beside `run`, reachable through `kernel` as before the split (and for the
+// core module that lays out a call): each lives with its concept, the instruction set in `cpu`,
+// the threads in `threads`, mask drawing and DropBlock in `mask`, counter ranges and keep
+// thresholds in `generator` and `rng`, normal deviates in `noise`.
 pub use crate::cpu::{best_isa, isa, Isa};
 pub use crate::generator::{blocks_for_call, blocks_for_decisions};
 pub use crate::mask::{bernoulli_words, block_keep_words, clear_tail, words_for, BlockGeometry};

@@ -3,7 +3,7 @@
 //! Element, channel and sample masks are Bernoulli draws of `prod(mask_shape)` decisions
 //! ([`bernoulli_words`], or fused into the kernel for elements). Block masks ([`blocks`]) grow
 //! Bernoulli seeds into rectangles, as timm's DropBlock does. A mask broadcast in short runs is
-//! spread to one bit per element ([`spread`]) before the kernel applies it.
+//! spread to one bit per element (`spread`) before the kernel applies it.
 
 pub mod blocks;
 pub(crate) mod spread;
