@@ -8,7 +8,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fastdrop::kernel::set_num_threads;
 use fastdrop::kernel::{
-    apply_contiguous, apply_in_place, bernoulli_words, Application, Bits, Config, Element,
+    apply_contiguous, apply_in_place, bernoulli_words, Application, Bits, Config, Contiguous,
+    Element,
 };
 use fastdrop::noise::fill_normals;
 use fastdrop::rng::{fill_u32, keep_words, threshold_for, Key};
@@ -70,13 +71,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res: None,
+                        bits: fresh(),
+                        app: scale(),
+                    },
                     black_box(&x),
                     &mut out,
-                    None,
-                    fresh(),
-                    &scale(),
                 )
             })
         });
@@ -85,12 +88,14 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_in_place(
                     config,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res: None,
+                        bits: fresh(),
+                        app: scale(),
+                    },
                     black_box(&mut y),
-                    None,
-                    fresh(),
-                    &scale(),
                 )
             })
         });
@@ -103,13 +108,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res: None,
+                        bits: fresh(),
+                        app,
+                    },
                     black_box(&x),
                     &mut out,
-                    None,
-                    fresh(),
-                    &app,
                 )
             })
         });
@@ -119,13 +126,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &shape,
-                    &ms,
+                    Contiguous {
+                        shape: &shape,
+                        mask_shape: &ms,
+                        res: None,
+                        bits: Bits::Given(&channel_words),
+                        app: scale(),
+                    },
                     black_box(&x[..n3]),
                     &mut out[..n3],
-                    None,
-                    Bits::Given(&channel_words),
-                    &scale(),
                 )
             })
         });
@@ -135,13 +144,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &shape,
-                    &ms,
+                    Contiguous {
+                        shape: &shape,
+                        mask_shape: &ms,
+                        res: None,
+                        bits: Bits::Given(&sample_words),
+                        app: scale(),
+                    },
                     black_box(&x[..n3]),
                     &mut out[..n3],
-                    None,
-                    Bits::Given(&sample_words),
-                    &scale(),
                 )
             })
         });
@@ -151,13 +162,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &[n],
-                    &[n],
+                    Contiguous {
+                        shape: &[n],
+                        mask_shape: &[n],
+                        res: Some(&r),
+                        bits: fresh(),
+                        app: scale(),
+                    },
                     black_box(&x),
                     &mut out,
-                    Some(&r),
-                    fresh(),
-                    &scale(),
                 )
             })
         });
@@ -167,13 +180,15 @@ fn bench_dtype<T: Element + Default>(c: &mut Criterion, name: &str, from_f32: fn
             b.iter(|| {
                 apply_contiguous(
                     config,
-                    &shape,
-                    &ms,
+                    Contiguous {
+                        shape: &shape,
+                        mask_shape: &ms,
+                        res: Some(&r[..n3]),
+                        bits: Bits::Given(&sample_words),
+                        app: scale(),
+                    },
                     black_box(&x[..n3]),
                     &mut out[..n3],
-                    Some(&r[..n3]),
-                    Bits::Given(&sample_words),
-                    &scale(),
                 )
             })
         });
@@ -213,13 +228,15 @@ fn incache(c: &mut Criterion) {
                     };
                     apply_contiguous(
                         config,
-                        &[n],
-                        &[n],
+                        Contiguous {
+                            shape: &[n],
+                            mask_shape: &[n],
+                            res: None,
+                            bits,
+                            app,
+                        },
                         black_box(&x),
                         &mut out,
-                        None,
-                        bits,
-                        &app,
                     )
                 })
             });
@@ -232,13 +249,15 @@ fn incache(c: &mut Criterion) {
                     let bits = Bits::Given(&words);
                     apply_contiguous(
                         config,
-                        &[n],
-                        &[n],
+                        Contiguous {
+                            shape: &[n],
+                            mask_shape: &[n],
+                            res: None,
+                            bits,
+                            app,
+                        },
                         black_box(&x),
                         &mut out,
-                        None,
-                        bits,
-                        &app,
                     )
                 })
             });

@@ -304,7 +304,7 @@ unsafe fn forward_item_avx2<T: Element>(
 }
 
 fn use_avx2() -> bool {
-    kernel::isa() == kernel::Isa::Avx2
+    crate::cpu::isa() == crate::cpu::Isa::Avx2
 }
 
 /// Rows per forward work item: a whole number of the generator's 256-decision groups, so that

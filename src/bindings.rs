@@ -1051,7 +1051,9 @@ unsafe fn slice_of<'a, T>(v: &View<'_>) -> &'a [T] {
     if n == 0 {
         return &[];
     }
-    std::slice::from_raw_parts(v.ptr() as *const T, n)
+    // SAFETY: the caller vouches that `v` is C-contiguous `T`s, `n` of them from `v.ptr()`,
+    // alive and not written elsewhere for 'a.
+    unsafe { std::slice::from_raw_parts(v.ptr() as *const T, n) }
 }
 
 /// As [`slice_of`], writeable.
@@ -1063,7 +1065,8 @@ unsafe fn slice_of_mut<'a, T>(v: &View<'_>) -> &'a mut [T] {
     if n == 0 {
         return &mut [];
     }
-    std::slice::from_raw_parts_mut(v.ptr() as *mut T, n)
+    // SAFETY: as in `slice_of`, and the caller vouches nothing else references the memory.
+    unsafe { std::slice::from_raw_parts_mut(v.ptr() as *mut T, n) }
 }
 
 /// Attention's forward between its two products: `scores` (`(..., lq, lk)` logits) becomes the

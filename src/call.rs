@@ -378,9 +378,15 @@ pub fn zeroed_words(n: usize, shape: &[usize]) -> Result<Vec<u64>> {
 }
 
 fn run_kernel(ops: &Operands<'_>, mask_shape: &[usize], bits: Bits<'_>, app: kernel::Application) {
-    let shape = ops.x.shape();
-    let (src, dst) = (ops.x.operand(), ops.out.operand());
-    let res = ops.residual.as_ref().map(View::operand);
+    let call = kernel::Call {
+        shape: ops.x.shape(),
+        mask_shape,
+        src: ops.x.operand(),
+        dst: ops.out.operand(),
+        res: ops.residual.as_ref().map(View::operand),
+        bits,
+        app,
+    };
     // SAFETY: every view addresses valid elements of its dtype for each index of its shape
     // (`View`'s invariant); `Operands::check` (run by `prepare` and `replay`) made x, out and
     // the residual one shape and dtype, `out` writeable with distinct elements and apart from
@@ -390,10 +396,10 @@ fn run_kernel(ops: &Operands<'_>, mask_shape: &[usize], bits: Bits<'_>, app: ker
     // (`zeroed_words(m)` with m == prod(shape)).
     unsafe {
         match ops.x.dtype() {
-            Dtype::F16 => kernel::run::<f16>(shape, mask_shape, src, dst, res, bits, &app),
-            Dtype::BF16 => kernel::run::<bf16>(shape, mask_shape, src, dst, res, bits, &app),
-            Dtype::F32 => kernel::run::<f32>(shape, mask_shape, src, dst, res, bits, &app),
-            Dtype::F64 => kernel::run::<f64>(shape, mask_shape, src, dst, res, bits, &app),
+            Dtype::F16 => kernel::run::<f16>(call),
+            Dtype::BF16 => kernel::run::<bf16>(call),
+            Dtype::F32 => kernel::run::<f32>(call),
+            Dtype::F64 => kernel::run::<f64>(call),
         }
     }
 }

@@ -7,6 +7,10 @@
 //! call's counters from a `generator::GeneratorState`, and `call::Call::run` draws the mask (or
 //! lets `kernel::run` draw it on the fly) and applies it.
 
+// Every unsafe operation sits in its own `unsafe {}` block with a SAFETY comment, also inside an
+// `unsafe fn`, whose `# Safety` section says what its callers promise.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod affinity;
 pub mod attention;
 pub mod buffer;

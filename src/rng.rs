@@ -88,24 +88,22 @@ pub enum Backend {
     Vaes,
 }
 
-/// What this CPU supports, probed once because `is_x86_feature_detected!` is not free and the
-/// answer cannot change while the process runs.
+/// The backends this CPU runs (`cpu::features`, probed once), slowest first.
 fn detected() -> &'static [Backend] {
     static AVAILABLE: OnceLock<Vec<Backend>> = OnceLock::new();
-    AVAILABLE.get_or_init(|| {
-        #[allow(unused_mut)] // only x86-64 pushes more than the portable path
-        let mut v = vec![Backend::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("aes") && std::is_x86_feature_detected!("sse4.1") {
-                v.push(Backend::AesNi);
-                if std::is_x86_feature_detected!("vaes") && std::is_x86_feature_detected!("avx2") {
-                    v.push(Backend::Vaes);
-                }
-            }
+    AVAILABLE.get_or_init(|| backends_for(cpu::features()))
+}
+
+/// The backends a CPU with `f` runs, slowest first: AES-NI needs AES and SSE4.1, VAES also AVX2.
+fn backends_for(f: cpu::Features) -> Vec<Backend> {
+    let mut v = vec![Backend::Portable];
+    if cfg!(target_arch = "x86_64") && f.aes && f.sse41 {
+        v.push(Backend::AesNi);
+        if f.vaes && f.avx2 {
+            v.push(Backend::Vaes);
         }
-        v
-    })
+    }
+    v
 }
 
 /// Backends this CPU can run (for tests that prove all paths agree).
@@ -134,8 +132,8 @@ fn choose_backend(request: Simd, avail: &[Backend]) -> Backend {
     }
 }
 
-/// The backend in use: detected once at runtime (`std::is_x86_feature_detected!`, cached in a
-/// `OnceLock`), overridable with the environment variable `FASTDROP_SIMD` (see `cpu`), so that
+/// The backend in use: chosen once from the CPU's features (`cpu::features`, probed once),
+/// overridable with the environment variable `FASTDROP_SIMD` (see `cpu`), so that
 /// users can rule out (or benchmark) a SIMD path without rebuilding. A request for a backend
 /// the CPU lacks falls back to the best available one. The variable is read once per process.
 pub fn backend() -> Backend {
@@ -1293,5 +1291,25 @@ mod tests {
         assert_eq!(choose_backend(Simd::AesNi, &none), Backend::Portable);
         assert!(available_backends().contains(&backend()));
         assert_eq!(available_backends()[0], Backend::Portable);
+    }
+
+    #[test]
+    fn backends_follow_the_probed_features() {
+        let f = |aes, sse41, vaes, avx2| cpu::Features {
+            aes,
+            sse41,
+            vaes,
+            avx2,
+            f16c: false,
+        };
+        let all = [Backend::Portable, Backend::AesNi, Backend::Vaes];
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(backends_for(f(true, true, true, true)), all);
+            assert_eq!(backends_for(f(true, true, true, false)), all[..2]);
+            assert_eq!(backends_for(f(true, true, false, true)), all[..2]);
+        }
+        assert_eq!(backends_for(f(true, false, true, true)), all[..1]);
+        assert_eq!(backends_for(f(false, true, true, true)), all[..1]);
+        assert_eq!(backends_for(cpu::features()), available_backends());
     }
 }

@@ -13,6 +13,26 @@ pub struct Linear<F> {
     pub add: Option<F>,
 }
 
+/// What the vector loops write: kept elements `x * mul (+ add)` (`lin`, in the arithmetic type
+/// `F`), dropped ones `dropped`; streamed past the cache (non-temporal stores) when `stream`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fast<T, F> {
+    pub lin: Linear<F>,
+    pub dropped: T,
+    pub stream: bool,
+}
+
+/// A contiguous run of `len` elements: where they are read and written, and their decisions.
+#[derive(Clone, Copy, Debug)]
+pub struct Run<'a, T> {
+    pub mask: RunMask<'a>,
+    pub src: *const T,
+    pub dst: *mut T,
+    /// Added to the masked value when given.
+    pub res: Option<*const T>,
+    pub len: usize,
+}
+
 /// The keep decisions of a run.
 #[derive(Clone, Copy, Debug)]
 pub enum RunMask<'a> {
@@ -58,7 +78,14 @@ pub fn fence_streams() {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{word_at, Linear, RunMask};
+    //! Safety, for the whole module: everything here is reached only through the `apply_*`
+    //! functions, which are `#[target_feature(enable = "avx2,f16c")]` and whose callers promise
+    //! a CPU with AVX2 and F16C. The helpers are `#[inline(always)]` (which a `#[target_feature]`
+    //! function cannot be) so that each is compiled into its caller with those features; in them
+    //! even an intrinsic that takes no pointer is an unsafe call, whose SAFETY comment reads
+    //! "AVX2 and F16C (see the module)".
+
+    use super::{word_at, Fast, Linear, Run, RunMask};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -68,26 +95,42 @@ mod x86 {
     const DROP_ALL: u8 = 2;
 
     /// Eight lanes of f32 arithmetic over an element type stored as f32 or f16.
+    ///
+    /// # Safety
+    /// Every method needs a CPU with AVX2 and F16C; `load` and `store` need `p` valid for eight
+    /// elements (reads, or writes), and a streaming store a 16-byte aligned `p`.
     trait Lanes8: Copy {
+        /// # Safety
+        /// See the trait.
         unsafe fn load(p: *const Self) -> __m256;
+        /// # Safety
+        /// See the trait.
         unsafe fn store<const STREAM: bool>(p: *mut Self, v: __m256);
         /// Rounds to the element type and back (identity for f32).
+        ///
+        /// # Safety
+        /// See the trait.
         unsafe fn round(v: __m256) -> __m256;
     }
 
     impl Lanes8 for f32 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
+            // SAFETY: `p` is valid for eight f32 reads (the trait's contract); AVX2.
+            unsafe { _mm256_loadu_ps(p) }
         }
         #[inline(always)]
         unsafe fn store<const STREAM: bool>(p: *mut f32, v: __m256) {
             if STREAM {
-                // Streams only to 16-byte aligned outputs (checked in `apply_lanes8`).
-                _mm_stream_ps(p, _mm256_castps256_ps128(v));
-                _mm_stream_ps(p.add(4), _mm256_extractf128_ps::<1>(v));
+                // SAFETY: `p` is valid for eight f32 writes and, when streaming, 16-byte aligned
+                // (checked in `apply_lanes8`), so are both halves; AVX2 (see the module).
+                unsafe {
+                    _mm_stream_ps(p, _mm256_castps256_ps128(v));
+                    _mm_stream_ps(p.add(4), _mm256_extractf128_ps::<1>(v));
+                }
             } else {
-                _mm256_storeu_ps(p, v)
+                // SAFETY: `p` is valid for eight f32 writes; AVX2 (see the module).
+                unsafe { _mm256_storeu_ps(p, v) }
             }
         }
         #[inline(always)]
@@ -99,67 +142,90 @@ mod x86 {
     impl Lanes8 for f16 {
         #[inline(always)]
         unsafe fn load(p: *const f16) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+            // SAFETY: `p` is valid for eight f16 (16 bytes) reads; F16C (see the module).
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
         }
         #[inline(always)]
         unsafe fn store<const STREAM: bool>(p: *mut f16, v: __m256) {
-            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            // SAFETY: F16C (see the module).
+            let h = unsafe { _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v) };
             if STREAM {
-                _mm_stream_si128(p as *mut __m128i, h)
+                // SAFETY: `p` is valid for 16 bytes of writes and 16-byte aligned when streaming.
+                unsafe { _mm_stream_si128(p as *mut __m128i, h) }
             } else {
-                _mm_storeu_si128(p as *mut __m128i, h)
+                // SAFETY: `p` is valid for 16 bytes of writes.
+                unsafe { _mm_storeu_si128(p as *mut __m128i, h) }
             }
         }
         #[inline(always)]
         unsafe fn round(v: __m256) -> __m256 {
-            _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+            // SAFETY: F16C (see the module).
+            unsafe { _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)) }
         }
     }
 
     /// f32 -> bfloat16 bits in the low 16 bits of each lane, exactly as `half::bf16::from_f32`:
     /// round to nearest even (`x + 0x7FFF + lsb`, carrying into the exponent up to infinity),
     /// and a NaN keeps its top mantissa bits with the quiet bit set.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
     #[inline(always)]
     unsafe fn bf16_bits(v: __m256) -> __m256i {
-        let x = _mm256_castps_si256(v);
-        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
-        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
-            x,
-            _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)),
-        ));
-        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x0040));
-        let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
-        let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
-        _mm256_blendv_epi8(rounded, quiet, nan)
+        // SAFETY: AVX2 and F16C (see the module); no memory is touched.
+        unsafe {
+            let x = _mm256_castps_si256(v);
+            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+                x,
+                _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)),
+            ));
+            let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x0040));
+            let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
+            let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
+            _mm256_blendv_epi8(rounded, quiet, nan)
+        }
     }
 
     impl Lanes8 for bf16 {
         #[inline(always)]
         unsafe fn load(p: *const bf16) -> __m256 {
             // bfloat16 is the top half of an f32: widen and shift up.
-            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+            // SAFETY: `p` is valid for eight bf16 (16 bytes) reads; AVX2 (see the module).
+            unsafe {
+                let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+            }
         }
         #[inline(always)]
         unsafe fn store<const STREAM: bool>(p: *mut bf16, v: __m256) {
-            let b = bf16_bits(v);
-            // Every lane is <= 0xFFFF, so the unsigned-saturating pack is exact.
-            let h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b));
+            // SAFETY: AVX2 (see the module); no memory is touched.
+            let h = unsafe {
+                let b = bf16_bits(v);
+                // Every lane is <= 0xFFFF, so the unsigned-saturating pack is exact.
+                _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b))
+            };
             if STREAM {
-                _mm_stream_si128(p as *mut __m128i, h)
+                // SAFETY: `p` is valid for 16 bytes of writes and 16-byte aligned when streaming.
+                unsafe { _mm_stream_si128(p as *mut __m128i, h) }
             } else {
-                _mm_storeu_si128(p as *mut __m128i, h)
+                // SAFETY: `p` is valid for 16 bytes of writes.
+                unsafe { _mm_storeu_si128(p as *mut __m128i, h) }
             }
         }
         #[inline(always)]
         unsafe fn round(v: __m256) -> __m256 {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bf16_bits(v)))
+            // SAFETY: AVX2 (see the module); no memory is touched.
+            unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bf16_bits(v))) }
         }
     }
 
     /// One group of eight: `sel`'s lane sign bits are the keep decisions (for `BITS`).
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `src` (unless `DROP_ALL`) and `res` (if `RES`) valid for eight reads, `dst`
+    /// for eight writes (16-byte aligned if `STREAM`).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn group8<T: Lanes8, const MODE: u8, const RES: bool, const STREAM: bool>(
         mul: __m256,
         add: Option<__m256>,
@@ -172,26 +238,34 @@ mod x86 {
         let v = if MODE == DROP_ALL {
             dropped
         } else {
-            let mut kept = _mm256_mul_ps(T::load(src), mul);
+            // SAFETY: `src` is valid for eight reads here; AVX2 (see the module).
+            let mut kept = unsafe { _mm256_mul_ps(T::load(src), mul) };
             if let Some(a) = add {
-                kept = _mm256_add_ps(kept, a);
+                // SAFETY: AVX2 (see the module).
+                kept = unsafe { _mm256_add_ps(kept, a) };
             }
             if MODE == KEEP_ALL {
                 kept
             } else {
-                _mm256_blendv_ps(dropped, kept, sel)
+                // SAFETY: AVX2 (see the module).
+                unsafe { _mm256_blendv_ps(dropped, kept, sel) }
             }
         };
         if RES {
-            T::store::<STREAM>(dst, _mm256_add_ps(T::load(res), T::round(v)));
+            // SAFETY: `res` is valid for eight reads and `dst` for eight writes; AVX2 and F16C.
+            unsafe { T::store::<STREAM>(dst, _mm256_add_ps(T::load(res), T::round(v))) };
         } else {
-            T::store::<STREAM>(dst, v);
+            // SAFETY: `dst` is valid for eight writes; AVX2 and F16C.
+            unsafe { T::store::<STREAM>(dst, v) };
         }
     }
 
     /// Runs of 64 elements; the caller handles the tail.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `src` (unless `DROP_ALL`) and `res` (if `RES`) valid for `64 * full`
+    /// reads, `dst` for as many writes (16-byte aligned if `STREAM`).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn words8<T: Lanes8, const MODE: u8, const RES: bool, const STREAM: bool>(
         lin: Linear<f32>,
         dropped: __m256,
@@ -201,55 +275,73 @@ mod x86 {
         res: *const T,
         full: usize,
     ) {
-        let mul = _mm256_set1_ps(lin.mul);
-        let add = lin.add.map(|a| _mm256_set1_ps(a));
-        // Lane i of group g moves bit 8g + i of a 32-bit half into its sign bit.
         // Lane i of group g moves bit 8g + i of a 32-bit half into its sign bit. Written out:
         // a closure here would not inherit the caller's target features and stay uninlined.
-        let shifts = [
-            _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
-            _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
-            _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
-            _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0),
-        ];
+        // SAFETY: AVX2 (see the module); no memory is touched.
+        let (mul, add, shifts) = unsafe {
+            (
+                _mm256_set1_ps(lin.mul),
+                lin.add.map(|a| _mm256_set1_ps(a)),
+                [
+                    _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
+                    _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+                    _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
+                    _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+                ],
+            )
+        };
         for w in 0..full {
             let word = match mask {
                 RunMask::Bits { words, first } if MODE == BITS => word_at(words, first + 64 * w),
                 _ => 0,
             };
-            let halves = [
-                _mm256_set1_epi32(word as u32 as i32),
-                _mm256_set1_epi32((word >> 32) as u32 as i32),
-            ];
+            // SAFETY: AVX2 (see the module); no memory is touched.
+            let halves = unsafe {
+                [
+                    _mm256_set1_epi32(word as u32 as i32),
+                    _mm256_set1_epi32((word >> 32) as u32 as i32),
+                ]
+            };
             for g in 0..8 {
                 let e = 64 * w + 8 * g;
-                let sel = _mm256_castsi256_ps(_mm256_sllv_epi32(halves[g / 4], shifts[g % 4]));
-                group8::<T, MODE, RES, STREAM>(
-                    mul,
-                    add,
-                    dropped,
-                    sel,
-                    src.add(e),
-                    dst.add(e),
-                    if RES { res.add(e) } else { res },
-                );
+                // SAFETY: e + 8 <= 64 * full, so every operand is valid for the group's eight
+                // elements (`res` is only offset when `RES`); AVX2 and F16C.
+                unsafe {
+                    let sel = _mm256_castsi256_ps(_mm256_sllv_epi32(halves[g / 4], shifts[g % 4]));
+                    group8::<T, MODE, RES, STREAM>(
+                        mul,
+                        add,
+                        dropped,
+                        sel,
+                        src.add(e),
+                        dst.add(e),
+                        if RES { res.add(e) } else { res },
+                    );
+                }
             }
         }
     }
 
+    /// [`apply_f32`] for any [`Lanes8`] type.
+    ///
+    /// # Safety
+    /// As [`apply_f32`].
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn apply_lanes8<T: Lanes8 + Default>(
-        lin: Linear<f32>,
-        dropped: f32,
-        mask: RunMask,
-        src: *const T,
-        dst: *mut T,
-        res: Option<*const T>,
-        len: usize,
-        stream: bool,
-    ) {
-        let dropped_v = _mm256_set1_ps(dropped);
+    unsafe fn apply_lanes8<T: Lanes8 + Default>(fast: Fast<f32, f32>, run: Run<T>) {
+        let Fast {
+            lin,
+            dropped,
+            stream,
+        } = fast;
+        let Run {
+            mask,
+            src,
+            dst,
+            res,
+            len,
+        } = run;
+        // SAFETY: AVX2 (see the module).
+        let dropped_v = unsafe { _mm256_set1_ps(dropped) };
         let full = len / 64;
         let stream = stream && (dst as usize).is_multiple_of(16) && full > 0;
         let r = res.unwrap_or(std::ptr::null());
@@ -271,10 +363,14 @@ mod x86 {
                 }
             };
         }
-        match mask {
-            RunMask::Bits { .. } => go!(BITS),
-            RunMask::All(true) => go!(KEEP_ALL),
-            RunMask::All(false) => go!(DROP_ALL),
+        // SAFETY: the run's operands are valid for `len >= 64 * full` elements (the caller),
+        // `res` is passed on only when there is one, and `dst` streams only when aligned.
+        unsafe {
+            match mask {
+                RunMask::Bits { .. } => go!(BITS),
+                RunMask::All(true) => go!(KEEP_ALL),
+                RunMask::All(false) => go!(DROP_ALL),
+            }
         }
         // No fence here: a run's non-temporal stores are ordered once per range the caller
         // walks, by its `fence_streams` (a fence per run cost one per channel of a channel
@@ -286,10 +382,12 @@ mod x86 {
             let (mut s, mut d, mut q) =
                 ([T::default(); 64], [T::default(); 64], [T::default(); 64]);
             if !matches!(mask, RunMask::All(false)) {
-                std::ptr::copy_nonoverlapping(src.add(done), s.as_mut_ptr(), rest);
+                // SAFETY: elements done..len of `src` are valid reads, and `rest` < 64 fit `s`.
+                unsafe { std::ptr::copy_nonoverlapping(src.add(done), s.as_mut_ptr(), rest) };
             }
             if let Some(rp) = res {
-                std::ptr::copy_nonoverlapping(rp.add(done), q.as_mut_ptr(), rest);
+                // SAFETY: as for `src`.
+                unsafe { std::ptr::copy_nonoverlapping(rp.add(done), q.as_mut_ptr(), rest) };
             }
             let tail_mask = match mask {
                 RunMask::Bits { words, first } => RunMask::Bits {
@@ -301,27 +399,31 @@ mod x86 {
             let rq = res.map(|_| q.as_ptr());
             let r = rq.unwrap_or(std::ptr::null());
             let (sp, dp) = (s.as_ptr(), d.as_mut_ptr());
-            match (tail_mask, rq.is_some()) {
-                (RunMask::Bits { .. }, false) => {
-                    words8::<T, BITS, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
-                }
-                (RunMask::Bits { .. }, true) => {
-                    words8::<T, BITS, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
-                }
-                (RunMask::All(true), false) => {
-                    words8::<T, KEEP_ALL, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
-                }
-                (RunMask::All(true), true) => {
-                    words8::<T, KEEP_ALL, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
-                }
-                (RunMask::All(false), false) => {
-                    words8::<T, DROP_ALL, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
-                }
-                (RunMask::All(false), true) => {
-                    words8::<T, DROP_ALL, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+            // SAFETY: one word of 64 elements of the stack copies, never streamed.
+            unsafe {
+                match (tail_mask, rq.is_some()) {
+                    (RunMask::Bits { .. }, false) => {
+                        words8::<T, BITS, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                    }
+                    (RunMask::Bits { .. }, true) => {
+                        words8::<T, BITS, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                    }
+                    (RunMask::All(true), false) => {
+                        words8::<T, KEEP_ALL, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                    }
+                    (RunMask::All(true), true) => {
+                        words8::<T, KEEP_ALL, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                    }
+                    (RunMask::All(false), false) => {
+                        words8::<T, DROP_ALL, false, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                    }
+                    (RunMask::All(false), true) => {
+                        words8::<T, DROP_ALL, true, false>(lin, dropped_v, tail_mask, sp, dp, r, 1)
+                    }
                 }
             }
-            std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(done), rest);
+            // SAFETY: elements done..len of `dst` are valid writes, and `d` holds `rest` of them.
+            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(done), rest) };
         }
     }
 
@@ -333,18 +435,9 @@ mod x86 {
     /// The CPU must have AVX2 and F16C; `src`, `dst` and `res` must be valid for `len` elements
     /// (`dst` may equal `src`, but no other overlap); `Bits` must cover bits `first..first + len`.
     #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn apply_f32(
-        lin: Linear<f32>,
-        dropped: f32,
-        mask: RunMask,
-        src: *const f32,
-        dst: *mut f32,
-        res: Option<*const f32>,
-        len: usize,
-        stream: bool,
-    ) {
-        apply_lanes8::<f32>(lin, dropped, mask, src, dst, res, len, stream)
+    pub unsafe fn apply_f32(fast: Fast<f32, f32>, run: Run<f32>) {
+        // SAFETY: this function's own contract.
+        unsafe { apply_lanes8::<f32>(fast, run) }
     }
 
     /// [`apply_f32`] for f16 storage: widened to f32, computed, rounded to nearest-even; with a
@@ -353,18 +446,14 @@ mod x86 {
     /// # Safety
     /// As [`apply_f32`].
     #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn apply_f16(
-        lin: Linear<f32>,
-        dropped: f16,
-        mask: RunMask,
-        src: *const f16,
-        dst: *mut f16,
-        res: Option<*const f16>,
-        len: usize,
-        stream: bool,
-    ) {
-        apply_lanes8::<f16>(lin, dropped.to_f32(), mask, src, dst, res, len, stream)
+    pub unsafe fn apply_f16(fast: Fast<f16, f32>, run: Run<f16>) {
+        let fast = Fast {
+            lin: fast.lin,
+            dropped: fast.dropped.to_f32(),
+            stream: fast.stream,
+        };
+        // SAFETY: this function's own contract.
+        unsafe { apply_lanes8::<f16>(fast, run) }
     }
 
     /// [`apply_f32`] for bfloat16 storage, as [`apply_f16`] for float16 (round to nearest
@@ -373,23 +462,21 @@ mod x86 {
     /// # Safety
     /// As [`apply_f32`].
     #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn apply_bf16(
-        lin: Linear<f32>,
-        dropped: bf16,
-        mask: RunMask,
-        src: *const bf16,
-        dst: *mut bf16,
-        res: Option<*const bf16>,
-        len: usize,
-        stream: bool,
-    ) {
-        apply_lanes8::<bf16>(lin, dropped.to_f32(), mask, src, dst, res, len, stream)
+    pub unsafe fn apply_bf16(fast: Fast<bf16, f32>, run: Run<bf16>) {
+        let fast = Fast {
+            lin: fast.lin,
+            dropped: fast.dropped.to_f32(),
+            stream: fast.stream,
+        };
+        // SAFETY: this function's own contract.
+        unsafe { apply_lanes8::<bf16>(fast, run) }
     }
 
     /// One group of four f64.
+    ///
+    /// # Safety
+    /// As [`group8`], for four f64.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn group4<const MODE: u8, const RES: bool, const STREAM: bool>(
         mul: __m256d,
         add: Option<__m256d>,
@@ -402,31 +489,43 @@ mod x86 {
         let v = if MODE == DROP_ALL {
             dropped
         } else {
-            let mut kept = _mm256_mul_pd(_mm256_loadu_pd(src), mul);
+            // SAFETY: `src` is valid for four reads here; AVX (see the module).
+            let mut kept = unsafe { _mm256_mul_pd(_mm256_loadu_pd(src), mul) };
             if let Some(a) = add {
-                kept = _mm256_add_pd(kept, a);
+                // SAFETY: AVX (see the module).
+                kept = unsafe { _mm256_add_pd(kept, a) };
             }
             if MODE == KEEP_ALL {
                 kept
             } else {
-                _mm256_blendv_pd(dropped, kept, sel)
+                // SAFETY: AVX (see the module).
+                unsafe { _mm256_blendv_pd(dropped, kept, sel) }
             }
         };
         let v = if RES {
-            _mm256_add_pd(_mm256_loadu_pd(res), v)
+            // SAFETY: `res` is valid for four reads when `RES`; AVX (see the module).
+            unsafe { _mm256_add_pd(_mm256_loadu_pd(res), v) }
         } else {
             v
         };
         if STREAM {
-            _mm_stream_pd(dst, _mm256_castpd256_pd128(v));
-            _mm_stream_pd(dst.add(2), _mm256_extractf128_pd::<1>(v));
+            // SAFETY: `dst` is valid for four writes and 16-byte aligned when streaming, so are
+            // both halves; AVX (see the module).
+            unsafe {
+                _mm_stream_pd(dst, _mm256_castpd256_pd128(v));
+                _mm_stream_pd(dst.add(2), _mm256_extractf128_pd::<1>(v));
+            }
         } else {
-            _mm256_storeu_pd(dst, v);
+            // SAFETY: `dst` is valid for four writes; AVX (see the module).
+            unsafe { _mm256_storeu_pd(dst, v) };
         }
     }
 
+    /// Runs of 64 f64; the caller handles the tail.
+    ///
+    /// # Safety
+    /// As [`words8`].
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn words4<const MODE: u8, const RES: bool, const STREAM: bool>(
         lin: Linear<f64>,
         dropped: __m256d,
@@ -436,29 +535,39 @@ mod x86 {
         res: *const f64,
         full: usize,
     ) {
-        let mul = _mm256_set1_pd(lin.mul);
-        let add = lin.add.map(|a| _mm256_set1_pd(a));
         // Lane i moves bit i of the (shifted) word into its sign bit.
-        let shifts = _mm256_setr_epi64x(63, 62, 61, 60);
+        // SAFETY: AVX2 (see the module); no memory is touched.
+        let (mul, add, shifts) = unsafe {
+            (
+                _mm256_set1_pd(lin.mul),
+                lin.add.map(|a| _mm256_set1_pd(a)),
+                _mm256_setr_epi64x(63, 62, 61, 60),
+            )
+        };
         for w in 0..full {
             let word = match mask {
                 RunMask::Bits { words, first } if MODE == BITS => word_at(words, first + 64 * w),
                 _ => 0,
             };
-            let mut bits = _mm256_set1_epi64x(word as i64);
+            // SAFETY: AVX2 (see the module); no memory is touched.
+            let mut bits = unsafe { _mm256_set1_epi64x(word as i64) };
             for g in 0..16 {
                 let e = 64 * w + 4 * g;
-                let sel = _mm256_castsi256_pd(_mm256_sllv_epi64(bits, shifts));
-                bits = _mm256_srli_epi64::<4>(bits);
-                group4::<MODE, RES, STREAM>(
-                    mul,
-                    add,
-                    dropped,
-                    sel,
-                    src.add(e),
-                    dst.add(e),
-                    if RES { res.add(e) } else { res },
-                );
+                // SAFETY: e + 4 <= 64 * full, so every operand is valid for the group's four
+                // elements (`res` is only offset when `RES`); AVX2.
+                unsafe {
+                    let sel = _mm256_castsi256_pd(_mm256_sllv_epi64(bits, shifts));
+                    bits = _mm256_srli_epi64::<4>(bits);
+                    group4::<MODE, RES, STREAM>(
+                        mul,
+                        add,
+                        dropped,
+                        sel,
+                        src.add(e),
+                        dst.add(e),
+                        if RES { res.add(e) } else { res },
+                    );
+                }
             }
         }
     }
@@ -468,17 +577,19 @@ mod x86 {
     /// # Safety
     /// As [`apply_f32`].
     #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn apply_f64(
-        lin: Linear<f64>,
-        dropped: f64,
-        mask: RunMask,
-        src: *const f64,
-        dst: *mut f64,
-        res: Option<*const f64>,
-        len: usize,
-        stream: bool,
-    ) {
+    pub unsafe fn apply_f64(fast: Fast<f64, f64>, run: Run<f64>) {
+        let Fast {
+            lin,
+            dropped,
+            stream,
+        } = fast;
+        let Run {
+            mask,
+            src,
+            dst,
+            res,
+            len,
+        } = run;
         let dropped_v = _mm256_set1_pd(dropped);
         let full = len / 64;
         let stream = stream && (dst as usize).is_multiple_of(16) && full > 0;
@@ -501,10 +612,16 @@ mod x86 {
                 }
             };
         }
-        match mask {
-            RunMask::Bits { .. } => go!(BITS, mask, src, dst, r, res.is_some(), stream, full),
-            RunMask::All(true) => go!(KEEP_ALL, mask, src, dst, r, res.is_some(), stream, full),
-            RunMask::All(false) => go!(DROP_ALL, mask, src, dst, r, res.is_some(), stream, full),
+        // SAFETY: the run's operands are valid for `len >= 64 * full` elements (the caller),
+        // `res` is passed on only when there is one, and `dst` streams only when aligned.
+        unsafe {
+            match mask {
+                RunMask::Bits { .. } => go!(BITS, mask, src, dst, r, res.is_some(), stream, full),
+                RunMask::All(true) => go!(KEEP_ALL, mask, src, dst, r, res.is_some(), stream, full),
+                RunMask::All(false) => {
+                    go!(DROP_ALL, mask, src, dst, r, res.is_some(), stream, full)
+                }
+            }
         }
         // Fenced by the caller, once per range: see `apply_lanes8`.
         let done = 64 * full;
@@ -512,10 +629,12 @@ mod x86 {
         if rest > 0 {
             let (mut s, mut d, mut q) = ([0f64; 64], [0f64; 64], [0f64; 64]);
             if !matches!(mask, RunMask::All(false)) {
-                std::ptr::copy_nonoverlapping(src.add(done), s.as_mut_ptr(), rest);
+                // SAFETY: elements done..len of `src` are valid reads, and `rest` < 64 fit `s`.
+                unsafe { std::ptr::copy_nonoverlapping(src.add(done), s.as_mut_ptr(), rest) };
             }
             if let Some(rp) = res {
-                std::ptr::copy_nonoverlapping(rp.add(done), q.as_mut_ptr(), rest);
+                // SAFETY: as for `src`.
+                unsafe { std::ptr::copy_nonoverlapping(rp.add(done), q.as_mut_ptr(), rest) };
             }
             let tail_mask = match mask {
                 RunMask::Bits { words, first } => RunMask::Bits {
@@ -525,14 +644,22 @@ mod x86 {
                 m => m,
             };
             let (sp, dp, qp) = (s.as_ptr(), d.as_mut_ptr(), q.as_ptr());
-            match tail_mask {
-                RunMask::Bits { .. } => go!(BITS, tail_mask, sp, dp, qp, res.is_some(), false, 1),
-                RunMask::All(true) => go!(KEEP_ALL, tail_mask, sp, dp, qp, res.is_some(), false, 1),
-                RunMask::All(false) => {
-                    go!(DROP_ALL, tail_mask, sp, dp, qp, res.is_some(), false, 1)
+            // SAFETY: one word of 64 elements of the stack copies, never streamed.
+            unsafe {
+                match tail_mask {
+                    RunMask::Bits { .. } => {
+                        go!(BITS, tail_mask, sp, dp, qp, res.is_some(), false, 1)
+                    }
+                    RunMask::All(true) => {
+                        go!(KEEP_ALL, tail_mask, sp, dp, qp, res.is_some(), false, 1)
+                    }
+                    RunMask::All(false) => {
+                        go!(DROP_ALL, tail_mask, sp, dp, qp, res.is_some(), false, 1)
+                    }
                 }
             }
-            std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(done), rest);
+            // SAFETY: elements done..len of `dst` are valid writes, and `d` holds `rest` of them.
+            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(done), rest) };
         }
     }
 
@@ -544,7 +671,7 @@ mod x86 {
         /// exponent, sign and NaN class and a dense sample of mantissas (ties included).
         #[test]
         fn bf16_rounding_is_halfs() {
-            if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+            if crate::cpu::best_isa() != crate::cpu::Isa::Avx2 {
                 return;
             }
             #[target_feature(enable = "avx2,f16c")]
@@ -574,7 +701,7 @@ mod x86 {
                 batch[i] = x;
                 i += 1;
                 if i == 8 {
-                    // SAFETY: AVX2 and F16C were detected above.
+                    // SAFETY: `best_isa` found AVX2 and F16C above.
                     unsafe { check(&batch) };
                     i = 0;
                 }

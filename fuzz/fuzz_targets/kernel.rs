@@ -231,12 +231,19 @@ fn check<T: FuzzFloat>(u: &mut Unstructured) -> Result<()> {
     if let Err(e) = check_output(out_view, &inputs) {
         panic!("a legal layout was refused: {e}; shape {shape:?}");
     }
-    let (src_op, dst_op) = (src_view.operand(), out_view.operand());
-    let res_op = res_view.as_ref().map(View::operand);
+    let call = kernel::Call {
+        shape: &shape,
+        mask_shape: &mask_shape,
+        src: src_view.operand(),
+        dst: out_view.operand(),
+        res: res_view.as_ref().map(View::operand),
+        bits,
+        app,
+    };
     // SAFETY: every view lies inside its own buffer (`Strided::new` sized it), and
     // `check_output` accepted the output: writeable, non-overlapping non-zero strides, and
     // apart from every input unless in place (the same view).
-    unsafe { kernel::run::<T>(&shape, &mask_shape, src_op, dst_op, res_op, bits, &app) };
+    unsafe { kernel::run::<T>(call) };
     drop((src_view, dst_view, res_view));
 
     // The reference keep decisions: element e keeps iff its uniform word is < threshold.

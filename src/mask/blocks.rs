@@ -1,11 +1,9 @@
-//! Keep decisions by granularity, as packed bits (1 = kept), C-ordered over the mask shape.
-//!
-//! Element, channel and sample masks are Bernoulli draws of `prod(mask_shape)` decisions
-//! (`kernel::bernoulli_words`, or fused into the kernel for elements). Block masks grow
-//! Bernoulli seeds into rectangles, as timm's DropBlock does.
+//! DropBlock's masks: Bernoulli seeds at every position of each map, each grown into a
+//! `kh` x `kw` block of dropped positions, as timm's DropBlock places them.
 
-use crate::kernel::{bernoulli_words, for_each_chunk, get_num_threads, words_for};
+use super::{bernoulli_words, words_for};
 use crate::rng::Key;
+use crate::threads::{for_each_chunk, get_num_threads};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Geometry of a DropBlock mask: `maps` planes of `h` x `w`, blocks of `kh` x `kw`.

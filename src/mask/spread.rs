@@ -1,0 +1,267 @@
+//! Bit spreading: a mask broadcast in runs shorter than a mask word (the channels of small maps,
+//! the samples of small inputs, a channel-coupled DropBlock mask over 5x5 maps) becomes the
+//! element mask it stands for, one bit per element, so the kernel's vector loops see whole mask
+//! words instead of a scalar loop per short run.
+
+use super::{bit, words_for};
+use crate::kernel::walk::{mask_bit_strides, Plan};
+
+/// The element mask of `shape` that `words` (C-ordered over `mask_shape`, which broadcasts to
+/// `shape`) stands for, when the mask's runs are short enough that the kernel is faster over it
+/// than over `words`; `None` when they are not.
+// Inlined into each caller, as the checks were before they moved here: a call would cost the
+// kernel's smallest calls (1K elements) a few percent.
+#[inline(always)]
+pub(crate) fn element_bits_of_short_runs(
+    words: &[u64],
+    shape: &[usize],
+    mask_shape: &[usize],
+) -> Option<Vec<u64>> {
+    match short_broadcast_run(shape, mask_shape) {
+        Some(run) => Some(spread_bits(
+            words,
+            shape.iter().product::<usize>() / run,
+            run,
+        )),
+        None => short_mask_runs(shape, mask_shape).then(|| expand_bits(words, shape, mask_shape)),
+    }
+}
+
+/// Mask runs shorter than this are spread to element bits.
+const SPREAD_BELOW: usize = 64;
+
+/// The length of the broadcast run if `mask_shape` is `shape` with a trailing block of
+/// dimensions set to 1 (one decision per run of that many consecutive logical elements) and
+/// the run is shorter than `SPREAD_BELOW`; `None` otherwise.
+fn short_broadcast_run(shape: &[usize], mask_shape: &[usize]) -> Option<usize> {
+    let k = mask_shape
+        .iter()
+        .rposition(|&d| d != 1)
+        .map_or(0, |i| i + 1);
+    if mask_shape[..k] != shape[..k] {
+        return None;
+    }
+    let run: usize = shape[k..].iter().product();
+    (run > 1 && run < SPREAD_BELOW).then_some(run)
+}
+
+/// Whether a mask that broadcasts over some dimension other than trailing ones (those are
+/// `short_broadcast_run`'s) leaves the kernel runs shorter than `SPREAD_BELOW` elements that
+/// an element mask of the whole shape would merge into longer ones.
+fn short_mask_runs(shape: &[usize], mask_shape: &[usize]) -> bool {
+    if mask_shape == shape {
+        return false;
+    }
+    let inner = |mask: &[usize]| {
+        let strides = mask_bit_strides(shape, mask);
+        let dims = shape.len();
+        let mut run = 1usize;
+        // The innermost dimensions merge while each one's stride is the product of those
+        // inside it (for a broadcast dimension: all strides 0).
+        for d in (0..dims).rev() {
+            if shape[d] == 1 {
+                continue;
+            }
+            let merged = if strides[d] == 0 {
+                (d + 1..dims).all(|e| shape[e] == 1 || strides[e] == 0)
+            } else {
+                strides[d] == run as isize
+            };
+            if !merged {
+                break;
+            }
+            run *= shape[d];
+        }
+        run
+    };
+    let run = inner(mask_shape);
+    run < SPREAD_BELOW && inner(shape) > run
+}
+
+/// The element mask of `shape` that `words` (C-ordered over `mask_shape`, which broadcasts to
+/// `shape`) stands for: bit i is the decision of logical element i.
+fn expand_bits(words: &[u64], shape: &[usize], mask_shape: &[usize]) -> Vec<u64> {
+    let n: usize = shape.iter().product();
+    let mut out = vec![0u64; words_for(n)];
+    let zeros = vec![0isize; shape.len()];
+    // A walk over the mask strides alone: runs are the innermost merged dimension.
+    let plan = Plan::new(
+        shape,
+        mask_shape,
+        [&zeros, &zeros, &zeros],
+        std::ptr::null(),
+        std::ptr::null_mut(),
+        None,
+    );
+    let m_in = plan.strides[3][plan.shape.len() - 1];
+    let mut pos = 0usize;
+    plan.walk(0, n, |_, mbit, len| {
+        let mbit = mbit as usize;
+        match m_in {
+            0 => {
+                if bit(words, mbit) {
+                    or_ones(&mut out, pos, len);
+                }
+            }
+            1 => copy_bits(words, mbit, &mut out, pos, len),
+            _ => {
+                for j in 0..len {
+                    if bit(words, (mbit as isize + j as isize * m_in) as usize) {
+                        out[(pos + j) / 64] |= 1 << ((pos + j) % 64);
+                    }
+                }
+            }
+        }
+        pos += len;
+    });
+    out
+}
+
+/// ORs `len` one bits into `dst` from bit `to` on.
+fn or_ones(dst: &mut [u64], to: usize, len: usize) {
+    let mut at = to;
+    let end = to + len;
+    while at < end {
+        let take = (64 - at % 64).min(end - at);
+        dst[at / 64] |= (u64::MAX >> (64 - take)) << (at % 64);
+        at += take;
+    }
+}
+
+/// ORs bits `from .. from + len` of `src` into `dst` from bit `to` on.
+fn copy_bits(src: &[u64], from: usize, dst: &mut [u64], to: usize, len: usize) {
+    let mut done = 0;
+    while done < len {
+        let at = to + done;
+        let take = (64 - at % 64).min(len - done);
+        let bits = crate::simd::word_at(src, from + done) & (u64::MAX >> (64 - take));
+        dst[at / 64] |= bits << (at % 64);
+        done += take;
+    }
+}
+
+/// Bit `m * run + j` (j < run) of the result is bit `m` of `words`, for `decisions` bits and
+/// `run` < 64. Each output word ORs in the few runs that overlap it; the words are independent,
+/// so the loop has no carried dependency (a running 128-bit accumulator measured 3x slower).
+fn spread_bits(words: &[u64], decisions: usize, run: usize) -> Vec<u64> {
+    debug_assert!(run > 0 && run < 64);
+    let n = decisions * run;
+    let ones = (1u64 << run) - 1;
+    let mut out = vec![0u64; words_for(n)];
+    for (w, o) in out.iter_mut().enumerate() {
+        let lo = w * 64;
+        let hi = (lo + 64).min(n);
+        let mut acc = 0u64;
+        for m in lo / run..=(hi - 1) / run {
+            let bits = 0u64.wrapping_sub(u64::from(bit(words, m))) & ones;
+            // The run starts at m * run, within (lo - run, lo + 64): shift into this word.
+            let start = m * run;
+            acc |= if start >= lo {
+                bits << (start - lo)
+            } else {
+                bits >> (lo - start)
+            };
+        }
+        *o = acc;
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::mask::bernoulli_words;
+    use crate::rng::{self, Key};
+
+    const KEY: Key = Key {
+        seed: 0x5eed,
+        stream: 3,
+    };
+
+    #[test]
+    fn short_runs_are_spread_bit_for_bit() {
+        assert_eq!(short_broadcast_run(&[4, 3, 2, 2], &[4, 3, 1, 1]), Some(4));
+        assert_eq!(short_broadcast_run(&[4, 3, 2, 2], &[4, 1, 1, 1]), Some(12));
+        assert_eq!(short_broadcast_run(&[4, 3, 8, 8], &[4, 3, 1, 1]), None);
+        assert_eq!(short_broadcast_run(&[4, 3, 2, 2], &[4, 3, 2, 2]), None);
+        assert_eq!(short_broadcast_run(&[4, 3, 2], &[1, 3, 1]), None);
+        for run in [2usize, 3, 7, 63] {
+            let decisions = 300;
+            let words: Vec<u64> = (0..words_for(decisions) as u64)
+                .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 7))
+                .collect();
+            let spread = spread_bits(&words, decisions, run);
+            for e in 0..decisions * run {
+                assert_eq!(
+                    bit(&spread, e),
+                    bit(&words, e / run),
+                    "run {run} element {e}"
+                );
+            }
+            assert_eq!(
+                spread
+                    .iter()
+                    .map(|w| w.count_ones() as usize)
+                    .sum::<usize>(),
+                (0..decisions).filter(|&m| bit(&words, m)).count() * run
+            );
+        }
+    }
+
+    /// Bit i of the element mask of `shape` that a mask of `mask_shape` broadcasts to, one
+    /// element at a time.
+    pub(crate) fn broadcast_reference(
+        words: &[u64],
+        shape: &[usize],
+        mask_shape: &[usize],
+    ) -> Vec<bool> {
+        let n: usize = shape.iter().product();
+        (0..n)
+            .map(|i| {
+                let (mut rem, mut m, mut stride) = (i, 0, 1);
+                for d in (0..shape.len()).rev() {
+                    let idx = rem % shape[d];
+                    rem /= shape[d];
+                    if mask_shape[d] != 1 {
+                        m += idx * stride;
+                    }
+                    stride *= mask_shape[d];
+                }
+                bit(words, m)
+            })
+            .collect()
+    }
+
+    /// (shape, mask shape, expanded before the kernel?)
+    pub(crate) const MIDDLE_CASES: [(&[usize], &[usize], bool); 8] = [
+        (&[8, 2048, 5, 5], &[8, 1, 5, 5], true),
+        (&[3, 5, 2, 3], &[3, 1, 2, 3], true),
+        (&[3, 2, 7], &[1, 2, 7], true),
+        (&[2, 3, 4, 5], &[2, 1, 4, 1], true),
+        (&[4, 9, 1, 7], &[4, 1, 1, 7], true),
+        (&[2, 3, 10, 10], &[2, 1, 10, 10], false),
+        (&[4, 3, 2, 2], &[4, 3, 1, 1], true), // spread_bits takes this one first
+        (&[4, 3, 2, 2], &[4, 3, 2, 2], false),
+    ];
+
+    #[test]
+    fn masks_broadcast_over_a_middle_dimension_expand_bit_for_bit() {
+        for (shape, mask_shape, expands) in MIDDLE_CASES {
+            assert_eq!(
+                short_mask_runs(shape, mask_shape),
+                expands,
+                "{shape:?} {mask_shape:?}"
+            );
+            let m: usize = mask_shape.iter().product();
+            let words = bernoulli_words(KEY, 3, rng::threshold_for(0.5), m);
+            let want = broadcast_reference(&words, shape, mask_shape);
+            let got = expand_bits(&words, shape, mask_shape);
+            let n = want.len();
+            assert_eq!(got.len(), words_for(n));
+            for (i, &w) in want.iter().enumerate() {
+                assert_eq!(bit(&got, i), w, "{shape:?} {mask_shape:?} element {i}");
+            }
+            assert!(n.is_multiple_of(64) || got[n / 64] >> (n % 64) == 0);
+        }
+    }
+}
