@@ -19,7 +19,7 @@
 //! - a thread count is capped at [`MAX_THREADS`], and a pool that cannot be built (threads that
 //!   cannot be spawned) leaves the call on the calling thread instead of failing it.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -228,7 +228,7 @@ pub(crate) fn for_each_chunk(
                 std::thread::park();
             }
         }
-        BACKOFF.judge(helpers_paid(start.elapsed(), worked, mine, chunks));
+        BACKOFF.judge(helpers_gain(start.elapsed(), worked, mine, chunks));
     });
 }
 
@@ -236,11 +236,18 @@ pub(crate) fn for_each_chunk(
 /// other processes), the calls after run on the calling thread alone for a while, then the
 /// helpers are tried again. Which thread runs a chunk never changes a result, so this only
 /// trades time.
+///
+/// The helpers are judged by the time they saved on balance, not call by call: a helper that
+/// another thread preempted mid-chunk can cost a scheduler slice (milliseconds, measured beside
+/// torch's spinning OpenMP workers) where a win saves tens of microseconds, so one such loss
+/// outweighs many wins, and wins alternating with losses must not keep the helpers on.
 struct Backoff {
     /// Parallel calls still to run on the calling thread alone.
     solo_left: AtomicU32,
     /// How many calls the last losing call sent to the calling thread alone.
     last: AtomicU32,
+    /// A decaying sum of the nanoseconds the helpers saved (negative: lost).
+    balance: AtomicI64,
 }
 
 static BACKOFF: Backoff = Backoff::new();
@@ -253,6 +260,7 @@ impl Backoff {
         Backoff {
             solo_left: AtomicU32::new(0),
             last: AtomicU32::new(0),
+            balance: AtomicI64::new(0),
         }
     }
 
@@ -267,10 +275,15 @@ impl Backoff {
         true
     }
 
-    /// After a win the helpers stay; after a loss the next calls run alone, twice as many as
-    /// after the previous loss (up to `MAX_BACKOFF`), then the helpers are tried again.
-    fn judge(&self, paid: bool) {
-        if paid {
+    /// Adds a parallel call's saving (`gain_ns`, negative for a loss) to the balance, which
+    /// keeps three quarters of what it had. While the balance is not negative the helpers stay;
+    /// otherwise the next calls run alone, twice as many as after the previous loss (up to
+    /// `MAX_BACKOFF`), then the helpers are tried again.
+    fn judge(&self, gain_ns: i64) {
+        let old = self.balance.load(Ordering::Relaxed);
+        let balance = old - old / 4 + gain_ns;
+        self.balance.store(balance, Ordering::Relaxed);
+        if balance >= 0 {
             self.last.store(0, Ordering::Relaxed);
         } else {
             let b = (self.last.load(Ordering::Relaxed) * 2).clamp(1, MAX_BACKOFF);
@@ -280,10 +293,17 @@ impl Backoff {
     }
 }
 
-/// Whether a parallel call beat the caller alone: `total` against the time the caller, at the
-/// pace it kept over its own `mine` chunks (`worked`), would have taken for all `chunks`.
-fn helpers_paid(total: Duration, worked: Duration, mine: usize, chunks: usize) -> bool {
-    mine == 0 || total.as_nanos() * (mine as u128) < worked.as_nanos() * (chunks as u128)
+/// The nanoseconds a parallel call saved against the caller alone: the time the caller, at the
+/// pace it kept over its own `mine` chunks (`worked`), would have taken for all `chunks`, less
+/// the call's `total`. Negative when the helpers cost more than they saved; 0 when the caller
+/// ran no chunk (its pace is unknown).
+fn helpers_gain(total: Duration, worked: Duration, mine: usize, chunks: usize) -> i64 {
+    if mine == 0 {
+        return 0;
+    }
+    let alone = worked.as_nanos() * chunks as u128 / mine as u128;
+    let clamp = |v: u128| v.min(i64::MAX as u128) as i64;
+    clamp(alone) - clamp(total.as_nanos())
 }
 
 /// Counts a helper out when dropped, and wakes the caller when it was the last.
@@ -365,14 +385,14 @@ mod tests {
     }
 
     #[test]
-    fn helpers_pay_when_the_call_beats_the_callers_own_pace() {
+    fn helpers_gain_what_the_call_saved_against_the_callers_own_pace() {
         let us = Duration::from_micros;
         // 32 chunks, 16 by the caller in 100 us: alone it would take 200 us.
-        assert!(helpers_paid(us(150), us(100), 16, 32));
-        assert!(!helpers_paid(us(200), us(100), 16, 32));
-        assert!(!helpers_paid(us(900), us(100), 16, 32)); // a helper was preempted
-        assert!(!helpers_paid(us(310), us(300), 32, 32)); // the helper came too late to help
-        assert!(helpers_paid(us(10), us(0), 0, 32)); // the helpers did everything
+        assert_eq!(helpers_gain(us(150), us(100), 16, 32), 50_000);
+        assert_eq!(helpers_gain(us(200), us(100), 16, 32), 0);
+        assert_eq!(helpers_gain(us(900), us(100), 16, 32), -700_000); // a helper was preempted
+        assert_eq!(helpers_gain(us(310), us(300), 32, 32), -10_000); // the helper came too late
+        assert_eq!(helpers_gain(us(10), us(0), 0, 32), 0); // the helpers did everything
     }
 
     #[test]
@@ -380,18 +400,43 @@ mod tests {
         let b = Backoff::new();
         assert!(!b.solo_turn());
         let solo_runs = |b: &Backoff| (0..200).take_while(|_| b.solo_turn()).count();
-        b.judge(false);
+        b.judge(-1);
         assert_eq!(solo_runs(&b), 1);
-        b.judge(false);
+        b.judge(-1);
         assert_eq!(solo_runs(&b), 2);
         for _ in 0..10 {
-            b.judge(false);
+            b.judge(-1);
         }
         assert_eq!(solo_runs(&b), MAX_BACKOFF as usize);
-        b.judge(true); // a win resets it
+        b.judge(1_000); // a win that brings the balance back resets it
         assert!(!b.solo_turn());
-        b.judge(false);
+        b.judge(-2_000);
         assert_eq!(solo_runs(&b), 1);
+    }
+
+    #[test]
+    fn one_costly_loss_outweighs_many_small_wins() {
+        // Beside torch's spinning workers a preempted helper cost ~2 ms where a win saved
+        // ~50 us; alternating wins and losses kept the helpers on, call after call.
+        let b = Backoff::new();
+        let solo_runs = |b: &Backoff| (0..200).take_while(|_| b.solo_turn()).count();
+        let mut solo = 0;
+        for _ in 0..6 {
+            b.judge(50_000);
+            solo += solo_runs(&b);
+            b.judge(-2_000_000);
+            solo += solo_runs(&b);
+        }
+        // After the first loss the balance stays negative: every call after it, win or loss,
+        // doubles the run alone (1, 2, 4 ... 64); the wins never reset it.
+        assert_eq!(solo, 1 + 2 + 4 + 8 + 16 + 32 + 64 * 5);
+        // Steady wins pay the balance back and keep the helpers.
+        for _ in 0..40 {
+            b.judge(50_000);
+            solo_runs(&b); // the calls alone between two tries
+        }
+        assert!(!b.solo_turn());
+        assert!(b.balance.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
