@@ -545,3 +545,35 @@ def test_a_module_calling_sdpa_itself_is_converted_and_scoped_to_its_instance():
     loaded = torch.load(buf, weights_only=False)
     assert torch_dropout_ops(train_step(loaded, x)) == set()
     assert torch_dropout_ops(train_step(copy.deepcopy(converted), x)) == set()
+
+
+def test_only_modules_that_may_call_a_rerouted_function_get_the_hooks():
+    # Regression: every module got the hook pair, so a converted MLP's step ran all its torch
+    # calls through a TorchFunctionMode (0.71 ms against torch's 0.62 ms).
+    from fastdrop import attention as fa
+
+    class FunctionalDrop(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.dropout(x, 0.1, self.training)
+
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2)
+    )
+    fastdrop.nn.replace_dropout(mlp)
+    assert not any(fa._enter in m._forward_pre_hooks.values() for m in mlp.modules())
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), FunctionalDrop(), torch.nn.MultiheadAttention(8, 2, dropout=0.1)
+    )
+    fastdrop.nn.replace_dropout(model)
+    hooked = [
+        type(m).__name__ for m in model.modules() if fa._enter in m._forward_pre_hooks.values()
+    ]
+    assert hooked == ["FunctionalDrop", "MultiheadAttention"]
+    # The functional call in a hooked module still goes through fastdrop: fastdrop's mask.
+    x = torch.ones(64, 8)
+    model.train()
+    torch.manual_seed(5)  # fastdrop draws a torch tensor's key from torch's generator
+    rerouted = model[1](x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(rerouted, fastdrop.dropout(x, 0.1, True), rtol=0, atol=0)

@@ -15,8 +15,10 @@ use of ``fastdrop.scaled_dot_product_attention``).
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+import re
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -463,14 +465,43 @@ def _is_attention(module) -> bool:
     )
 
 
+#: Words in a forward's source that may reach a rerouted function (the dropout family, SDPA,
+#: multi_head_attention_forward) or a Hugging Face attention interface.
+_CALLS_REROUTED = re.compile(
+    r"dropout|scaled_dot_product_attention|attention_forward|attention_interface"
+)
+_MAY_REROUTE: Dict[type, bool] = {}
+
+
+def _may_reroute(module: torch.nn.Module) -> bool:
+    """Whether `module`'s own forward may call a rerouted function: an attention module, or a
+    forward whose source names one (or whose source cannot be read). Containers and layers
+    such as Linear, ReLU or Sequential do not, and get no hooks: a hook pair and an active
+    TorchFunctionMode cost every torch call of a small model's step (a 3-layer MLP's training
+    step measured 0.71 ms against torch's 0.62 ms with them on every module)."""
+    cls = type(module)
+    known = _MAY_REROUTE.get(cls)
+    if known is None and cls.__module__.split(".")[0] == "fastdrop":
+        known = False  # fastdrop's own modules call fastdrop already
+    if known is None:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            known = True
+        else:
+            known = bool(_CALLS_REROUTED.search(source))
+        _MAY_REROUTE[cls] = known
+    return known or _is_attention(module)
+
+
 def convert_attention(model: torch.nn.Module) -> Dict[str, str]:
     """Routes the attention dropout of `model`'s own module instances through fastdrop (see the
-    comment above): installs the two hooks on every module of `model` that lacks them, and
-    returns {qualified name: class} of the attention modules among those. Idempotent: a second
-    call finds nothing left to convert."""
+    comment above): installs the two hooks on every module of `model` whose forward may call a
+    rerouted function and lacks them, and returns {qualified name: class} of the attention
+    modules among those. Idempotent: a second call finds nothing left to convert."""
     found: Dict[str, str] = {}
     for name, module in model.named_modules():
-        if _enter in module._forward_pre_hooks.values():
+        if _enter in module._forward_pre_hooks.values() or not _may_reroute(module):
             continue
         module.register_forward_pre_hook(_enter)
         module.register_forward_hook(_leave, always_call=True)
