@@ -103,7 +103,12 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R)
     if n == 0 {
         return;
     }
-    if let (Bits::Given(words), true) = (&call.bits, R::CONST_DROPPED) {
+    // Given bits may be visited in any order: an output whose memory order is not the logical
+    // one (channels-last) is walked in memory order, where its runs are long, instead of
+    // spreading the mask over logical runs that stride across it.
+    let memory_order =
+        matches!(call.bits, Bits::Given(_)) && Plan::memory_order_differs(shape, dst.strides);
+    if let (Bits::Given(words), true, false) = (&call.bits, R::CONST_DROPPED, memory_order) {
         // One decision per run of fewer than 64 elements (the channels of small maps, the
         // samples of small inputs), or a mask broadcast over a middle dimension whose runs are
         // that short (a channel-coupled DropBlock mask over 5x5 maps): spread the decisions to
@@ -121,7 +126,12 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R)
         }
     }
     let zeros = vec![0isize; shape.len()];
-    let plan = Plan::new(
+    let make = if memory_order {
+        Plan::in_memory_order
+    } else {
+        Plan::new
+    };
+    let plan = make(
         shape,
         mask_shape,
         [

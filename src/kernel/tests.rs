@@ -507,3 +507,81 @@ fn the_safe_front_refuses_a_bad_mask_shape() {
         &mut out,
     );
 }
+
+#[test]
+fn a_channels_last_output_walked_in_memory_order_gets_every_logical_bit() {
+    // Given bits on a channels-last (N, C, H, W) view are walked along the channels (memory
+    // order), not across them; each element must still read the bit of its logical index and
+    // (noise) the deviate of its mask index, on every path and thread count.
+    let shape = [3usize, 80, 3, 5];
+    let [n, c, h, w] = shape;
+    let total = n * c * h * w;
+    let size = std::mem::size_of::<f32>() as isize;
+    let nhwc: Vec<isize> = [h * w * c, 1, w * c, c]
+        .iter()
+        .map(|&s| s as isize * size)
+        .collect();
+    let nchw: Vec<isize> = [c * h * w, h * w, w, 1]
+        .iter()
+        .map(|&s| s as isize * size)
+        .collect();
+    assert!(walk::Plan::memory_order_differs(&shape, &nhwc));
+    assert!(!walk::Plan::memory_order_differs(&shape, &nchw));
+    let logical: Vec<f32> = values(total, 9).into_iter().map(|v| v as f32).collect();
+    let addr = |i: usize, strides: &[isize]| {
+        let (mut rem, mut off) = (i, 0isize);
+        for d in (0..4).rev() {
+            off += (rem % shape[d]) as isize * strides[d] / size;
+            rem /= shape[d];
+        }
+        off as usize
+    };
+    let mut x_nhwc = vec![0f32; total];
+    for (i, &v) in logical.iter().enumerate() {
+        x_nhwc[addr(i, &nhwc)] = v;
+    }
+    for mask_shape in [[n, c, 1, 1], [n, 1, 1, 1], [1, c, 1, w], shape] {
+        let m: usize = mask_shape.iter().product();
+        let words = bernoulli_words(KEY, 5, rng::threshold_for(0.5), m);
+        for app in apps() {
+            let run = |config: Config, src: &[f32], strides: &[isize]| {
+                let mut out = vec![0f32; total];
+                // SAFETY: both layouts address each of the `total` elements of their buffers
+                // exactly once.
+                unsafe {
+                    run_with::<f32>(
+                        config,
+                        Call {
+                            shape: &shape,
+                            mask_shape: &mask_shape,
+                            src: Operand {
+                                ptr: src.as_ptr() as *const u8 as *mut u8,
+                                strides,
+                            },
+                            dst: Operand {
+                                ptr: out.as_mut_ptr() as *mut u8,
+                                strides,
+                            },
+                            res: None,
+                            bits: Bits::Given(&words),
+                            app,
+                        },
+                    )
+                };
+                out
+            };
+            let want = run(PORTABLE, &logical, &nchw);
+            for threads in [1, 2] {
+                for isa in [best_isa(), Isa::Portable] {
+                    let got = run(Config { isa, threads }, &x_nhwc, &nhwc);
+                    let got_logical: Vec<f32> = (0..total).map(|i| got[addr(i, &nhwc)]).collect();
+                    assert_same(
+                        &want,
+                        &got_logical,
+                        &format!("{mask_shape:?} {app:?} {isa:?}"),
+                    );
+                }
+            }
+        }
+    }
+}

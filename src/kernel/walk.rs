@@ -31,6 +31,8 @@ pub(crate) fn mask_bit_strides(shape: &[usize], mask_shape: &[usize]) -> Vec<isi
 }
 
 impl Plan {
+    /// The plan of a walk in logical (C) order: what a mask drawn chunk by chunk in that order
+    /// (`Bits::Fresh`) needs.
     pub(crate) fn new(
         shape: &[usize],
         mask_shape: &[usize],
@@ -40,13 +42,73 @@ impl Plan {
         res: Option<*const u8>,
     ) -> Plan {
         let mask = mask_bit_strides(shape, mask_shape);
+        let order: Vec<usize> = (0..shape.len()).collect();
+        Plan::merged(
+            shape,
+            &order,
+            [ops[0], ops[1], ops[2], &mask],
+            src,
+            dst,
+            res,
+        )
+    }
+
+    /// The plan of a walk in the output's memory order (dimensions by decreasing output stride,
+    /// C order among equals), for masks whose bits are given: each element still reads the bit
+    /// of its own logical index (the mask's bit strides move with their dimensions), so only the
+    /// order of the visits changes, and a channels-last output is walked along its channels
+    /// instead of across them (one element every C).
+    pub(crate) fn in_memory_order(
+        shape: &[usize],
+        mask_shape: &[usize],
+        ops: [&[isize]; 3],
+        src: *const u8,
+        dst: *mut u8,
+        res: Option<*const u8>,
+    ) -> Plan {
+        let mask = mask_bit_strides(shape, mask_shape);
+        let mut order: Vec<usize> = (0..shape.len()).filter(|&d| shape[d] != 1).collect();
+        order.sort_by_key(|&d| std::cmp::Reverse(ops[1][d].unsigned_abs()));
+        Plan::merged(
+            shape,
+            &order,
+            [ops[0], ops[1], ops[2], &mask],
+            src,
+            dst,
+            res,
+        )
+    }
+
+    /// Whether walking in the output's memory order differs from logical order.
+    pub(crate) fn memory_order_differs(shape: &[usize], dst_strides: &[isize]) -> bool {
+        let mut last = usize::MAX;
+        for d in (0..shape.len()).filter(|&d| shape[d] != 1) {
+            let s = dst_strides[d].unsigned_abs();
+            if s > last {
+                return true;
+            }
+            last = s;
+        }
+        false
+    }
+
+    /// Visits the dimensions of `shape` in `order` (outermost first), dropping size-1 ones and
+    /// merging neighbours contiguous in all four stride sets.
+    fn merged(
+        shape: &[usize],
+        order: &[usize],
+        strides: [&[isize]; 4],
+        src: *const u8,
+        dst: *mut u8,
+        res: Option<*const u8>,
+    ) -> Plan {
         let mut out_shape: Vec<usize> = Vec::with_capacity(shape.len());
         let mut out: [Vec<isize>; 4] = Default::default();
-        for d in 0..shape.len() {
+        for &d in order {
             if shape[d] == 1 {
                 continue;
             }
-            let st = [ops[0][d], ops[1][d], ops[2][d], mask[d]];
+            let st = [strides[0][d], strides[1][d], strides[2][d], strides[3][d]];
             if let Some(&inner) = out_shape.last() {
                 // This dim is inner to the last kept one: merge when last stride == this stride * size.
                 let last = out_shape.len() - 1;
