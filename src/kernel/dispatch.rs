@@ -7,7 +7,7 @@ use super::element::{Element, OpFloat};
 use super::loops::apply_range;
 #[cfg(target_arch = "x86_64")]
 use super::loops::apply_range_avx2;
-use super::walk::Plan;
+use super::walk::{self, Plan};
 use super::{Bits, Call, CHUNK, STREAM_MIN_BYTES, SUB};
 use crate::cpu::{best_isa, isa, Isa};
 use crate::mask::{clear_tail, spread, words_for};
@@ -106,9 +106,11 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R)
     // Given bits may be visited in any order: an output whose memory order is not the logical
     // one (channels-last) is walked in memory order, where its runs are long, instead of
     // spreading the mask over logical runs that stride across it.
-    let memory_order =
-        matches!(call.bits, Bits::Given(_)) && Plan::memory_order_differs(shape, dst.strides);
-    if let (Bits::Given(words), true, false) = (&call.bits, R::CONST_DROPPED, memory_order) {
+    let reordered = match call.bits {
+        Bits::Given(_) => walk::memory_order(shape, dst.strides),
+        Bits::Fresh { .. } => None,
+    };
+    if let (Bits::Given(words), true, None) = (&call.bits, R::CONST_DROPPED, &reordered) {
         // One decision per run of fewer than 64 elements (the channels of small maps, the
         // samples of small inputs), or a mask broadcast over a middle dimension whose runs are
         // that short (a channel-coupled DropBlock mask over 5x5 maps): spread the decisions to
@@ -126,14 +128,11 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R)
         }
     }
     let zeros = vec![0isize; shape.len()];
-    let make = if memory_order {
-        Plan::in_memory_order
-    } else {
-        Plan::new
-    };
-    let plan = make(
+    let order = reordered.unwrap_or_else(|| walk::logical_order(shape));
+    let plan = Plan::in_order(
         shape,
         mask_shape,
+        &order,
         [
             src.strides,
             dst.strides,

@@ -30,6 +30,25 @@ pub(crate) fn mask_bit_strides(shape: &[usize], mask_shape: &[usize]) -> Vec<isi
     strides
 }
 
+/// The dimensions of `shape` longer than 1, in logical (C) order.
+pub(crate) fn logical_order(shape: &[usize]) -> Vec<usize> {
+    (0..shape.len()).filter(|&d| shape[d] != 1).collect()
+}
+
+/// The output's memory order (the dimensions longer than 1 by decreasing output stride, C order
+/// among equals) where it differs from the logical one; `None` where they agree.
+///
+/// A walk in this order suits masks whose bits are given: each element still reads the bit of
+/// its own logical index (the mask's bit strides move with their dimensions), so only the order
+/// of the visits changes, and a channels-last output is walked along its channels instead of
+/// across them (one element every C).
+pub(crate) fn memory_order(shape: &[usize], dst_strides: &[isize]) -> Option<Vec<usize>> {
+    let logical = logical_order(shape);
+    let mut order = logical.clone();
+    order.sort_by_key(|&d| std::cmp::Reverse(dst_strides[d].unsigned_abs()));
+    (order != logical).then_some(order)
+}
+
 impl Plan {
     /// The plan of a walk in logical (C) order: what a mask drawn chunk by chunk in that order
     /// (`Bits::Fresh`) needs.
@@ -41,73 +60,26 @@ impl Plan {
         dst: *mut u8,
         res: Option<*const u8>,
     ) -> Plan {
-        let mask = mask_bit_strides(shape, mask_shape);
-        let order: Vec<usize> = (0..shape.len()).collect();
-        Plan::merged(
-            shape,
-            &order,
-            [ops[0], ops[1], ops[2], &mask],
-            src,
-            dst,
-            res,
-        )
+        Plan::in_order(shape, mask_shape, &logical_order(shape), ops, src, dst, res)
     }
 
-    /// The plan of a walk in the output's memory order (dimensions by decreasing output stride,
-    /// C order among equals), for masks whose bits are given: each element still reads the bit
-    /// of its own logical index (the mask's bit strides move with their dimensions), so only the
-    /// order of the visits changes, and a channels-last output is walked along its channels
-    /// instead of across them (one element every C).
-    pub(crate) fn in_memory_order(
+    /// The plan of a walk visiting the dimensions of `shape` in `order` (outermost first; every
+    /// dimension longer than 1 once), merging neighbours contiguous in every operand and in the
+    /// mask.
+    pub(crate) fn in_order(
         shape: &[usize],
         mask_shape: &[usize],
+        order: &[usize],
         ops: [&[isize]; 3],
         src: *const u8,
         dst: *mut u8,
         res: Option<*const u8>,
     ) -> Plan {
         let mask = mask_bit_strides(shape, mask_shape);
-        let mut order: Vec<usize> = (0..shape.len()).filter(|&d| shape[d] != 1).collect();
-        order.sort_by_key(|&d| std::cmp::Reverse(ops[1][d].unsigned_abs()));
-        Plan::merged(
-            shape,
-            &order,
-            [ops[0], ops[1], ops[2], &mask],
-            src,
-            dst,
-            res,
-        )
-    }
-
-    /// Whether walking in the output's memory order differs from logical order.
-    pub(crate) fn memory_order_differs(shape: &[usize], dst_strides: &[isize]) -> bool {
-        let mut last = usize::MAX;
-        for d in (0..shape.len()).filter(|&d| shape[d] != 1) {
-            let s = dst_strides[d].unsigned_abs();
-            if s > last {
-                return true;
-            }
-            last = s;
-        }
-        false
-    }
-
-    /// Visits the dimensions of `shape` in `order` (outermost first), dropping size-1 ones and
-    /// merging neighbours contiguous in all four stride sets.
-    fn merged(
-        shape: &[usize],
-        order: &[usize],
-        strides: [&[isize]; 4],
-        src: *const u8,
-        dst: *mut u8,
-        res: Option<*const u8>,
-    ) -> Plan {
+        let strides = [ops[0], ops[1], ops[2], &mask[..]];
         let mut out_shape: Vec<usize> = Vec::with_capacity(shape.len());
         let mut out: [Vec<isize>; 4] = Default::default();
         for &d in order {
-            if shape[d] == 1 {
-                continue;
-            }
             let st = [strides[0][d], strides[1][d], strides[2][d], strides[3][d]];
             if let Some(&inner) = out_shape.last() {
                 // This dim is inner to the last kept one: merge when last stride == this stride * size.
@@ -140,8 +112,8 @@ impl Plan {
         }
     }
 
-    /// Calls `seg(offsets, mask_bit, len)` for each innermost run of the logical index range
-    /// [start, end).
+    /// Calls `seg(offsets, mask_bit, len)` for each innermost run of the index range
+    /// [start, end), counted in the plan's order of dimensions (logical order for `new`).
     pub(crate) fn walk(
         &self,
         start: usize,
