@@ -26,12 +26,10 @@ from contextlib import contextmanager
 
 import fastdrop
 import numpy as np
+from fastdrop.bench_train import _SPIN
 
-# Exits when its parent does (checked every few milliseconds): a killed bench leaves no spinner.
-BUSY = (
-    "import os\nos.sched_setaffinity(0, {%d})\nparent = os.getppid()\n"
-    "while os.getppid() == parent:\n    for _ in range(100000):\n        pass\n"
-)
+# Pinned to one CPU, and gone with its parent like bench_train's spinner.
+BUSY = "import os\nos.sched_setaffinity(0, {%d})\n" + _SPIN
 
 
 @contextmanager

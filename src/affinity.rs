@@ -147,7 +147,6 @@ mod tests {
         let tid = rx.recv().unwrap();
         let mine = allowed(current_tid().unwrap());
         helpers.steer_away_from_caller();
-        let cpu = current_cpu().unwrap() as usize;
         let theirs = allowed(tid);
         if mine.len() > 1 {
             // The caller may have moved between the steering and `current_cpu` above; the
@@ -156,7 +155,6 @@ mod tests {
             assert!(theirs.iter().all(|c| mine.contains(c)));
             let missing: Vec<_> = mine.iter().filter(|c| !theirs.contains(c)).collect();
             assert_eq!(missing.len(), 1);
-            let _ = cpu;
         } else {
             assert_eq!(theirs, mine); // one CPU: nothing to steer to
         }
