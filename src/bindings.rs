@@ -1004,6 +1004,21 @@ fn get_num_threads() -> usize {
     kernel::get_num_threads()
 }
 
+#[pyfunction]
+fn share_openmp(path: &str) -> bool {
+    crate::team::share(path)
+}
+
+#[pyfunction]
+fn unshare_openmp() {
+    crate::team::unshare()
+}
+
+#[pyfunction]
+fn shares_openmp() -> bool {
+    crate::team::is_shared()
+}
+
 /// What was wrong with fastdrop's environment variables, one message each (each variable is
 /// read once per process, at the latest now); `fastdrop` warns with them when it is imported.
 #[pyfunction]
@@ -1224,6 +1239,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mask_apply, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(share_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(unshare_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(shares_openmp, m)?)?;
     m.add("MAX_THREADS", crate::threads::MAX_THREADS)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(_env_warnings, m)?)?;

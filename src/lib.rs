@@ -25,6 +25,7 @@ pub mod noise;
 pub mod rng;
 pub mod simd;
 pub mod spec;
+pub mod team;
 pub mod threads;
 pub mod view;
 

@@ -16,6 +16,9 @@
 //!   otherwise queue a woken helper behind the caller's own share of the call;
 //! - a child made by `fork` (which inherits the pool but none of its threads) builds a pool of
 //!   its own;
+//! - where torch's OpenMP runtime is shared (`team`, the default in a torch program), a call
+//!   runs on torch's threads instead, which are awake and hold the cores; the pool is then
+//!   never built;
 //! - a thread count is capped at [`MAX_THREADS`], and a pool that cannot be built (threads that
 //!   cannot be spawned) leaves the call on the calling thread instead of failing it.
 
@@ -24,6 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::affinity::Helpers;
+use crate::team::Outcome;
 
 /// Below this many elements a call runs on the calling thread: waking the pool costs more.
 pub const PARALLEL_MIN: usize = 1 << 17;
@@ -180,11 +184,19 @@ pub(crate) fn for_each_chunk(
 ) {
     let threads = threads.min(MAX_THREADS);
     let helpers = threads.saturating_sub(1).min(chunks.saturating_sub(1));
-    let pool = if elements < PARALLEL_MIN || helpers == 0 || BACKOFF.solo_turn() {
-        None
-    } else {
-        pool(threads - 1)
-    };
+    if elements < PARALLEL_MIN || helpers == 0 || BACKOFF.solo_turn() {
+        (0..chunks).for_each(f);
+        return;
+    }
+    match crate::team::for_each_chunk(threads, chunks, &f) {
+        Outcome::Team(run) => {
+            BACKOFF.judge(helpers_gain(run.total, run.worked, run.mine, chunks));
+            return;
+        }
+        Outcome::Alone => return,
+        Outcome::Unshared => {}
+    }
+    let pool = pool(threads - 1);
     let Some((pool, ids)) = pool else {
         (0..chunks).for_each(f);
         return;

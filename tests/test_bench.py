@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import fastdrop
 import pytest
 from fastdrop import bench, bench_train
 
@@ -419,3 +420,28 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_the_own_threads_row_runs_on_fastdrops_helpers_and_then_shares_again(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.backends.openmp.is_available():
+        pytest.skip("torch's intra-op pool is not OpenMP here")
+    out = tmp_path / "own.json"
+    seen = []
+    real = bench_train.alternate
+
+    def spy(steps, rounds):
+        seen.append(fastdrop._core.shares_openmp())
+        return real(steps, rounds)
+
+    saved, bench_train.alternate = bench_train.alternate, spy
+    try:
+        args = ["--train", "--quick", "--models", "mlp", "--rounds", "1", "--threads", "2"]
+        code = bench.main(args + ["--settings", "default,own threads", "--json", str(out)])
+    finally:
+        bench_train.alternate = saved
+    assert code == 0
+    assert seen == [True, False]
+    assert fastdrop._core.shares_openmp()
+    rows = json.loads(out.read_text())["train"]
+    assert [r["setting"] for r in rows] == ["default", "own threads"]

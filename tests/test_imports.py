@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "fastdrop"
 
 #: The floors, bottom first: a module may import (at module level) only from floors below its own.
 FLOORS = [
-    {"_core", "_spec", "_checks", "schedules"},
+    {"_core", "_spec", "_checks", "_threads", "schedules"},
     {"_core_call"},
     {"_mask"},
     {"_keyed"},

@@ -78,13 +78,17 @@ def test_batched_passes_equal_passes_alone_for_every_kind_of_module():
     assert torch.equal(alone, by_three) and torch.equal(alone, auto)
     assert len({tuple(v.flatten().tolist()) for v in alone}) > 1  # the passes differ
 
-    words = torch.randint(0, 20, (3, 9))
+    words = torch.randint(0, 20, (3, 9), generator=torch.Generator().manual_seed(3))
     tokens = Tokens()
     rows = forward_rows(tokens)
     alone = fastdrop.mc_sample(tokens, words, 5, generator=Generator(2), passes_per_batch=1)
     auto = fastdrop.mc_sample(tokens, words, 5, generator=Generator(2))
     assert rows == [3] * 5 + [3, 12]
-    assert alone.shape == (5, 3, 5, 6) and torch.equal(alone, auto)
+    assert alone.shape == (5, 3, 5, 6)
+    # The same masks; the Linear's matmul may round differently for 15 rows than for 3 (torch
+    # picks its kernel by the row count: seen as 2.4e-7 apart for some inputs).
+    assert torch.equal(alone == 0, auto == 0)
+    torch.testing.assert_close(alone, auto, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("first", [fnn.Dropout, nn.Dropout])

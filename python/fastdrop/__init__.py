@@ -13,7 +13,7 @@ import numbers
 import warnings
 from typing import Optional
 
-from . import _core, schedules
+from . import _core, _threads, schedules
 from ._core import Generator
 from ._mask import Mask
 from .functional import (
@@ -66,6 +66,7 @@ __all__ = [
     "manual_seed",
     "schedules",
     "set_num_threads",
+    "share_torch_threads",
     "simd_backend",
     "empty_cache",
     # issue 16: the rest of the family
@@ -101,6 +102,30 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """The threads fastdrop's kernels use."""
     return int(_core.get_num_threads())
+
+
+def share_torch_threads(share: bool = True) -> bool:
+    """Whether fastdrop's parallel calls run on torch's intra-op threads (the default, from the
+    first torch tensor fastdrop sees) or on fastdrop's own; returns whether torch's are in use
+    now.
+
+    Inside a torch program the cores belong to torch's OpenMP threads, which stay awake for a
+    while after each of torch's operations; fastdrop's own threads would wait for a core there,
+    torch's are ready. Shared, a call uses at most ``min(get_num_threads(),
+    torch.get_num_threads())`` threads, so ``torch.set_num_threads`` bounds fastdrop too. Only a
+    runtime torch already loaded is used (GNU, Intel or LLVM OpenMP); where torch's pool is not
+    OpenMP, or in a child made by ``fork`` (whose copy of torch's pool has no threads), fastdrop
+    uses its own. ``share=True`` imports torch; results never depend on the choice.
+    """
+    if not isinstance(share, bool):
+        raise TypeError(f"share_torch_threads expects a bool, got {type(share).__name__}")
+    _threads.share_torch = share
+    if not share:
+        _core.unshare_openmp()
+        return False
+    from . import _torch
+
+    return _torch.share_threads(True)
 
 
 def simd_backend() -> str:

@@ -20,6 +20,7 @@ DropBlock) have their torch side at the end. Imports only downward: the bottom f
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from typing import Any, Callable, List, Optional, Tuple
@@ -29,7 +30,7 @@ import torch
 import torch.autograd.forward_ad as _fwAD
 from torch.utils.dlpack import to_dlpack as _to_dlpack
 
-from . import _core, _device, _keyed
+from . import _core, _device, _keyed, _threads
 from ._core_call import apply as core_apply
 from ._mask import Mask, apply_spec
 from ._spec import (
@@ -1083,3 +1084,42 @@ class _MaskedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _MaskGradFunction.apply(grad, ctx.mask, ctx.strides), None, None
+
+
+#: The names an OpenMP runtime's library starts with: GNU's, Intel's and LLVM's.
+_OPENMP_LIBRARIES = ("libgomp", "libiomp", "libomp")
+
+
+def _openmp_runtimes() -> List[str]:
+    """The OpenMP runtimes loaded in this process (from /proc/self/maps), torch's own first;
+    none where torch's intra-op pool is not OpenMP or the maps cannot be read."""
+    if not torch.backends.openmp.is_available():
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    paths: List[str] = []
+    for line in lines:
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        if path.startswith("/") and os.path.basename(path).startswith(_OPENMP_LIBRARIES):
+            if path not in paths:
+                paths.append(path)
+    home = os.path.dirname(torch.__file__) + os.sep
+    return sorted(paths, key=lambda p: not p.startswith(home))
+
+
+def share_threads(share: bool) -> bool:
+    """Runs fastdrop's parallel calls on torch's OpenMP threads (`share`) or on its own; returns
+    whether torch's are shared now."""
+    if not share:
+        _core.unshare_openmp()
+        return False
+    return any(_core.share_openmp(path) for path in _openmp_runtimes())
+
+
+# The first torch tensor: from here on parallel calls run on torch's threads, unless the user
+# said otherwise (fastdrop.share_torch_threads(False)) before.
+if _threads.share_torch:
+    share_threads(True)

@@ -8,7 +8,8 @@ and timm dropout modules, torch's aten dropout and bernoulli ops elsewhere, such
 dropout inside torch's SDPA, and the backward nodes of all of these, over the step's CPU time)
 and the share of torch's dropout left in the converted step, then the step times and the
 speedup, for fastdrop at its default thread count, at one thread, and at its default with
-another process keeping one core busy.
+another process keeping one core busy (and, asked for, on fastdrop's own threads instead of
+torch's: ``own threads``).
 
 ``--layers`` times forward + backward (``torch.autograd.grad`` of the module's output) of every
 dropout layer of those models at the shape it really sees (collected by hooking the modules
@@ -34,8 +35,11 @@ QUICK_BATCH = {"encoder": 4, "vit_tiny": 2, "resnet50": 2, "mixer": 2, "mlp": 32
 #: The MLP's step takes well under a millisecond: each timed sample runs this many steps
 #: (2 with --quick).
 STEPS_PER_SAMPLE = {"mlp": 20}
-#: Settings of the training-step rows.
+#: Settings of the training-step rows (``--settings`` picks among all of them).
 SETTINGS = ("default", "1 thread", "busy core")
+#: "own threads": fastdrop's default thread count on its own helpers instead of torch's threads
+#: (`fastdrop.share_torch_threads(False)`), to compare the two.
+ALL_SETTINGS = SETTINGS + ("own threads",)
 
 
 def _import_torch():
@@ -274,6 +278,7 @@ def train(
         for setting in settings:
             fd_threads = 1 if setting == "1 thread" else threads
             fastdrop.set_num_threads(fd_threads)
+            fastdrop.share_torch_threads(setting != "own threads")
             try:
                 if setting == "busy core":
                     with BusyCore():
@@ -282,6 +287,7 @@ def train(
                     med = alternate({"torch": torch_step, "fastdrop": fd_step}, rounds)
             finally:
                 fastdrop.set_num_threads(threads)
+                fastdrop.share_torch_threads(True)
             rec = {
                 "model": name,
                 "batch": b,
