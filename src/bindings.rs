@@ -637,13 +637,16 @@ fn advise_huge_pages(out: &View<'_>) {
 /// Runs a prepared call, with the GIL released when it is large enough to be worth it. Only a
 /// call that large had its NumPy operands pinned (`view`), so a smaller one keeps the GIL: its
 /// operands must not change meanwhile.
-fn run_call(py: Python<'_>, call: call::Call<'_>) -> call::Applied {
+///
+/// A call on torch's storage (`x` a DLPack capsule) may run on torch's threads (`team`).
+fn run_call(py: Python<'_>, x: &Bound<'_, PyAny>, call: call::Call<'_>) -> call::Applied {
     let ops = call.operands();
     if !ops.is_in_place() {
         advise_huge_pages(ops.out());
     }
+    let torch = x.cast::<PyCapsule>().is_ok();
     if call.len() >= RELEASE_GIL_MIN {
-        py.detach(move || call.run())
+        py.detach(move || crate::threads::on_torch_storage(torch, || call.run()))
     } else {
         call.run()
     }
@@ -965,7 +968,11 @@ fn apply<'py>(
 ) -> PyResult<Applied> {
     let mut pins = Vec::new();
     let ops = operands("x", x, out, residual, &mut pins)?;
-    let done = run_call(py, call::prepare(&spec, ops, &generator.state, store_mask)?);
+    let done = run_call(
+        py,
+        x,
+        call::prepare(&spec, ops, &generator.state, store_mask)?,
+    );
     Ok(Applied {
         bits: done
             .bits
@@ -990,7 +997,7 @@ fn mask_apply<'py>(
 ) -> PyResult<()> {
     let mut pins = Vec::new();
     let ops = operands("grad", x, out, residual, &mut pins)?;
-    run_call(py, call::replay(&mask.shape, &mask.words, scale, ops)?);
+    run_call(py, x, call::replay(&mask.shape, &mask.words, scale, ops)?);
     Ok(())
 }
 

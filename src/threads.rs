@@ -16,13 +16,13 @@
 //!   otherwise queue a woken helper behind the caller's own share of the call;
 //! - a child made by `fork` (which inherits the pool but none of its threads) builds a pool of
 //!   its own;
-//! - where torch's OpenMP runtime is shared (`team`, the default in a torch program), a call
-//!   runs on torch's threads instead, which are awake and hold the cores; the pool is then
-//!   never built;
+//! - where torch's OpenMP runtime is shared (`team`, the default in a torch program), a call on
+//!   torch tensors runs on torch's threads instead, which are awake and hold the cores;
 //! - a thread count is capped at [`MAX_THREADS`], and a pool that cannot be built (threads that
 //!   cannot be spawned) leaves the call on the calling thread instead of failing it.
 
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,27 @@ fn pool(helpers: usize) -> Option<Workers> {
     built
 }
 
+thread_local! {
+    /// Whether the calling thread's current call works on torch's storage (`on_torch_storage`).
+    static TORCH_STORAGE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` (one call) with its parallel parts on a shared OpenMP runtime (`team`) when
+/// `torch` says the call works on torch's storage, else on fastdrop's own helpers. A torch
+/// tensor's call sits among torch's operations, whose threads are awake then; a NumPy call in
+/// a program that merely imported torch would wake them for nothing and leave them spinning
+/// (GNU OpenMP's threads spin about 3 ms before they sleep).
+pub fn on_torch_storage<R>(torch: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TORCH_STORAGE.set(self.0);
+        }
+    }
+    let _restore = Restore(TORCH_STORAGE.replace(torch));
+    f()
+}
+
 /// Spins this many times (a few microseconds) waiting for the helpers' last chunks before
 /// sleeping. Measured on a loaded 2-core machine (benches/threads.py), spinning 4,096 times
 /// or yielding in a loop made 2 threads 0.75-0.8x as fast as 1; sleeping soon leaves the core to
@@ -188,7 +209,12 @@ pub(crate) fn for_each_chunk(
         (0..chunks).for_each(f);
         return;
     }
-    match crate::team::for_each_chunk(threads, chunks, &f) {
+    let shared = if TORCH_STORAGE.get() {
+        crate::team::for_each_chunk(threads, chunks, &f)
+    } else {
+        Outcome::Unshared
+    };
+    match shared {
         Outcome::Team(run) => {
             BACKOFF.judge(helpers_gain(run.total, run.worked, run.mine, chunks));
             return;
@@ -260,6 +286,8 @@ struct Backoff {
     last: AtomicU32,
     /// A decaying sum of the nanoseconds the helpers saved (negative: lost).
     balance: AtomicI64,
+    /// Until when (nanoseconds from `epoch()`) calls run alone after a loss.
+    solo_until: AtomicU64,
 }
 
 static BACKOFF: Backoff = Backoff::new();
@@ -267,21 +295,45 @@ static BACKOFF: Backoff = Backoff::new();
 /// The most calls in a row that run alone before the helpers are tried again.
 const MAX_BACKOFF: u32 = 64;
 
+/// After a loss, calls also run alone for this many times the time it lost (up to
+/// [`MAX_QUIET_NS`]), so that tries cost at most about 1/16 of the time in between. A count of
+/// calls alone is not enough: on a contended core torch's OpenMP team (`team`) can lose
+/// milliseconds in one call (its threads spin for ~3 ms before they sleep, and one that shares
+/// the caller's CPU waits a scheduler slice), against the tens of microseconds of a call alone;
+/// measured beside a busy core, 64 calls between tries still left 131K-element calls 3x slower
+/// than alone.
+const LOSS_FACTOR: u64 = 16;
+/// The longest time alone after one loss: one second.
+const MAX_QUIET_NS: u64 = 1_000_000_000;
+
+/// Nanoseconds since the first call that asked (a monotonic clock for `solo_until`).
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    epoch.elapsed().as_nanos().min(u64::MAX as u128) as u64
+}
+
 impl Backoff {
     const fn new() -> Backoff {
         Backoff {
             solo_left: AtomicU32::new(0),
             last: AtomicU32::new(0),
             balance: AtomicI64::new(0),
+            solo_until: AtomicU64::new(0),
         }
     }
 
     /// Whether this call runs on the calling thread alone (and counts it).
     fn solo_turn(&self) -> bool {
+        self.solo_turn_at(now_ns())
+    }
+
+    /// `solo_turn` at `now` (nanoseconds from the epoch).
+    fn solo_turn_at(&self, now: u64) -> bool {
         // Races between callers only shift a turn or two; results never depend on it.
         let left = self.solo_left.load(Ordering::Relaxed);
         if left == 0 {
-            return false;
+            return self.solo_until.load(Ordering::Relaxed) > now;
         }
         self.solo_left.store(left - 1, Ordering::Relaxed);
         true
@@ -290,10 +342,16 @@ impl Backoff {
     /// Adds a parallel call's saving (`gain_ns`, negative for a loss) to the balance, which
     /// keeps three quarters of what it had. While the balance is not negative the helpers stay;
     /// otherwise the next calls run alone, twice as many as after the previous loss (up to
-    /// `MAX_BACKOFF`), then the helpers are tried again.
+    /// `MAX_BACKOFF`) and for at least `LOSS_FACTOR` times what this call lost (up to
+    /// `MAX_QUIET_NS`), then the helpers are tried again.
     fn judge(&self, gain_ns: i64) {
+        self.judge_at(gain_ns, now_ns())
+    }
+
+    /// `judge` at `now` (nanoseconds from the epoch).
+    fn judge_at(&self, gain_ns: i64, now: u64) {
         let old = self.balance.load(Ordering::Relaxed);
-        let balance = old - old / 4 + gain_ns;
+        let balance = old.saturating_sub(old / 4).saturating_add(gain_ns);
         self.balance.store(balance, Ordering::Relaxed);
         if balance >= 0 {
             self.last.store(0, Ordering::Relaxed);
@@ -301,6 +359,10 @@ impl Backoff {
             let b = (self.last.load(Ordering::Relaxed) * 2).clamp(1, MAX_BACKOFF);
             self.last.store(b, Ordering::Relaxed);
             self.solo_left.store(b, Ordering::Relaxed);
+            let lost = gain_ns.min(0).unsigned_abs();
+            let quiet = lost.saturating_mul(LOSS_FACTOR).min(MAX_QUIET_NS);
+            self.solo_until
+                .store(now.saturating_add(quiet), Ordering::Relaxed);
         }
     }
 }
@@ -411,7 +473,8 @@ mod tests {
     fn losses_send_doubling_runs_of_calls_to_the_caller_alone() {
         let b = Backoff::new();
         assert!(!b.solo_turn());
-        let solo_runs = |b: &Backoff| (0..200).take_while(|_| b.solo_turn()).count();
+        // The calls alone after each loss, once its quiet time (below) has passed.
+        let solo_runs = |b: &Backoff| (0..200).take_while(|_| b.solo_turn_at(u64::MAX)).count();
         b.judge(-1);
         assert_eq!(solo_runs(&b), 1);
         b.judge(-1);
@@ -431,7 +494,7 @@ mod tests {
         // Beside torch's spinning workers a preempted helper cost ~2 ms where a win saved
         // ~50 us; alternating wins and losses kept the helpers on, call after call.
         let b = Backoff::new();
-        let solo_runs = |b: &Backoff| (0..200).take_while(|_| b.solo_turn()).count();
+        let solo_runs = |b: &Backoff| (0..200).take_while(|_| b.solo_turn_at(u64::MAX)).count();
         let mut solo = 0;
         for _ in 0..6 {
             b.judge(50_000);
@@ -449,6 +512,27 @@ mod tests {
         }
         assert!(!b.solo_turn());
         assert!(b.balance.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn a_loss_also_keeps_calls_alone_for_sixteen_times_the_time_it_lost() {
+        // Beside a busy core torch's team lost ~8 ms in a call of ~30 us; 64 calls alone between
+        // tries still left such calls 3x slower than alone.
+        let b = Backoff::new();
+        let ms = 1_000_000u64;
+        b.judge_at(-8_000_000, 100 * ms);
+        assert!(b.solo_turn_at(100 * ms)); // the one call the count sends alone
+        assert!(b.solo_turn_at(100 * ms + 127 * ms));
+        assert!(!b.solo_turn_at(100 * ms + 128 * ms));
+        // Never more than a second, however large the loss.
+        b.judge_at(i64::MIN, 0);
+        assert!(b.solo_turn_at(0) && b.solo_turn_at(0)); // two calls by count
+        assert!(b.solo_turn_at(999 * ms));
+        assert!(!b.solo_turn_at(1_000 * ms));
+        // A win that leaves the balance negative counts calls but adds no time.
+        b.judge_at(1, 5_000 * ms);
+        let alone = (0..200).take_while(|_| b.solo_turn_at(5_000 * ms)).count();
+        assert_eq!(alone, 4); // the third loss in a row: 1, 2, then 4 calls
     }
 
     #[test]

@@ -1,7 +1,8 @@
-"""Sharing torch's threads (issue 14): inside a torch program fastdrop's parallel calls run on
-torch's own OpenMP threads, not on a pool of its own that would wait for the cores torch's
-threads hold; `torch.set_num_threads` bounds them; a forked child falls back to its own pool;
-`fastdrop.share_torch_threads(False)` opts out. Results never depend on any of it."""
+"""Sharing torch's threads (issue 14): inside a torch program fastdrop's parallel calls on torch
+tensors run on torch's own OpenMP threads, not on a pool of its own that would wait for the
+cores torch's threads hold (NumPy calls keep fastdrop's own); `torch.set_num_threads` bounds
+them; a forked child falls back to its own pool; `fastdrop.share_torch_threads(False)` opts
+out. Results never depend on any of it."""
 
 from __future__ import annotations
 
@@ -71,7 +72,11 @@ def test_a_torch_program_runs_fastdrop_on_torchs_threads():
         + CALLS
         + "print(fastdrop._core.shares_openmp(), own())\n"
         + "print(fastdrop.share_torch_threads(False), fastdrop._core.shares_openmp())\n"
-        + CALLS
+        + "import time\n"
+        # Calls alone after a loss (the back-off: up to 64 calls or 1 s) build no helper yet.
+        + "end = time.monotonic() + 10\n"
+        + "while own() == 0 and time.monotonic() < end:\n"
+        + "    fastdrop.dropout(x, 0.5)\n"
         + "print(own())\n"
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -79,6 +84,27 @@ def test_a_torch_program_runs_fastdrop_on_torchs_threads():
     assert lines[0] == "True 0"
     assert lines[1] == "False False"
     assert int(lines[2]) == 1  # opted out: fastdrop's own helper runs the calls
+
+
+def test_numpy_calls_in_a_torch_program_keep_fastdrops_own_threads():
+    # A NumPy call has no torch operations around it whose threads would be awake: waking
+    # torch's team for it would leave those threads spinning for milliseconds after.
+    r = run_python(
+        "import torch, fastdrop, numpy as np\n"
+        "torch.set_num_threads(2)\n"
+        "fastdrop.set_num_threads(2)\n"
+        + CALLS
+        + "print(fastdrop._core.shares_openmp(), own())\n"
+        + "import time\n"
+        + "a = np.ones(1 << 20, np.float32)\n"
+        # Calls alone after a loss (the back-off: up to 64 calls or 1 s) build no helper yet.
+        + "end = time.monotonic() + 10\n"
+        + "while own() == 0 and time.monotonic() < end:\n"
+        + "    fastdrop.dropout(a, 0.5)\n"
+        + "print(own())\n"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["True", "0", "1"]
 
 
 def test_torch_set_num_threads_bounds_fastdrop():

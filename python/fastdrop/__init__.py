@@ -105,9 +105,9 @@ def get_num_threads() -> int:
 
 
 def share_torch_threads(share: bool = True) -> bool:
-    """Whether fastdrop's parallel calls run on torch's intra-op threads (the default, from the
-    first torch tensor fastdrop sees) or on fastdrop's own; returns whether torch's are in use
-    now.
+    """Whether fastdrop's parallel calls on torch tensors run on torch's intra-op threads (the
+    default, from the first torch tensor fastdrop sees) or on fastdrop's own; returns whether
+    torch's are in use now. NumPy calls always use fastdrop's own.
 
     Inside a torch program the cores belong to torch's OpenMP threads, which stay awake for a
     while after each of torch's operations; fastdrop's own threads would wait for a core there,
