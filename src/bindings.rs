@@ -1158,7 +1158,8 @@ fn softmax_dropout_forward(
         }
     };
     if n >= RELEASE_GIL_MIN {
-        py.detach(|| work(&mut words))?;
+        let torch = scores.cast::<PyCapsule>().is_ok();
+        py.detach(|| crate::threads::on_torch_storage(torch, || work(&mut words)))?;
     } else {
         work(&mut words)?;
     }
@@ -1226,9 +1227,10 @@ fn softmax_dropout_backward(
     unsafe impl<F> Send for Send_<F> {}
     let job = Send_(work);
     if n >= RELEASE_GIL_MIN {
+        let torch = probs.cast::<PyCapsule>().is_ok();
         py.detach(move || {
             let job = job;
-            (job.0)()
+            crate::threads::on_torch_storage(torch, || (job.0)())
         })?;
     } else {
         (job.0)()?;

@@ -194,6 +194,22 @@ def test_results_do_not_depend_on_sharing(variant, restore_sharing):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
+def test_attention_does_not_depend_on_sharing(restore_sharing):
+    q, k, v = (torch.randn(2, 4, 128, 64, requires_grad=True) for _ in range(3))
+    results = []
+    for share, threads in ((True, 1), (True, 2), (False, 2)):
+        fastdrop.share_torch_threads(share)
+        fastdrop.set_num_threads(threads)
+        out = fastdrop.scaled_dot_product_attention(
+            q, k, v, dropout_p=0.2, generator=fastdrop.Generator(8)
+        )
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        results.append([out.detach(), *grads])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_share_torch_threads_takes_a_bool():
     with pytest.raises(TypeError, match="expects a bool, got int"):
         fastdrop.share_torch_threads(1)  # type: ignore[arg-type]
