@@ -741,58 +741,22 @@ mod x86 {
                     )
                 };
                 let q = res.unwrap_or(std::ptr::null());
-                let value = |keep: $k, x: <$t as Lanes>::V| {
-                    if !READ {
-                        return dropped_v;
-                    }
-                    // SAFETY: see above.
-                    unsafe {
-                        let mut v = $mul(x, mul);
-                        if ADD {
-                            v = $add(v, add);
-                        }
-                        $blend(keep, dropped_v, v)
-                    }
-                };
+                // No closures here: they would not inherit the caller's target features, and
+                // their intrinsics would be calls.
                 let word = |e: usize| match mask {
                     RunMask::Bits { words, first } => word_at(words, first + e),
                     RunMask::All(keep) => 0u64.wrapping_sub(u64::from(keep)),
                 };
-                // Elements from..from + n (n <= 64), each register's loads and stores masked to
-                // its elements of the range.
-                let partial = |from: usize, n: usize| {
-                    let bits = word(from);
-                    for r in 0..n.div_ceil($lanes) {
-                        let at = from + $lanes * r;
-                        let inside = (1u64 << (n - $lanes * r).min($lanes)).wrapping_sub(1) as $k;
-                        let keep = (bits >> ($lanes * r)) as $k;
-                        // SAFETY: see above; the lanes of `inside` are elements of the range.
-                        unsafe {
-                            let x = if READ {
-                                $maskz_loadu(inside, src.add(at))
-                            } else {
-                                dropped_v
-                            };
-                            let mut v = value(keep, x);
-                            if RES {
-                                v = $add($maskz_loadu(inside, q.add(at)), v);
-                            }
-                            $mask_storeu(dst.add(at), inside, v);
-                        }
-                    }
-                };
                 // The stores of a register split across two cache lines cost two: the elements
-                // before the first 64-byte boundary of `dst` go first (none when `dst` is not
-                // even aligned to its element size, which only a view of raw bytes can be).
+                // before the first 64-byte boundary of `dst` go with the tail, masked (none
+                // when `dst` is not even aligned to its element size, which only a view of raw
+                // bytes can be).
                 let size = std::mem::size_of::<$t>();
                 let head = if (dst as usize).is_multiple_of(size) {
                     ((dst as usize).wrapping_neg() % 64 / size).min(len)
                 } else {
                     0
                 };
-                if head > 0 {
-                    partial(0, head);
-                }
                 let full = (len - head) / 64;
                 for w in 0..full {
                     let from = head + 64 * w;
@@ -802,8 +766,14 @@ mod x86 {
                         let keep = (bits >> ($lanes * r)) as $k;
                         // SAFETY: see above; at + lanes <= head + 64 * full <= len.
                         unsafe {
-                            let x = if READ { $loadu(src.add(at)) } else { dropped_v };
-                            let mut v = value(keep, x);
+                            let mut v = dropped_v;
+                            if READ {
+                                v = $mul($loadu(src.add(at)), mul);
+                                if ADD {
+                                    v = $add(v, add);
+                                }
+                                v = $blend(keep, dropped_v, v);
+                            }
                             if RES {
                                 v = $add($loadu(q.add(at)), v);
                             }
@@ -811,23 +781,34 @@ mod x86 {
                         }
                     }
                 }
+                // The head and the tail (fewer than 64 elements each), every register's loads
+                // and stores masked to its elements of the range.
                 let done = head + 64 * full;
-                if done < len {
-                    partial(done, len - done);
+                for (from, n) in [(0, head), (done, len - done)] {
+                    let bits = if n > 0 { word(from) } else { 0 };
+                    for r in 0..n.div_ceil($lanes) {
+                        let at = from + $lanes * r;
+                        let inside = (1u64 << (n - $lanes * r).min($lanes)).wrapping_sub(1) as $k;
+                        let keep = (bits >> ($lanes * r)) as $k;
+                        // SAFETY: see above; the lanes of `inside` are elements of the range.
+                        unsafe {
+                            let mut v = dropped_v;
+                            if READ {
+                                v = $mul($maskz_loadu(inside, src.add(at)), mul);
+                                if ADD {
+                                    v = $add(v, add);
+                                }
+                                v = $blend(keep, dropped_v, v);
+                            }
+                            if RES {
+                                v = $add($maskz_loadu(inside, q.add(at)), v);
+                            }
+                            $mask_storeu(dst.add(at), inside, v);
+                        }
+                    }
                 }
             }
         };
-    }
-
-    /// The register type of an element type of the 512-bit loops.
-    trait Lanes {
-        type V;
-    }
-    impl Lanes for f32 {
-        type V = __m512;
-    }
-    impl Lanes for f64 {
-        type V = __m512d;
     }
 
     avx512!(
