@@ -171,10 +171,9 @@ def dropout(
         and training is True
         and inplace is False
         and return_mask is False
-        and out is None
         and noise_shape is None
     ):
-        # The most common call, with defaults, goes straight to the kernel: the same spec,
+        # The most common call, with defaults (or only out=), goes straight to the kernel: the same spec,
         # output and generator as the general path below, without its checks and dispatch,
         # which cost more than the kernel on small arrays.
         if (
@@ -183,11 +182,15 @@ def dropout(
             and (generator is None or type(generator) is _core.Generator)
         ):
             # The dispatcher's NumPy call, made directly: one Python frame is 8 % of this path.
-            result = _core.empty_like(input)
+            if out is None:
+                result = _core.empty_like(input)
+            else:
+                _check_out(out, input, False)
+                result = out
             gen = default_generator if generator is None else generator
             _core_apply(input, result, None, _scale_spec(input.shape, p), gen, False)
             return result
-        if type(input) is _dispatch.TENSOR and generator is None:
+        if type(input) is _dispatch.TENSOR and generator is None and out is None:
             # The same for a torch tensor (once fastdrop's torch side is loaded).
             torch_side = _dispatch._TORCH
             try:
