@@ -173,9 +173,9 @@ def dropout(
         and return_mask is False
         and noise_shape is None
     ):
-        # The most common call, with defaults (or only out=), goes straight to the kernel: the same spec,
-        # output and generator as the general path below, without its checks and dispatch,
-        # which cost more than the kernel on small arrays.
+        # The most common call, with defaults (or only out=), goes straight to the kernel: the
+        # same spec, output and generator as the general path below, without its checks and
+        # dispatch, which cost more than the kernel on small arrays.
         if (
             type(input) is np.ndarray
             and input.dtype in _NATIVE_FLOATS
