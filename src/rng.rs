@@ -215,11 +215,12 @@ impl Window {
 
 /// Keep words for `thr` in [1, 2^32 - 1] from groups starting at `first_block`. `draw(first, n,
 /// out)` fills `out[i]` with the plane whose first block is `first[i]`, for i < n (it may
-/// compute all `B` and the caller ignores the rest). `lead(first, groups, thr_bits, keep, open)`
-/// may instead draw and fold the leading `FIRST_PLANES` planes of the `groups` consecutive
-/// groups whose first one starts at block `first` (group g into `keep[g]` and `open[g]`, which
-/// start as `Window::new` sets them) in one go, keeping the planes in registers, and return
-/// true; returning false leaves it to `draw`.
+/// compute all `B` and the caller ignores the rest). `lead(first, groups, planes, thr_bits,
+/// keep, open)` may instead draw and fold the leading `planes` planes (`FIRST_PLANES`, or all
+/// the threshold needs when that is fewer) of the `groups` consecutive groups whose first one
+/// starts at block `first` (group g into `keep[g]` and `open[g]`, which start as `Window::new`
+/// sets them) in one go, keeping the planes in registers, and return true; returning false
+/// leaves it to `draw`.
 ///
 /// Every group first draws its leading planes in one batch of consecutive counters; the few
 /// groups still open after that are continued together, one plane level at a time, so that the
@@ -232,6 +233,7 @@ fn bitsliced<const B: usize>(
     mut draw: impl FnMut(&[u64; B], usize, &mut [Plane; B]),
     mut lead_groups: impl FnMut(
         u64,
+        usize,
         usize,
         &[u64; PLANES as usize],
         &mut [Plane; WINDOW],
@@ -254,8 +256,14 @@ fn bitsliced<const B: usize>(
         // groups: with few planes to draw (p = 0.5 needs one) a batch per group would mostly
         // compute planes nobody folds. Each group's planes still fold in increasing order.
         let mut n = 0;
-        let led = lead == FIRST_PLANES as usize
-            && lead_groups(at(0, 0), groups, &w.thr_bits, &mut w.keep, &mut w.open);
+        let led = lead_groups(
+            at(0, 0),
+            groups,
+            lead,
+            &w.thr_bits,
+            &mut w.keep,
+            &mut w.open,
+        );
         for g in (0..groups).filter(|_| !led) {
             for k in 0..lead {
                 (first[n], group[n], plane[n]) = (at(g, k), g, k);
@@ -500,7 +508,7 @@ fn keep_words_portable(
                 }
             }
         },
-        |_, _, _, _, _| false,
+        |_, _, _, _, _, _| false,
     );
 }
 
@@ -521,6 +529,7 @@ mod x86 {
 
     use super::{
         bitsliced, weyl_step, Plane, BLOCKS_PER_GROUP, FIRST_PLANES, MAX_SIMD_ROUNDS, PLANES,
+        WINDOW,
     };
     use core::arch::x86_64::*;
 
@@ -665,7 +674,10 @@ mod x86 {
                     planes128::<R, { 2 * PLANE_BATCH }>(&rk, first, out)
                 }
             },
-            |first, groups, thr_bits, keep, open| {
+            |first, groups, planes, thr_bits, keep, open| {
+                if planes != FIRST_PLANES as usize {
+                    return false;
+                }
                 for g in 0..groups {
                     let at = first.wrapping_add(g as u64 * BLOCKS_PER_GROUP);
                     lead128::<R>(&rk, at, thr_bits, &mut keep[g], &mut open[g]);
@@ -869,7 +881,10 @@ mod x86 {
                     planes256::<R, PLANE_BATCH>(&rk, first, out)
                 }
             },
-            |first, groups, thr_bits, keep, open| {
+            |first, groups, planes, thr_bits, keep, open| {
+                if planes != FIRST_PLANES as usize {
+                    return false;
+                }
                 for g in 0..groups {
                     let at = first.wrapping_add(g as u64 * BLOCKS_PER_GROUP);
                     lead256::<R>(&rk, at, thr_bits, &mut keep[g], &mut open[g]);
@@ -898,14 +913,13 @@ mod x86 {
     /// and one fold serve both.
     #[inline]
     #[target_feature(enable = "vaes,avx512f")]
-    fn lead512_pair<const R: usize>(
+    fn lead512_pair<const R: usize, const F: usize>(
         rk: &[__m512i; MAX_SIMD_ROUNDS + 1],
         first: u64,
         thr_bits: &[u64; PLANES as usize],
         keep: &mut [Plane],
         open: &mut [Plane],
     ) {
-        const F: usize = FIRST_PLANES as usize;
         let second = first.wrapping_add(BLOCKS_PER_GROUP);
         // _mm512_add_epi64 wraps each 64-bit counter mod 2^64 and keeps the zero high halves.
         let base = _mm512_set_epi64(
@@ -941,7 +955,8 @@ mod x86 {
             );
             undecided = _mm512_andnot_si512(_mm512_xor_si512(plane, t), undecided);
         }
-        // SAFETY: keep and open hold at least two planes of 4 u64s (the caller), so the 64
+        assert!(keep.len() >= 2 && open.len() >= 2);
+        // SAFETY: keep and open hold at least two planes of 4 u64s (just checked), so the 64
         // bytes stored into each are in bounds; storeu needs no alignment.
         unsafe {
             _mm512_storeu_si512(keep.as_mut_ptr().cast(), kept);
@@ -975,16 +990,33 @@ mod x86 {
                     planes256::<R, PLANE_BATCH>(&rk, first, out)
                 }
             },
-            |first, groups, thr_bits, keep, open| {
-                let at = |g: usize| first.wrapping_add(g as u64 * BLOCKS_PER_GROUP);
-                let pairs = groups / 2;
-                for i in 0..pairs {
-                    let g = 2 * i;
-                    lead512_pair::<R>(&rk4, at(g), thr_bits, &mut keep[g..], &mut open[g..]);
+            |first, groups, planes, thr_bits, keep, open| {
+                // An odd last group is drawn with the group after it, which lies past the
+                // words (its planes are computed and never read) but inside the window's state,
+                // as the window holds an even number of groups.
+                const { assert!(WINDOW.is_multiple_of(2)) };
+                macro_rules! pairs {
+                    ($planes:expr) => {
+                        for g in (0..groups).step_by(2) {
+                            let at = first.wrapping_add(g as u64 * BLOCKS_PER_GROUP);
+                            lead512_pair::<R, { $planes }>(
+                                &rk4,
+                                at,
+                                thr_bits,
+                                &mut keep[g..],
+                                &mut open[g..],
+                            );
+                        }
+                    };
                 }
-                if groups % 2 == 1 {
-                    let g = groups - 1;
-                    lead256::<R>(&rk, at(g), thr_bits, &mut keep[g], &mut open[g]);
+                match planes {
+                    p if p == FIRST_PLANES as usize => pairs!(FIRST_PLANES as usize),
+                    // Thresholds of a few bits (p = 0.5, 0.25, 0.75, ..): every plane they need.
+                    1 => pairs!(1),
+                    2 => pairs!(2),
+                    3 => pairs!(3),
+                    4 => pairs!(4),
+                    _ => return false,
                 }
                 true
             },
@@ -1274,12 +1306,14 @@ mod tests {
         }
     }
 
-    const THRESHOLDS: [u64; 13] = [
+    const THRESHOLDS: [u64; 15] = [
         0,
         1,
         12345,
         1 << 30,
         3 << 30,
+        0xE000_0000, // 3 planes at most: drawn in one go for two groups at a time
+        0x9000_0000, // 4 planes at most
         0xC800_0000, // 5 planes at most: leading batches run across groups
         0xE580_0000, // 9 planes at most
         1 << 31,
