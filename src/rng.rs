@@ -1009,13 +1009,22 @@ mod x86 {
                         }
                     };
                 }
+                // Thresholds of fewer bits than FIRST_PLANES (p = 0.5, 0.25, 0.75, ..) draw every
+                // plane they need here.
+                const { assert!(FIRST_PLANES == 12) };
                 match planes {
-                    p if p == FIRST_PLANES as usize => pairs!(FIRST_PLANES as usize),
-                    // Thresholds of a few bits (p = 0.5, 0.25, 0.75, ..): every plane they need.
                     1 => pairs!(1),
                     2 => pairs!(2),
                     3 => pairs!(3),
                     4 => pairs!(4),
+                    5 => pairs!(5),
+                    6 => pairs!(6),
+                    7 => pairs!(7),
+                    8 => pairs!(8),
+                    9 => pairs!(9),
+                    10 => pairs!(10),
+                    11 => pairs!(11),
+                    12 => pairs!(12),
                     _ => return false,
                 }
                 true
@@ -1312,9 +1321,9 @@ mod tests {
         12345,
         1 << 30,
         3 << 30,
-        0xE000_0000, // 3 planes at most: drawn in one go for two groups at a time
+        0xE000_0000, // 3 planes at most: drawn in one go, two groups at a time
         0x9000_0000, // 4 planes at most
-        0xC800_0000, // 5 planes at most: leading batches run across groups
+        0xC800_0000, // 5 planes at most
         0xE580_0000, // 9 planes at most
         1 << 31,
         (1 << 31) + 1,
