@@ -87,7 +87,9 @@ pub enum Backend {
     Portable,
     /// x86-64 AES-NI, one block per 128-bit register, 8 blocks in flight.
     AesNi,
-    /// x86-64 VAES + AVX2, two blocks per 256-bit register, 16 blocks in flight.
+    /// x86-64 VAES + AVX2, two blocks per 256-bit register, 16 blocks in flight; where the CPU
+    /// also has AVX-512F, the keep decisions draw four blocks (one plane of two groups) per
+    /// 512-bit register.
     Vaes,
 }
 
