@@ -75,7 +75,10 @@ const WINDOW: usize = 16;
 /// Planes drawn for every group before any group is checked for being decided: about
 /// log2(256) + 1.3 planes decide all 256 elements of a group on average, so drawing the first
 /// ones blindly keeps the AES units busy with independent work.
-const FIRST_PLANES: u32 = 10;
+const FIRST_PLANES: u32 = 12;
+/// Planes drawn per pass for each group still open after the leading ones: about one group in
+/// five is open after 10 planes, one in sixty after 14.
+const LATER_PLANES: usize = 4;
 
 /// An implementation of the same ARS-5 stream; they differ only in speed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +87,9 @@ pub enum Backend {
     Portable,
     /// x86-64 AES-NI, one block per 128-bit register, 8 blocks in flight.
     AesNi,
-    /// x86-64 VAES + AVX2, two blocks per 256-bit register, 16 blocks in flight.
+    /// x86-64 VAES + AVX2, two blocks per 256-bit register, 16 blocks in flight; where the CPU
+    /// also has AVX-512F, the keep decisions draw four blocks (one plane of two groups) per
+    /// 512-bit register.
     Vaes,
 }
 
@@ -212,9 +217,12 @@ impl Window {
 
 /// Keep words for `thr` in [1, 2^32 - 1] from groups starting at `first_block`. `draw(first, n,
 /// out)` fills `out[i]` with the plane whose first block is `first[i]`, for i < n (it may
-/// compute all `B` and the caller ignores the rest). `lead(first, thr_bits, keep, open)` may
-/// instead draw and fold the leading `FIRST_PLANES` planes of the group at `first` in one go
-/// (keeping the planes in registers) and return true; returning false leaves it to `draw`.
+/// compute all `B` and the caller ignores the rest). `lead(first, groups, planes, thr_bits,
+/// keep, open)` may instead draw and fold the leading `planes` planes (`FIRST_PLANES`, or all
+/// the threshold needs when that is fewer) of the `groups` consecutive groups whose first one
+/// starts at block `first` (group g into `keep[g]` and `open[g]`, which start as `Window::new`
+/// sets them) in one go, keeping the planes in registers, and return true; returning false
+/// leaves it to `draw`.
 ///
 /// Every group first draws its leading planes in one batch of consecutive counters; the few
 /// groups still open after that are continued together, one plane level at a time, so that the
@@ -225,7 +233,14 @@ fn bitsliced<const B: usize>(
     first_block: u64,
     words: &mut [u64],
     mut draw: impl FnMut(&[u64; B], usize, &mut [Plane; B]),
-    mut lead_group: impl FnMut(u64, &[u64; PLANES as usize], &mut Plane, &mut Plane) -> bool,
+    mut lead_groups: impl FnMut(
+        u64,
+        usize,
+        usize,
+        &[u64; PLANES as usize],
+        &mut [Plane; WINDOW],
+        &mut [Plane; WINDOW],
+    ) -> bool,
 ) {
     // Below the threshold's lowest set bit an open element can only end >= thr: dropped.
     let last = (PLANES - thr.trailing_zeros()) as usize;
@@ -239,16 +254,19 @@ fn bitsliced<const B: usize>(
         let base = first_block.wrapping_add((wi * WINDOW) as u64 * BLOCKS_PER_GROUP);
         let at = |g: usize, k: usize| base.wrapping_add(g as u64 * BLOCKS_PER_GROUP + 2 * k as u64);
         let mut w = Window::new(thr);
-        // The leading planes of the groups `lead_group` leaves, in batches that run across
+        // Unless `lead_groups` took them, the leading planes, in batches that run across
         // groups: with few planes to draw (p = 0.5 needs one) a batch per group would mostly
         // compute planes nobody folds. Each group's planes still fold in increasing order.
         let mut n = 0;
-        for g in 0..groups {
-            if lead == FIRST_PLANES as usize
-                && lead_group(at(g, 0), &w.thr_bits, &mut w.keep[g], &mut w.open[g])
-            {
-                continue;
-            }
+        let led = lead_groups(
+            at(0, 0),
+            groups,
+            lead,
+            &w.thr_bits,
+            &mut w.keep,
+            &mut w.open,
+        );
+        for g in (0..groups).filter(|_| !led) {
             for k in 0..lead {
                 (first[n], group[n], plane[n]) = (at(g, k), g, k);
                 n += 1;
@@ -267,29 +285,38 @@ fn bitsliced<const B: usize>(
                 w.fold(group[i], plane[i], &out[i]);
             }
         }
-        for k in lead..last {
+        // The groups still open take `LATER_PLANES` planes each per pass rather than one: a
+        // pass of one plane has too few open groups to fill a batch, and waits on the AES
+        // latency of each; a plane drawn for a group that an earlier one of the pass already
+        // closed folds to nothing.
+        let mut k = lead;
+        while k < last {
+            let upto = (k + LATER_PLANES).min(last);
             let mut n = 0;
             for g in 0..groups {
                 if !w.is_open(g) {
                     continue;
                 }
-                first[n] = at(g, k);
-                group[n] = g;
-                n += 1;
-                if n == B {
-                    draw(&first, n, &mut out);
-                    for (&g, plane) in group.iter().zip(&out) {
-                        w.fold(g, k, plane);
+                for j in k..upto {
+                    (first[n], group[n], plane[n]) = (at(g, j), g, j);
+                    n += 1;
+                    if n == B {
+                        draw(&first, n, &mut out);
+                        for i in 0..n {
+                            w.fold(group[i], plane[i], &out[i]);
+                        }
+                        n = 0;
                     }
-                    n = 0;
                 }
             }
             if n > 0 {
                 draw(&first, n, &mut out);
-                for (&g, plane) in group[..n].iter().zip(&out) {
-                    w.fold(g, k, plane);
+                for i in 0..n {
+                    w.fold(group[i], plane[i], &out[i]);
                 }
-            } else if !(0..groups).any(|g| w.is_open(g)) {
+            }
+            k = upto;
+            if !(0..groups).any(|g| w.is_open(g)) {
                 break;
             }
         }
@@ -483,7 +510,7 @@ fn keep_words_portable(
                 }
             }
         },
-        |_, _, _, _| false,
+        |_, _, _, _, _, _| false,
     );
 }
 
@@ -502,7 +529,10 @@ mod x86 {
     //! `rust-version`; the `clippy::msrv` attribute on this module tells clippy so instead of
     //! hiding the gap, and the manifest's `rust-version` should be raised to match.
 
-    use super::{bitsliced, weyl_step, Plane, FIRST_PLANES, MAX_SIMD_ROUNDS, PLANES};
+    use super::{
+        bitsliced, weyl_step, Plane, BLOCKS_PER_GROUP, FIRST_PLANES, MAX_SIMD_ROUNDS, PLANES,
+        WINDOW,
+    };
     use core::arch::x86_64::*;
 
     /// Blocks per AES-NI fill batch. aesenc has ~4 cycles latency and 2/cycle throughput on
@@ -646,8 +676,14 @@ mod x86 {
                     planes128::<R, { 2 * PLANE_BATCH }>(&rk, first, out)
                 }
             },
-            |first, thr_bits, keep, open| {
-                lead128::<R>(&rk, first, thr_bits, keep, open);
+            |first, groups, planes, thr_bits, keep, open| {
+                if planes != FIRST_PLANES as usize {
+                    return false;
+                }
+                for g in 0..groups {
+                    let at = first.wrapping_add(g as u64 * BLOCKS_PER_GROUP);
+                    lead128::<R>(&rk, at, thr_bits, &mut keep[g], &mut open[g]);
+                }
                 true
             },
         );
@@ -847,8 +883,152 @@ mod x86 {
                     planes256::<R, PLANE_BATCH>(&rk, first, out)
                 }
             },
-            |first, thr_bits, keep, open| {
-                lead256::<R>(&rk, first, thr_bits, keep, open);
+            |first, groups, planes, thr_bits, keep, open| {
+                if planes != FIRST_PLANES as usize {
+                    return false;
+                }
+                for g in 0..groups {
+                    let at = first.wrapping_add(g as u64 * BLOCKS_PER_GROUP);
+                    lead256::<R>(&rk, at, thr_bits, &mut keep[g], &mut open[g]);
+                }
+                true
+            },
+        );
+    }
+
+    #[inline]
+    #[target_feature(enable = "vaes,avx512f")]
+    fn rk512<const R: usize>(key: [u32; 4]) -> [__m512i; MAX_SIMD_ROUNDS + 1] {
+        let mut rk = [_mm512_setzero_si512(); MAX_SIMD_ROUNDS + 1];
+        let mut k = key;
+        for slot in rk.iter_mut().take(R + 1) {
+            let l = lanes_i(k);
+            *slot = _mm512_broadcast_i32x4(_mm_set_epi32(l[3], l[2], l[1], l[0]));
+            k = weyl_step(k);
+        }
+        rk
+    }
+
+    /// `lead256` for two groups at once, the groups whose first blocks are `first` and
+    /// `first + BLOCKS_PER_GROUP`: register k holds plane k of both (blocks 2k and 2k + 1 of the
+    /// first group in its low half, of the second in its high half), so one 512-bit AES round
+    /// and one fold serve both.
+    #[inline]
+    #[target_feature(enable = "vaes,avx512f")]
+    fn lead512_pair<const R: usize, const F: usize>(
+        rk: &[__m512i; MAX_SIMD_ROUNDS + 1],
+        first: u64,
+        thr_bits: &[u64; PLANES as usize],
+        keep: &mut [Plane],
+        open: &mut [Plane],
+    ) {
+        let second = first.wrapping_add(BLOCKS_PER_GROUP);
+        // _mm512_add_epi64 wraps each 64-bit counter mod 2^64 and keeps the zero high halves.
+        let base = _mm512_set_epi64(
+            0,
+            second.wrapping_add(1) as i64,
+            0,
+            second as i64,
+            0,
+            first.wrapping_add(1) as i64,
+            0,
+            first as i64,
+        );
+        let mut v = [_mm512_setzero_si512(); F];
+        for (k, x) in v.iter_mut().enumerate() {
+            let off = 2 * k as i64;
+            let c = _mm512_add_epi64(base, _mm512_set_epi64(0, off, 0, off, 0, off, 0, off));
+            *x = _mm512_xor_si512(c, rk[0]);
+        }
+        for k in &rk[1..R] {
+            for x in v.iter_mut() {
+                *x = _mm512_aesenc_epi128(*x, *k);
+            }
+        }
+        let mut kept = _mm512_setzero_si512();
+        let mut undecided = _mm512_set1_epi64(-1);
+        for (x, &t) in v.iter().zip(thr_bits) {
+            let plane = _mm512_aesenclast_epi128(*x, rk[R]);
+            let t = _mm512_set1_epi64(t as i64);
+            // keep |= open & !plane & t; open &= !(plane ^ t)
+            kept = _mm512_or_si512(
+                kept,
+                _mm512_andnot_si512(plane, _mm512_and_si512(undecided, t)),
+            );
+            undecided = _mm512_andnot_si512(_mm512_xor_si512(plane, t), undecided);
+        }
+        assert!(keep.len() >= 2 && open.len() >= 2);
+        // SAFETY: keep and open hold at least two planes of 4 u64s (just checked), so the 64
+        // bytes stored into each are in bounds; storeu needs no alignment.
+        unsafe {
+            _mm512_storeu_si512(keep.as_mut_ptr().cast(), kept);
+            _mm512_storeu_si512(open.as_mut_ptr().cast(), undecided);
+        }
+    }
+
+    /// [`keep_words_vaes`] drawing the leading planes of two groups per 512-bit register; the
+    /// later planes of the few groups still open, and an odd last group, as `keep_words_vaes`.
+    ///
+    /// # Safety
+    /// The CPU must support VAES, AVX-512F, AVX2 and AES-NI.
+    #[target_feature(enable = "vaes,avx512f,avx2,aes")]
+    pub(super) unsafe fn keep_words_vaes512<const R: usize>(
+        key: [u32; 4],
+        first_block: u64,
+        thr: u32,
+        words: &mut [u64],
+    ) {
+        const { assert!(R >= 1 && R <= MAX_SIMD_ROUNDS) };
+        let rk = rk256::<R>(key);
+        let rk4 = rk512::<R>(key);
+        bitsliced::<PLANE_BATCH>(
+            thr,
+            first_block,
+            words,
+            |first, n, out| {
+                if n <= PLANE_BATCH / 2 {
+                    planes256::<R, { PLANE_BATCH / 2 }>(&rk, first, out)
+                } else {
+                    planes256::<R, PLANE_BATCH>(&rk, first, out)
+                }
+            },
+            |first, groups, planes, thr_bits, keep, open| {
+                // An odd last group is drawn with the group after it, which lies past the
+                // words (its planes are computed and never read) but inside the window's state,
+                // as the window holds an even number of groups.
+                const { assert!(WINDOW.is_multiple_of(2)) };
+                macro_rules! pairs {
+                    ($planes:expr) => {
+                        for g in (0..groups).step_by(2) {
+                            let at = first.wrapping_add(g as u64 * BLOCKS_PER_GROUP);
+                            lead512_pair::<R, { $planes }>(
+                                &rk4,
+                                at,
+                                thr_bits,
+                                &mut keep[g..],
+                                &mut open[g..],
+                            );
+                        }
+                    };
+                }
+                // Thresholds of fewer bits than FIRST_PLANES (p = 0.5, 0.25, 0.75, ..) draw every
+                // plane they need here.
+                const { assert!(FIRST_PLANES == 12) };
+                match planes {
+                    1 => pairs!(1),
+                    2 => pairs!(2),
+                    3 => pairs!(3),
+                    4 => pairs!(4),
+                    5 => pairs!(5),
+                    6 => pairs!(6),
+                    7 => pairs!(7),
+                    8 => pairs!(8),
+                    9 => pairs!(9),
+                    10 => pairs!(10),
+                    11 => pairs!(11),
+                    12 => pairs!(12),
+                    _ => return false,
+                }
                 true
             },
         );
@@ -928,12 +1108,26 @@ pub fn keep_words_with(
     let k = key.lanes();
     match resolve(backend) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: resolve() returns Vaes only if runtime detection found vaes, avx2 and aes.
-        Backend::Vaes => unsafe { x86::keep_words_vaes::<ROUNDS>(k, first_block, thr, words) },
+        Backend::Vaes => vaes_keep_words(cpu::features().avx512f, k, first_block, thr, words),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: resolve() returns AesNi only if runtime detection found aes and sse4.1.
         Backend::AesNi => unsafe { x86::keep_words_aesni::<ROUNDS>(k, first_block, thr, words) },
         _ => keep_words_portable(ROUNDS, k, first_block, thr, words),
+    }
+}
+
+/// The VAES backend's keep words, drawing the leading planes of two groups per 512-bit
+/// register when `wide` and the CPU has AVX-512F, else of one group per 256-bit register; the
+/// bits are the same either way. The caller has checked that the CPU runs `Backend::Vaes`.
+#[cfg(target_arch = "x86_64")]
+fn vaes_keep_words(wide: bool, key: [u32; 4], first_block: u64, thr: u32, words: &mut [u64]) {
+    debug_assert!(detected().contains(&Backend::Vaes));
+    if wide && cpu::features().avx512f {
+        // SAFETY: Backend::Vaes is detected (vaes, avx2, aes), and so is avx512f.
+        unsafe { x86::keep_words_vaes512::<ROUNDS>(key, first_block, thr, words) }
+    } else {
+        // SAFETY: Backend::Vaes is detected: vaes, avx2 and aes.
+        unsafe { x86::keep_words_vaes::<ROUNDS>(key, first_block, thr, words) }
     }
 }
 
@@ -1123,13 +1317,15 @@ mod tests {
         }
     }
 
-    const THRESHOLDS: [u64; 13] = [
+    const THRESHOLDS: [u64; 15] = [
         0,
         1,
         12345,
         1 << 30,
         3 << 30,
-        0xC800_0000, // 5 planes at most: leading batches run across groups
+        0xE000_0000, // 3 planes at most: drawn in one go, two groups at a time
+        0x9000_0000, // 4 planes at most
+        0xC800_0000, // 5 planes at most
         0xE580_0000, // 9 planes at most
         1 << 31,
         (1 << 31) + 1,
@@ -1190,6 +1386,31 @@ mod tests {
                                 got, want,
                                 "{be:?} {key:?} first={first} thr={thr} n={nwords}"
                             );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The VAES backend runs 512-bit registers where the CPU has AVX-512F and 256-bit ones
+    /// elsewhere; `keep_words_with(Vaes)` reaches only one of them here, so both are checked
+    /// against the definition directly, on odd and even group counts and partial groups.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vaes_widths_match_naive() {
+        if !available_backends().contains(&Backend::Vaes) {
+            return;
+        }
+        for wide in [false, true] {
+            for key in KEYS {
+                for first in FIRSTS {
+                    for thr in THRESHOLDS.into_iter().filter(|&t| t != 0 && t < 1 << 32) {
+                        for nwords in [1usize, 3, 4, 5, 8, 17, 64, 65, 68, 131] {
+                            let want = naive_keep(key, first, thr, nwords);
+                            let mut got = vec![0x5555_5555_5555_5555; nwords];
+                            vaes_keep_words(wide, key.lanes(), first, thr as u32, &mut got);
+                            assert_eq!(got, want, "wide={wide} {key:?} first={first} thr={thr}");
                         }
                     }
                 }
@@ -1301,6 +1522,7 @@ mod tests {
             vaes,
             avx2,
             f16c: false,
+            avx512f: false,
         };
         let all = [Backend::Portable, Backend::AesNi, Backend::Vaes];
         if cfg!(target_arch = "x86_64") {

@@ -68,8 +68,10 @@ def test_each_variant_is_one_mask_and_one_application(handed):
     fastdrop.dropout(x, 0.2, return_mask=True)
     fastdrop.alpha_dropout(x, 0.2, training=True)
     fastdrop.dropout2d(x, 0.2)
-    fastdrop.drop_path(x, 0.25, True)
-    fastdrop.drop_path(x, 0.25, True, scale_by_keep=False)
+    # return_mask keeps dropout and drop_path off their direct NumPy paths, which build the
+    # same spec but hand it to the core without `_run`.
+    fastdrop.drop_path(x, 0.25, True, return_mask=True)
+    fastdrop.drop_path(x, 0.25, True, scale_by_keep=False, return_mask=True)
     fastdrop.drop_block_2d(x, 0.2, 3)
     fastdrop.drop_block_2d(x, 0.2, 3, with_noise=True)
     fastdrop.drop_block_2d(x, 0.2, 3, scale_by_keep=False, couple_channels=False)

@@ -283,6 +283,31 @@ def test_drop_path_defaults_rate_and_edges():
         fastdrop.drop_path(np.ones((), np.float32), 0.5, True)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("scale_by_keep", [True, False])
+def test_drop_path_fast_path_gives_the_general_paths_result(dtype, scale_by_keep):
+    # A plain float rate on a NumPy array takes the direct path; a NumPy float (or
+    # return_mask) takes the general one: same spec, same generator, same bits.
+    x = randn((64, 3, 5, 7), dtype) + dtype(1)
+    fast = fastdrop.drop_path(x, 0.3, True, scale_by_keep, generator=Generator(4))
+    general, mask = fastdrop.drop_path(
+        x, np.float64(0.3), True, scale_by_keep, generator=Generator(4), return_mask=True
+    )
+    np.testing.assert_array_equal(fast, general)
+    assert fast.dtype == x.dtype and fast.shape == x.shape
+    assert 0 < mask.count_kept() < 64
+    buf = np.full_like(x, 9)
+    assert fastdrop.drop_path(x, 0.3, True, scale_by_keep, generator=Generator(4), out=buf) is buf
+    np.testing.assert_array_equal(buf, general)
+    # out= is checked on the direct path as on the general one, before any write.
+    with pytest.raises(ValueError, match="shape and dtype"):
+        fastdrop.drop_path(x, 0.3, True, out=np.empty((64, 3, 5), x.dtype))
+    ro = np.zeros_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fastdrop.drop_path(x, 0.3, True, out=ro)
+
+
 def test_drop_path_matches_timm():
     torch = pytest.importorskip("torch")
     timm_drop = pytest.importorskip("timm.layers.drop")

@@ -171,23 +171,26 @@ def dropout(
         and training is True
         and inplace is False
         and return_mask is False
-        and out is None
         and noise_shape is None
     ):
-        # The most common call, with defaults, goes straight to the kernel: the same spec,
-        # output and generator as the general path below, without its checks and dispatch,
-        # which cost more than the kernel on small arrays.
+        # The most common call, with defaults (or only out=), goes straight to the kernel: the
+        # same spec, output and generator as the general path below, without its checks and
+        # dispatch, which cost more than the kernel on small arrays.
         if (
             type(input) is np.ndarray
             and input.dtype in _NATIVE_FLOATS
             and (generator is None or type(generator) is _core.Generator)
         ):
             # The dispatcher's NumPy call, made directly: one Python frame is 8 % of this path.
-            result = _core.empty_like(input)
+            if out is None:
+                result = _core.empty_like(input)
+            else:
+                _check_out(out, input, False)
+                result = out
             gen = default_generator if generator is None else generator
             _core_apply(input, result, None, _scale_spec(input.shape, p), gen, False)
             return result
-        if type(input) is _dispatch.TENSOR and generator is None:
+        if type(input) is _dispatch.TENSOR and generator is None and out is None:
             # The same for a torch tensor (once fastdrop's torch side is loaded).
             torch_side = _dispatch._TORCH
             try:
@@ -490,6 +493,29 @@ def drop_path(
     """Stochastic depth (timm's ``drop_path``): drops whole samples with probability
     ``drop_prob`` (one decision per sample, mask shape (N, 1, ..., 1)) and divides the kept ones
     by ``1 - drop_prob`` when ``scale_by_keep``. Evaluation mode by default, as in timm."""
+    if (
+        type(drop_prob) is float
+        and 0.0 < drop_prob < 1.0
+        and training is True
+        and type(scale_by_keep) is bool
+        and return_mask is False
+        and type(x) is np.ndarray
+        and x.ndim > 0
+        and x.dtype in _NATIVE_FLOATS
+        and (generator is None or type(generator) is _core.Generator)
+    ):
+        # A training call on a NumPy array goes straight to the kernel, as `dropout`'s does:
+        # the same spec, output and generator as the general path below, without its checks
+        # and dispatch, which cost three times the kernel of a 64K-element input.
+        if out is None:
+            result = _core.empty_like(x)
+        else:
+            _check_out(out, x, False)
+            result = out
+        spec = _sample_spec((x.shape[0],) + (1,) * (x.ndim - 1), drop_prob, scale_by_keep)
+        gen = default_generator if generator is None else generator
+        _core_apply(x, result, None, spec, gen, False)
+        return result
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     spec = _path_spec(x, drop_prob, scale_by_keep)

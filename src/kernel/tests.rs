@@ -585,3 +585,60 @@ fn a_channels_last_output_walked_in_memory_order_gets_every_logical_bit() {
         }
     }
 }
+
+/// A fresh mask drawn piece by piece without being stored gives, on every path and thread
+/// count, each element the decision `keep_words` gives it over the whole call, across the
+/// generator's pieces and the threads' chunks, at p = 0.1 (many planes) and 0.5 (one); a
+/// dropped infinity or NaN is exactly 0.
+#[test]
+fn unstored_fresh_masks_follow_keep_words_across_pieces_and_chunks() {
+    let n = 2 * CHUNK + 16384 + 1000 + 3;
+    let special = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    let x: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 11 == 0 {
+                special[i % 3]
+            } else {
+                i as f32 * 0.5 - 7.0
+            }
+        })
+        .collect();
+    for keep in [0.9, 0.5] {
+        let threshold = rng::threshold_for(keep);
+        let mut words = vec![0u64; words_for(n)];
+        rng::keep_words(KEY, 21, threshold, &mut words);
+        let scale = (1.0 / keep) as f32;
+        for (isa, threads) in [(best_isa(), 1), (best_isa(), 2), (Isa::Portable, 1)] {
+            let mut out = vec![7f32; n];
+            apply_contiguous(
+                Config { isa, threads },
+                Contiguous {
+                    shape: &[n],
+                    mask_shape: &[n],
+                    res: None,
+                    bits: Bits::Fresh {
+                        key: KEY,
+                        first_block: 21,
+                        threshold,
+                        store: None,
+                    },
+                    app: Application::Scale { scale: 1.0 / keep },
+                },
+                &x,
+                &mut out,
+            );
+            for (i, (&o, &v)) in out.iter().zip(&x).enumerate() {
+                let want = if crate::mask::bit(&words, i) {
+                    v * scale
+                } else {
+                    0.0
+                };
+                assert_eq!(
+                    o.to_bits(),
+                    want.to_bits(),
+                    "element {i} keep {keep} {isa:?} threads {threads}"
+                );
+            }
+        }
+    }
+}
