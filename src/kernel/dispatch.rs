@@ -111,9 +111,9 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R)
         Bits::Fresh { .. } => None,
     };
     if let (Bits::Given(words), true, None) = (&call.bits, R::CONST_DROPPED, &reordered) {
-        // One decision per run of fewer than 64 elements (the channels of small maps, the
+        // One decision per run of fewer than 256 elements (the channels of small maps, the
         // samples of small inputs), or a mask broadcast over a middle dimension whose runs are
-        // that short (a channel-coupled DropBlock mask over 5x5 maps): spread the decisions to
+        // that short (a channel-coupled DropBlock mask over 10x10 maps): spread the decisions to
         // one bit per element first, so the vector loops see whole mask words instead of a
         // scalar loop per short run. The dropped value does not depend on the mask index here,
         // so nothing else changes.
