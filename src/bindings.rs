@@ -644,8 +644,8 @@ fn run_call(py: Python<'_>, x: &Bound<'_, PyAny>, call: call::Call<'_>) -> call:
     if !ops.is_in_place() {
         advise_huge_pages(ops.out());
     }
-    let torch = x.cast::<PyCapsule>().is_ok();
     if call.len() >= RELEASE_GIL_MIN {
+        let torch = x.cast::<PyCapsule>().is_ok();
         py.detach(move || crate::threads::on_torch_storage(torch, || call.run()))
     } else {
         call.run()

@@ -286,7 +286,7 @@ struct Backoff {
     last: AtomicU32,
     /// A decaying sum of the nanoseconds the helpers saved (negative: lost).
     balance: AtomicI64,
-    /// Until when (nanoseconds from `epoch()`) calls run alone after a loss.
+    /// Until when (nanoseconds on `now_ns`'s clock) calls run alone after a loss.
     solo_until: AtomicU64,
 }
 
@@ -328,7 +328,7 @@ impl Backoff {
         self.solo_turn_at(now_ns())
     }
 
-    /// `solo_turn` at `now` (nanoseconds from the epoch).
+    /// `solo_turn` at `now` (nanoseconds on `now_ns`'s clock).
     fn solo_turn_at(&self, now: u64) -> bool {
         // Races between callers only shift a turn or two; results never depend on it.
         let left = self.solo_left.load(Ordering::Relaxed);
@@ -348,7 +348,7 @@ impl Backoff {
         self.judge_at(gain_ns, now_ns())
     }
 
-    /// `judge` at `now` (nanoseconds from the epoch).
+    /// `judge` at `now` (nanoseconds on `now_ns`'s clock).
     fn judge_at(&self, gain_ns: i64, now: u64) {
         let old = self.balance.load(Ordering::Relaxed);
         let balance = old.saturating_sub(old / 4).saturating_add(gain_ns);

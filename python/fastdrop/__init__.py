@@ -125,7 +125,7 @@ def share_torch_threads(share: bool = True) -> bool:
         return False
     from . import _torch
 
-    return _torch.share_threads(True)
+    return _torch.share_threads()
 
 
 def simd_backend() -> str:

@@ -1110,16 +1110,13 @@ def _openmp_runtimes() -> List[str]:
     return sorted(paths, key=lambda p: not p.startswith(home))
 
 
-def share_threads(share: bool) -> bool:
-    """Runs fastdrop's parallel calls on torch's OpenMP threads (`share`) or on its own; returns
-    whether torch's are shared now."""
-    if not share:
-        _core.unshare_openmp()
-        return False
+def share_threads() -> bool:
+    """Runs fastdrop's parallel calls on torch tensors on torch's OpenMP threads; returns whether
+    they are shared now (`fastdrop.share_torch_threads(False)` goes back to fastdrop's own)."""
     return any(_core.share_openmp(path) for path in _openmp_runtimes())
 
 
 # The first torch tensor: from here on parallel calls run on torch's threads, unless the user
 # said otherwise (fastdrop.share_torch_threads(False)) before.
 if _threads.share_torch:
-    share_threads(True)
+    share_threads()
