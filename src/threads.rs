@@ -18,8 +18,10 @@
 //!   its own;
 //! - where torch's OpenMP runtime is shared (`team`, the default in a torch program), a call on
 //!   torch tensors runs on torch's threads instead, which are awake and hold the cores;
-//! - a thread count is capped at [`MAX_THREADS`], and a pool that cannot be built (threads that
-//!   cannot be spawned) leaves the call on the calling thread instead of failing it.
+//! - a thread count is capped at [`MAX_THREADS`], a pool never has more threads than the
+//!   machine has CPUs online (more cannot run at once; each costs a stack and a work queue), and
+//!   a pool that cannot be built (threads that cannot be spawned) leaves the call on the calling
+//!   thread instead of failing it.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -56,6 +58,20 @@ pub fn parse_num_threads(value: &str) -> Result<usize, String> {
 /// The CPUs this process may run on.
 fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The CPUs the machine has online, read once (it does not change under a process, unlike
+/// the CPUs it may run on): no pool is built with more threads, whatever the thread count.
+fn cpus_online() -> usize {
+    static ONLINE: OnceLock<usize> = OnceLock::new();
+    *ONLINE.get_or_init(|| {
+        // SAFETY: sysconf reads a system value and has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or_else(available_cpus)
+    })
 }
 
 /// `FASTDROP_NUM_THREADS` read once (the environment lookup costs more than a small call's
@@ -203,7 +219,7 @@ pub(crate) fn for_each_chunk(
     chunks: usize,
     f: impl Fn(usize) + Sync + Send,
 ) {
-    let threads = threads.min(MAX_THREADS);
+    let threads = threads.min(MAX_THREADS).min(cpus_online());
     let helpers = threads.saturating_sub(1).min(chunks.saturating_sub(1));
     if elements < PARALLEL_MIN || helpers == 0 || BACKOFF.solo_turn() {
         (0..chunks).for_each(f);

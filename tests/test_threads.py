@@ -98,26 +98,47 @@ def test_the_cap_itself_runs_and_draws_the_same_mask():
 
 
 def test_threads_that_cannot_be_spawned_leave_the_call_on_the_caller():
-    # An address-space limit just above what the process uses makes every thread stack
-    # allocation fail. Regression: building the pool panicked (PanicException).
+    # An address-space limit below one thread stack (2 MiB) above what the process uses makes
+    # the first spawn fail. Regression: building the pool panicked (PanicException). The limit
+    # must leave no room for any helper: one that did start would abort the process in glibc
+    # ("failed to register TLS destructor: out of memory") once its siblings' stacks took the
+    # rest, which is the process's limit and no call's doing.
     r = run_python("""
         import resource, numpy as np, fastdrop
         x = np.ones(1 << 20, np.float32)
         fastdrop.set_num_threads(1)
         one = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(9))
+        many = np.empty_like(x)
         with open("/proc/self/statm") as f:
             used = int(f.read().split()[0]) * resource.getpagesize()
-        resource.setrlimit(resource.RLIMIT_AS, (used + (96 << 20), resource.RLIM_INFINITY))
-        fastdrop.set_num_threads(1024)  # 1023 stacks of 2 MiB cannot fit in 96 MiB
-        many = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(9))
-        # Threads spawned before the failure may still hold stacks: lift the limit before the
-        # comparison allocates, so only the call itself runs under it.
+        resource.setrlimit(resource.RLIMIT_AS, (used + (1792 << 10), resource.RLIM_INFINITY))
+        fastdrop.set_num_threads(1024)
+        fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(9), out=many)
         resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         print(np.array_equal(one, many))
     """)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["True"]
     assert "Panic" not in r.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task is Linux's")
+def test_the_pool_has_no_more_threads_than_cpus_online():
+    # Regression: set_num_threads(64) on a 2-CPU machine built 63 helpers, each with a stack and
+    # a work queue, that could never run at once; with 1024 the queues alone took over 1 MiB.
+    r = run_python("""
+        import glob, os, numpy as np, fastdrop
+        fastdrop.set_num_threads(64)
+        fastdrop.dropout(np.ones(1 << 20, np.float32), 0.5, generator=fastdrop.Generator(1))
+        names = []
+        for comm in glob.glob("/proc/self/task/*/comm"):
+            with open(comm) as f:
+                names.append(f.read().strip())
+        print(sum(n.startswith("fastdrop-") for n in names), os.sysconf("SC_NPROCESSORS_ONLN"))
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    helpers, online = map(int, r.stdout.split())
+    assert helpers == min(63, online - 1)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU sets are Linux's")
@@ -139,7 +160,7 @@ def test_helpers_stay_off_the_callers_cpu_and_inside_the_process_cpus():
         cpus = sorted(os.sched_getaffinity(0))
         fastdrop.set_num_threads(1)
         one = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(9))
-        fastdrop.set_num_threads(3)
+        fastdrop.set_num_threads(os.sysconf("SC_NPROCESSORS_ONLN"))  # the most helpers a pool has
         os.sched_setaffinity(0, {cpus[0]})
         pinned = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(9))
         print(np.array_equal(one, pinned), "|".join(helpers()))
@@ -151,12 +172,13 @@ def test_helpers_stay_off_the_callers_cpu_and_inside_the_process_cpus():
     assert r.returncode == 0, r.stderr[-3000:]
     first, second = r.stdout.splitlines()
     cpus = sorted(os.sched_getaffinity(0))
-    assert first == f"True {cpus[0]}|{cpus[0]}"  # one CPU: the helpers keep it
+    helpers = os.sysconf("SC_NPROCESSORS_ONLN") - 1
+    assert first == "True " + "|".join([str(cpus[0])] * helpers)  # one CPU: the helpers keep it
     if len(cpus) > 1:
         ok, lists = second.split(" ")
         assert ok == "True"
         sets = lists.split("|")  # the helpers' Cpus_allowed_list, e.g. 1|1 or 0,2-3|0,2-3
-        assert len(sets) == 2
+        assert len(sets) == helpers
         for cpu_list in sets:
             allowed = set()
             for part in cpu_list.split(","):

@@ -89,7 +89,8 @@ def set_num_threads(n: int) -> None:
     """Sets the threads fastdrop's kernels use, from 1 to ``_core.MAX_THREADS`` (1024); the
     default is ``FASTDROP_NUM_THREADS`` or the CPUs available. Results never depend on it.
 
-    A call smaller than 131,072 elements runs on the calling thread whatever this says."""
+    A call smaller than 131,072 elements runs on the calling thread whatever this says, and no
+    call runs on more threads than the machine has CPUs online (more cannot run at once)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
     if not 1 <= n <= _core.MAX_THREADS:
