@@ -14,12 +14,15 @@ pub struct Linear<F> {
 }
 
 /// What the vector loops write: kept elements `x * mul (+ add)` (`lin`, in the arithmetic type
-/// `F`), dropped ones `dropped`; streamed past the cache (non-temporal stores) when `stream`.
+/// `F`), dropped ones `dropped`; streamed past the cache (non-temporal stores) when `stream`;
+/// in 512-bit registers, where the CPU has AVX-512F and the loop has a 512-bit form, when
+/// `wide` (the caller sets it for outputs that stay in cache, where those measured faster).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Fast<T, F> {
     pub lin: Linear<F>,
     pub dropped: T,
     pub stream: bool,
+    pub wide: bool,
 }
 
 /// A contiguous run of `len` elements: where they are read and written, and their decisions.
@@ -332,6 +335,7 @@ mod x86 {
             lin,
             dropped,
             stream,
+            ..
         } = fast;
         let Run {
             mask,
@@ -436,7 +440,7 @@ mod x86 {
     /// (`dst` may equal `src`, but no other overlap); `Bits` must cover bits `first..first + len`.
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn apply_f32(fast: Fast<f32, f32>, run: Run<f32>) {
-        if !fast.stream && crate::cpu::features().avx512f {
+        if fast.wide && !fast.stream && crate::cpu::features().avx512f {
             // SAFETY: this function's own contract, and the CPU has AVX-512F.
             return unsafe { apply16_f32(fast, run) };
         }
@@ -455,6 +459,7 @@ mod x86 {
             lin: fast.lin,
             dropped: fast.dropped.to_f32(),
             stream: fast.stream,
+            wide: fast.wide,
         };
         // SAFETY: this function's own contract.
         unsafe { apply_lanes8::<f16>(fast, run) }
@@ -471,6 +476,7 @@ mod x86 {
             lin: fast.lin,
             dropped: fast.dropped.to_f32(),
             stream: fast.stream,
+            wide: fast.wide,
         };
         // SAFETY: this function's own contract.
         unsafe { apply_lanes8::<bf16>(fast, run) }
@@ -582,7 +588,7 @@ mod x86 {
     /// As [`apply_f32`].
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn apply_f64(fast: Fast<f64, f64>, run: Run<f64>) {
-        if !fast.stream && crate::cpu::features().avx512f {
+        if fast.wide && !fast.stream && crate::cpu::features().avx512f {
             // SAFETY: this function's own contract, and the CPU has AVX-512F.
             return unsafe { apply8_f64(fast, run) };
         }
@@ -600,6 +606,7 @@ mod x86 {
             lin,
             dropped,
             stream,
+            ..
         } = fast;
         let Run {
             mask,
@@ -911,6 +918,7 @@ mod x86 {
                                     lin,
                                     dropped: dropped as f32,
                                     stream: false,
+                                    wide: true,
                                 };
                                 // SAFETY: the CPU has AVX2, F16C and AVX-512F (checked above);
                                 // every buffer holds at least `len` elements and the mask's
@@ -945,6 +953,7 @@ mod x86 {
                                     lin,
                                     dropped,
                                     stream: false,
+                                    wide: true,
                                 };
                                 // SAFETY: as above.
                                 unsafe {
