@@ -50,19 +50,6 @@ pub(crate) fn memory_order(shape: &[usize], dst_strides: &[isize]) -> Option<Vec
 }
 
 impl Plan {
-    /// The plan of a walk in logical (C) order: what a mask drawn chunk by chunk in that order
-    /// (`Bits::Fresh`) needs.
-    pub(crate) fn new(
-        shape: &[usize],
-        mask_shape: &[usize],
-        ops: [&[isize]; 3],
-        src: *const u8,
-        dst: *mut u8,
-        res: Option<*const u8>,
-    ) -> Plan {
-        Plan::in_order(shape, mask_shape, &logical_order(shape), ops, src, dst, res)
-    }
-
     /// The plan of a walk visiting the dimensions of `shape` in `order` (outermost first; every
     /// dimension longer than 1 once), merging neighbours contiguous in every operand and in the
     /// mask.

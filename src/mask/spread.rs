@@ -4,7 +4,7 @@
 //! words instead of a scalar loop per short run.
 
 use super::{bit, words_for};
-use crate::kernel::walk::{mask_bit_strides, Plan};
+use crate::kernel::walk::mask_bit_strides;
 
 /// The element mask of `shape` that `words` (C-ordered over `mask_shape`, which broadcasts to
 /// `shape`) stands for, when the mask's runs are short enough that the kernel is faster over it
@@ -85,41 +85,92 @@ fn short_mask_runs(shape: &[usize], mask_shape: &[usize]) -> bool {
 
 /// The element mask of `shape` that `words` (C-ordered over `mask_shape`, which broadcasts to
 /// `shape`) stands for: bit i is the decision of logical element i.
+///
+/// Dimension by dimension from the outside: a dimension the mask broadcasts over is filled at
+/// its first index and then copied, doubling, a word at a time; the innermost dimensions the
+/// mask does not broadcast over are one range of its bits, and the innermost ones it broadcasts
+/// over one bit repeated. A walk run by run (the kernel's) took 5.7 us of a 42 us backward of
+/// `DropBlock2d(0.1, 3)` on (8, 512, 5, 5): 4,096 runs of 25 bits, each a call.
 fn expand_bits(words: &[u64], shape: &[usize], mask_shape: &[usize]) -> Vec<u64> {
     let n: usize = shape.iter().product();
     let mut out = vec![0u64; words_for(n)];
-    let zeros = vec![0isize; shape.len()];
-    // A walk over the mask strides alone: runs are the innermost merged dimension.
-    let plan = Plan::new(
+    if n == 0 {
+        return out;
+    }
+    let dims = shape.len();
+    // Elements and mask bits inside each dimension (C order).
+    let (mut below, mut mask_below) = (vec![1usize; dims + 1], vec![1usize; dims + 1]);
+    for d in (0..dims).rev() {
+        below[d] = below[d + 1] * shape[d];
+        mask_below[d] = mask_below[d + 1] * mask_shape[d];
+    }
+    let suffix = |keep: &dyn Fn(usize) -> bool| (0..dims).rev().take_while(|&d| keep(d)).count();
+    let expand = Expand {
+        words,
         shape,
         mask_shape,
-        [&zeros, &zeros, &zeros],
-        std::ptr::null(),
-        std::ptr::null_mut(),
-        None,
-    );
-    let m_in = plan.strides[3][plan.shape.len() - 1];
-    let mut pos = 0usize;
-    plan.walk(0, n, |_, mbit, len| {
-        let mbit = mbit as usize;
-        match m_in {
-            0 => {
-                if bit(words, mbit) {
-                    or_ones(&mut out, pos, len);
-                }
+        below: &below,
+        mask_below: &mask_below,
+        same_from: dims - suffix(&|d| mask_shape[d] == shape[d]),
+        ones_from: dims - suffix(&|d| mask_shape[d] == 1),
+    };
+    expand.fill(&mut out, 0, 0, 0);
+    out
+}
+
+/// `expand_bits`'s operands and the dimensions from which the mask matches the shape
+/// (`same_from`) or broadcasts over every one (`ones_from`).
+struct Expand<'a> {
+    words: &'a [u64],
+    shape: &'a [usize],
+    mask_shape: &'a [usize],
+    below: &'a [usize],
+    mask_below: &'a [usize],
+    same_from: usize,
+    ones_from: usize,
+}
+
+impl Expand<'_> {
+    /// Fills the elements of dimension `d` on from bit `pos` of `out`, from mask bit `mbit`.
+    fn fill(&self, out: &mut [u64], d: usize, pos: usize, mbit: usize) {
+        if d >= self.same_from {
+            copy_bits(self.words, mbit, out, pos, self.below[d]);
+        } else if d >= self.ones_from {
+            if bit(self.words, mbit) {
+                or_ones(out, pos, self.below[d]);
             }
-            1 => copy_bits(words, mbit, &mut out, pos, len),
-            _ => {
-                for j in 0..len {
-                    if bit(words, (mbit as isize + j as isize * m_in) as usize) {
-                        out[(pos + j) / 64] |= 1 << ((pos + j) % 64);
-                    }
-                }
+        } else if self.mask_shape[d] == 1 {
+            self.fill(out, d + 1, pos, mbit);
+            let (block, total) = (self.below[d + 1], self.below[d]);
+            let mut done = block;
+            while done < total {
+                let take = done.min(total - done);
+                copy_bits_within(out, pos, pos + done, take);
+                done += take;
+            }
+        } else {
+            for i in 0..self.shape[d] {
+                let (at, m) = (
+                    pos + i * self.below[d + 1],
+                    mbit + i * self.mask_below[d + 1],
+                );
+                self.fill(out, d + 1, at, m);
             }
         }
-        pos += len;
-    });
-    out
+    }
+}
+
+/// ORs bits `from .. from + len` of `bits` into it from bit `to` on (`from + len <= to`).
+fn copy_bits_within(bits: &mut [u64], from: usize, to: usize, len: usize) {
+    let mut done = 0;
+    while done < len {
+        let at = to + done;
+        let take = (64 - at % 64).min(len - done);
+        // Only bits below `from + len <= to` are read, none of which this loop writes.
+        let w = crate::simd::word_at(bits, from + done) & (u64::MAX >> (64 - take));
+        bits[at / 64] |= w << (at % 64);
+        done += take;
+    }
 }
 
 /// ORs `len` one bits into `dst` from bit `to` on.
@@ -256,6 +307,36 @@ pub(crate) mod tests {
         (&[4, 3, 2, 2], &[4, 3, 2, 2], false),
         (&[3, 2, 300], &[3, 2, 1], false), // long runs stay runs
     ];
+
+    #[test]
+    fn every_broadcast_pattern_expands_bit_for_bit() {
+        // Each subset of broadcast dimensions of a few shapes (sizes 1 included), against the
+        // element-by-element reference.
+        for shape in [
+            &[8, 512, 5, 5][..],
+            &[3, 5, 2, 3],
+            &[2, 1, 7, 3],
+            &[65],
+            &[5, 13],
+            &[2, 3, 4, 5, 6],
+        ] {
+            for pattern in 0..1u32 << shape.len() {
+                let mask_shape: Vec<usize> = (0..shape.len())
+                    .map(|d| if pattern >> d & 1 == 1 { 1 } else { shape[d] })
+                    .collect();
+                let m: usize = mask_shape.iter().product();
+                let words = bernoulli_words(KEY, 5, rng::threshold_for(0.5), m);
+                let want = broadcast_reference(&words, shape, &mask_shape);
+                let got = expand_bits(&words, shape, &mask_shape);
+                let n = want.len();
+                assert_eq!(got.len(), words_for(n));
+                for (i, &w) in want.iter().enumerate() {
+                    assert_eq!(bit(&got, i), w, "{shape:?} {mask_shape:?} element {i}");
+                }
+                assert!(n.is_multiple_of(64) || got[n / 64] >> (n % 64) == 0);
+            }
+        }
+    }
 
     #[test]
     fn masks_broadcast_over_a_middle_dimension_expand_bit_for_bit() {
