@@ -328,6 +328,10 @@ static BACKOFF: Backoff = Backoff::new();
 const MAX_BACKOFF: u32 = 64;
 /// The calls of a trial, judged together: the first wakes the helpers, the rest show their pace.
 const TRIAL_CALLS: u32 = 8;
+/// A loss past this ends a trial at once: waking sleeping helpers cost 20-100 us, so a larger
+/// loss is a helper that found no free core (a busy machine), which the rest of the trial
+/// would pay for again, call after call.
+const TRIAL_LOSS_MAX_NS: i64 = 500_000;
 
 /// After a loss, calls also run alone for this many times the time it lost (up to
 /// [`MAX_QUIET_NS`]), so that tries cost at most about 1/16 of the time in between. A count of
@@ -395,7 +399,7 @@ impl Backoff {
     /// twice as many as after the previous loss (up to `MAX_BACKOFF`) and for at least
     /// `LOSS_FACTOR` times what this call lost beyond the credit (up to `MAX_QUIET_NS`), then
     /// the helpers get a trial. During a trial only its last call decides, on the trial's
-    /// balance.
+    /// balance, unless a call loses more than `TRIAL_LOSS_MAX_NS`, which decides at once.
     fn judge(&self, gain_ns: i64) {
         self.judge_at(gain_ns, now_ns())
     }
@@ -410,7 +414,7 @@ impl Backoff {
             .min(MAX_CREDIT_NS);
         self.balance.store(balance, Ordering::Relaxed);
         let trial = self.trial_left.load(Ordering::Relaxed);
-        if trial > 1 {
+        if trial > 1 && gain_ns > -TRIAL_LOSS_MAX_NS {
             self.trial_left.store(trial - 1, Ordering::Relaxed);
             return;
         }
@@ -423,7 +427,7 @@ impl Backoff {
             self.solo_left.store(b, Ordering::Relaxed);
             self.resting.store(true, Ordering::Relaxed);
             // What this call lost beyond the credit it found; a trial's whole deficit.
-            let lost = if trial == 1 {
+            let lost = if trial > 0 {
                 balance.unsigned_abs()
             } else {
                 gain_ns.min(0).unsigned_abs().min(balance.unsigned_abs())
@@ -580,13 +584,18 @@ mod tests {
         b.judge_at(-2_000_000, 0);
         let mut solo = solo_runs(&b);
         for _ in 0..6 {
-            for _ in 0..TRIAL_CALLS / 2 {
-                b.judge_at(50_000, 0);
-                b.judge_at(-2_000_000, 0);
-            }
+            // A trial: a win, then a loss that ends it.
+            b.judge_at(50_000, 0);
+            b.judge_at(-2_000_000, 0);
             solo += solo_runs(&b);
         }
         assert_eq!(solo, 1 + 2 + 4 + 8 + 16 + 32 + 64);
+        // Losses below a trial's limit are judged with the trial's other calls.
+        for _ in 0..TRIAL_CALLS / 2 {
+            b.judge_at(50_000, 0);
+            b.judge_at(-400_000, 0);
+        }
+        assert_eq!(solo_runs(&b), 64);
         // Steady wins keep the helpers.
         assert_eq!(trial(&b, 50_000), 0);
         assert!(!b.solo_turn_at(u64::MAX));
@@ -636,6 +645,21 @@ mod tests {
             b.judge_at(15_000, 0);
         }
         assert!(!b.solo_turn_at(u64::MAX));
+    }
+
+    #[test]
+    fn a_trial_ends_at_its_first_costly_loss() {
+        // Beside a busy core every call of a trial can lose milliseconds; eight of them before
+        // deciding would cost 8 losses per spell alone where one did.
+        let b = Backoff::new();
+        trial(&b, 0);
+        let ms = 1_000_000u64;
+        b.judge_at(-2_000_000, 0);
+        assert_eq!(solo_runs(&b), 1);
+        b.judge_at(-2_000_000, 10 * ms); // the trial's first call
+        assert!(b.solo_turn_at(10 * ms) && b.solo_turn_at(10 * ms)); // two calls by count
+        assert!(b.solo_turn_at(10 * ms + 31 * ms)); // and 16 x 2 ms
+        assert!(!b.solo_turn_at(10 * ms + 32 * ms));
     }
 
     #[test]
