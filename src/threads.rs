@@ -320,6 +320,8 @@ struct Backoff {
     resting: AtomicBool,
     /// Calls of the current trial still to run before the helpers are judged.
     trial_left: AtomicU32,
+    /// The nanoseconds the current trial's calls saved so far, unfaded.
+    trial_sum: AtomicI64,
 }
 
 static BACKOFF: Backoff = Backoff::new();
@@ -366,6 +368,7 @@ impl Backoff {
             solo_until: AtomicU64::new(0),
             resting: AtomicBool::new(false),
             trial_left: AtomicU32::new(TRIAL_CALLS),
+            trial_sum: AtomicI64::new(0),
         }
     }
 
@@ -388,6 +391,7 @@ impl Backoff {
         if self.resting.swap(false, Ordering::Relaxed) {
             // The spell alone paid for the loss that began it: the trial starts from nothing.
             self.balance.store(0, Ordering::Relaxed);
+            self.trial_sum.store(0, Ordering::Relaxed);
             self.trial_left.store(TRIAL_CALLS, Ordering::Relaxed);
         }
         false
@@ -414,6 +418,16 @@ impl Backoff {
             .min(MAX_CREDIT_NS);
         self.balance.store(balance, Ordering::Relaxed);
         let trial = self.trial_left.load(Ordering::Relaxed);
+        let trial_sum = if trial > 0 {
+            let sum = self
+                .trial_sum
+                .load(Ordering::Relaxed)
+                .saturating_add(gain_ns);
+            self.trial_sum.store(sum, Ordering::Relaxed);
+            sum
+        } else {
+            0
+        };
         if trial > 1 && gain_ns > -TRIAL_LOSS_MAX_NS {
             self.trial_left.store(trial - 1, Ordering::Relaxed);
             return;
@@ -426,9 +440,11 @@ impl Backoff {
             self.last.store(b, Ordering::Relaxed);
             self.solo_left.store(b, Ordering::Relaxed);
             self.resting.store(true, Ordering::Relaxed);
-            // What this call lost beyond the credit it found; a trial's whole deficit.
+            // What this call lost beyond the credit it found; what a failed trial lost in all
+            // (its balance fades, so a trial of many small losses would otherwise buy less
+            // quiet time than it cost).
             let lost = if trial > 0 {
-                balance.unsigned_abs()
+                balance.unsigned_abs().max(trial_sum.min(0).unsigned_abs())
             } else {
                 gain_ns.min(0).unsigned_abs().min(balance.unsigned_abs())
             };
@@ -660,6 +676,23 @@ mod tests {
         assert!(b.solo_turn_at(10 * ms) && b.solo_turn_at(10 * ms)); // two calls by count
         assert!(b.solo_turn_at(10 * ms + 31 * ms)); // and 16 x 2 ms
         assert!(!b.solo_turn_at(10 * ms + 32 * ms));
+    }
+
+    #[test]
+    fn a_failed_trial_buys_sixteen_times_all_it_lost() {
+        // Eight calls that each lost 300 us (under the trial's limit) cost 2.4 ms; the faded
+        // balance alone would have bought 16 x ~1 ms.
+        let b = Backoff::new();
+        trial(&b, 0);
+        let ms = 1_000_000u64;
+        b.judge_at(-2_000_000, 0);
+        assert_eq!(solo_runs(&b), 1);
+        for _ in 0..TRIAL_CALLS {
+            b.judge_at(-300_000, 10 * ms);
+        }
+        assert!(b.solo_turn_at(10 * ms) && b.solo_turn_at(10 * ms)); // two calls by count
+        assert!(b.solo_turn_at(10 * ms + 38 * ms)); // and 16 x 2.4 ms
+        assert!(!b.solo_turn_at(10 * ms + 39 * ms));
     }
 
     #[test]
