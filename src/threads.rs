@@ -24,7 +24,7 @@
 //!   thread instead of failing it.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -316,8 +316,6 @@ struct Backoff {
     balance: AtomicI64,
     /// Until when (nanoseconds on `now_ns`'s clock) calls run alone after a loss.
     solo_until: AtomicU64,
-    /// Whether calls have been sent alone since the last trial began.
-    resting: AtomicBool,
     /// Calls of the current trial still to run before the helpers are judged.
     trial_left: AtomicU32,
     /// The nanoseconds the current trial's calls saved so far, unfaded.
@@ -366,7 +364,6 @@ impl Backoff {
             last: AtomicU32::new(0),
             balance: AtomicI64::new(0),
             solo_until: AtomicU64::new(0),
-            resting: AtomicBool::new(false),
             trial_left: AtomicU32::new(TRIAL_CALLS),
             trial_sum: AtomicI64::new(0),
         }
@@ -385,16 +382,7 @@ impl Backoff {
             self.solo_left.store(left - 1, Ordering::Relaxed);
             return true;
         }
-        if self.solo_until.load(Ordering::Relaxed) > now {
-            return true;
-        }
-        if self.resting.swap(false, Ordering::Relaxed) {
-            // The spell alone paid for the loss that began it: the trial starts from nothing.
-            self.balance.store(0, Ordering::Relaxed);
-            self.trial_sum.store(0, Ordering::Relaxed);
-            self.trial_left.store(TRIAL_CALLS, Ordering::Relaxed);
-        }
-        false
+        self.solo_until.load(Ordering::Relaxed) > now
     }
 
     /// Adds a parallel call's saving (`gain_ns`, negative for a loss) to the balance, which
@@ -432,14 +420,13 @@ impl Backoff {
             self.trial_left.store(trial - 1, Ordering::Relaxed);
             return;
         }
-        self.trial_left.store(0, Ordering::Relaxed);
         if balance >= 0 {
+            self.trial_left.store(0, Ordering::Relaxed);
             self.last.store(0, Ordering::Relaxed);
         } else {
             let b = (self.last.load(Ordering::Relaxed) * 2).clamp(1, MAX_BACKOFF);
             self.last.store(b, Ordering::Relaxed);
             self.solo_left.store(b, Ordering::Relaxed);
-            self.resting.store(true, Ordering::Relaxed);
             // What this call lost beyond the credit it found; what a failed trial lost in all
             // (its balance fades, so a trial of many small losses would otherwise buy less
             // quiet time than it cost).
@@ -451,6 +438,11 @@ impl Backoff {
             let quiet = lost.saturating_mul(LOSS_FACTOR).min(MAX_QUIET_NS);
             self.solo_until
                 .store(now.saturating_add(quiet), Ordering::Relaxed);
+            // The spell alone pays for this loss: the trial that follows it (the next call
+            // judged, as the calls alone are not) starts from nothing.
+            self.balance.store(0, Ordering::Relaxed);
+            self.trial_sum.store(0, Ordering::Relaxed);
+            self.trial_left.store(TRIAL_CALLS, Ordering::Relaxed);
         }
     }
 }
@@ -563,6 +555,16 @@ mod tests {
         (0..200).take_while(|_| b.solo_turn_at(u64::MAX)).count()
     }
 
+    /// A back-off whose helpers, after the first trial, lost 2 ms once, with the one call that
+    /// sent alone taken: the next call judged begins a trial.
+    fn resting_after_a_loss() -> Backoff {
+        let b = Backoff::new();
+        trial(&b, 0);
+        b.judge_at(-2_000_000, 0);
+        assert_eq!(solo_runs(&b), 1);
+        b
+    }
+
     /// Runs a trial of calls that each saved `gain_ns`; returns the calls alone after it.
     fn trial(b: &Backoff, gain_ns: i64) -> usize {
         for _ in 0..TRIAL_CALLS {
@@ -629,7 +631,8 @@ mod tests {
         assert!(b.solo_turn_at(100 * ms)); // the one call the count sends alone
         assert!(b.solo_turn_at(100 * ms + 127 * ms));
         assert!(!b.solo_turn_at(100 * ms + 128 * ms)); // a trial begins
-                                                       // A losing trial: 16 times its whole deficit, never more than a second.
+
+        // A losing trial: 16 times its whole deficit, never more than a second.
         for _ in 1..TRIAL_CALLS {
             b.judge_at(0, 0);
         }
@@ -644,10 +647,7 @@ mod tests {
         // Measured at 410K elements: a call that woke sleeping helpers lost 20-100 us, the calls
         // after it saved ~15 us each. Regression: judged by that one call after each spell
         // alone, the helpers never came back, and 2 threads ran at 1 thread's pace.
-        let b = Backoff::new();
-        trial(&b, 0);
-        b.judge_at(-2_000_000, 0);
-        assert_eq!(solo_runs(&b), 1);
+        let b = resting_after_a_loss();
         b.judge_at(-100_000, 0);
         for _ in 1..TRIAL_CALLS {
             b.judge_at(15_000, 0);
@@ -667,11 +667,8 @@ mod tests {
     fn a_trial_ends_at_its_first_costly_loss() {
         // Beside a busy core every call of a trial can lose milliseconds; eight of them before
         // deciding would cost 8 losses per spell alone where one did.
-        let b = Backoff::new();
-        trial(&b, 0);
+        let b = resting_after_a_loss();
         let ms = 1_000_000u64;
-        b.judge_at(-2_000_000, 0);
-        assert_eq!(solo_runs(&b), 1);
         b.judge_at(-2_000_000, 10 * ms); // the trial's first call
         assert!(b.solo_turn_at(10 * ms) && b.solo_turn_at(10 * ms)); // two calls by count
         assert!(b.solo_turn_at(10 * ms + 31 * ms)); // and 16 x 2 ms
@@ -682,11 +679,8 @@ mod tests {
     fn a_failed_trial_buys_sixteen_times_all_it_lost() {
         // Eight calls that each lost 300 us (under the trial's limit) cost 2.4 ms; the faded
         // balance alone would have bought 16 x ~1 ms.
-        let b = Backoff::new();
-        trial(&b, 0);
+        let b = resting_after_a_loss();
         let ms = 1_000_000u64;
-        b.judge_at(-2_000_000, 0);
-        assert_eq!(solo_runs(&b), 1);
         for _ in 0..TRIAL_CALLS {
             b.judge_at(-300_000, 10 * ms);
         }
