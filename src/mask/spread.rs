@@ -104,15 +104,20 @@ fn expand_bits(words: &[u64], shape: &[usize], mask_shape: &[usize]) -> Vec<u64>
         below[d] = below[d + 1] * shape[d];
         mask_below[d] = mask_below[d + 1] * mask_shape[d];
     }
-    let suffix = |keep: &dyn Fn(usize) -> bool| (0..dims).rev().take_while(|&d| keep(d)).count();
+    // The first of the innermost dimensions where every mask dimension is `like`'s.
+    let from = |like: &dyn Fn(usize) -> usize| {
+        (0..dims)
+            .rposition(|d| mask_shape[d] != like(d))
+            .map_or(0, |d| d + 1)
+    };
     let expand = Expand {
         words,
         shape,
         mask_shape,
         below: &below,
         mask_below: &mask_below,
-        same_from: dims - suffix(&|d| mask_shape[d] == shape[d]),
-        ones_from: dims - suffix(&|d| mask_shape[d] == 1),
+        same_from: from(&|d| shape[d]),
+        ones_from: from(&|_| 1),
     };
     expand.fill(&mut out, 0, 0, 0);
     out
@@ -160,40 +165,39 @@ impl Expand<'_> {
     }
 }
 
-/// ORs bits `from .. from + len` of `bits` into it from bit `to` on (`from + len <= to`).
-fn copy_bits_within(bits: &mut [u64], from: usize, to: usize, len: usize) {
+/// ORs `len` bits into `dst` from bit `to` on, a piece up to each word boundary at a time:
+/// `piece(dst, done)` gives bits `done ..` of the range in its low bits (those past the piece
+/// are ignored).
+#[inline(always)]
+fn or_bits(dst: &mut [u64], to: usize, len: usize, piece: impl Fn(&[u64], usize) -> u64) {
     let mut done = 0;
     while done < len {
         let at = to + done;
         let take = (64 - at % 64).min(len - done);
-        // Only bits below `from + len <= to` are read, none of which this loop writes.
-        let w = crate::simd::word_at(bits, from + done) & (u64::MAX >> (64 - take));
-        bits[at / 64] |= w << (at % 64);
+        let bits = piece(dst, done) & (u64::MAX >> (64 - take));
+        dst[at / 64] |= bits << (at % 64);
         done += take;
     }
 }
 
 /// ORs `len` one bits into `dst` from bit `to` on.
 fn or_ones(dst: &mut [u64], to: usize, len: usize) {
-    let mut at = to;
-    let end = to + len;
-    while at < end {
-        let take = (64 - at % 64).min(end - at);
-        dst[at / 64] |= (u64::MAX >> (64 - take)) << (at % 64);
-        at += take;
-    }
+    or_bits(dst, to, len, |_, _| u64::MAX);
 }
 
 /// ORs bits `from .. from + len` of `src` into `dst` from bit `to` on.
 fn copy_bits(src: &[u64], from: usize, dst: &mut [u64], to: usize, len: usize) {
-    let mut done = 0;
-    while done < len {
-        let at = to + done;
-        let take = (64 - at % 64).min(len - done);
-        let bits = crate::simd::word_at(src, from + done) & (u64::MAX >> (64 - take));
-        dst[at / 64] |= bits << (at % 64);
-        done += take;
-    }
+    or_bits(dst, to, len, |_, done| {
+        crate::simd::word_at(src, from + done)
+    });
+}
+
+/// ORs bits `from .. from + len` of `bits` into it from bit `to` on (`from + len <= to`).
+fn copy_bits_within(bits: &mut [u64], from: usize, to: usize, len: usize) {
+    // Only bits below `from + len <= to` are read, none of which this call writes.
+    or_bits(bits, to, len, |b, done| {
+        crate::simd::word_at(b, from + done)
+    });
 }
 
 /// Bit `m * run + j` (j < run) of the result is bit `m` of `words`, for `decisions` bits and
