@@ -496,6 +496,86 @@ def test_the_plain_tensor_call_gives_what_the_general_route_gives(dtype):
         fastdrop.dropout(torch.ones(3, dtype=torch.int32), 0.3)
 
 
+def _blocks(t, fn, **kw):
+    """`fn` (drop_block_2d) at 0.3 with 3x3 blocks on a (16, 3, 50) tensor seen as (16, 3, 5, 10),
+    its result (and mask, with return_mask) seen as (16, 3, 50) again."""
+    out = fn(t.view(16, 3, 5, 10), 0.3, 3, **kw)
+    if isinstance(out, tuple):
+        return out[0].reshape(16, 3, 50), out[1]
+    return out.reshape(16, 3, 50)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "plain, general",
+    [
+        (
+            lambda t: fastdrop.dropout(t, 0.3),
+            lambda t: fastdrop.dropout(t, 0.3, return_mask=True)[0],
+        ),
+        (
+            lambda t: fastdrop.drop_path(t, 0.3, True),
+            lambda t: fastdrop.drop_path(t, 0.3, True, return_mask=True)[0],
+        ),
+        (
+            lambda t: fastdrop.drop_path(t, 0.3, True, False),
+            lambda t: fastdrop.drop_path(t, 0.3, True, False, return_mask=True)[0],
+        ),
+        (
+            lambda t: _blocks(t, fastdrop.drop_block_2d),
+            lambda t: _blocks(t, fastdrop.drop_block_2d, return_mask=True)[0],
+        ),
+        (
+            lambda t: _blocks(t, fastdrop.drop_block_2d, with_noise=True),
+            lambda t: _blocks(t, fastdrop.drop_block_2d, with_noise=True, return_mask=True)[0],
+        ),
+    ],
+    ids=["dropout", "drop_path", "drop_path-unscaled", "drop_block", "drop_block-noise"],
+)
+def test_the_plain_tensor_call_with_autograd_gives_the_general_routes_values_and_grads(
+    dtype, plain, general
+):
+    # A tensor that requires grad also takes the plain route (straight to the autograd
+    # Function): same values, same gradient, same graph kind, and the key drawn from torch's
+    # seed once per call, as the general route (return_mask=True) draws it.
+    x = (torch.randn(16, 3, 50) + 1).to(dtype).requires_grad_()
+    g = torch.randn(16, 3, 50).to(dtype).requires_grad_()
+    torch.manual_seed(5)
+    a = plain(x)
+    torch.manual_seed(5)
+    b = general(x)
+    assert torch.equal(a, b) and a.dtype == dtype
+    assert type(a.grad_fn) is type(b.grad_fn)
+    (ga,) = torch.autograd.grad(a, x, g, create_graph=True)
+    (gb,) = torch.autograd.grad(b, x, g, create_graph=True)
+    assert torch.equal(ga, gb) and 0 < int((ga == 0).sum()) < ga.numel()
+    # The gradient is differentiable again (double backward), as the general route's.
+    v = torch.randn_like(ga)
+    (gga,) = torch.autograd.grad(ga, g, v)
+    (ggb,) = torch.autograd.grad(gb, g, v)
+    assert torch.equal(gga, ggb)
+    assert not torch.equal(plain(x), a)  # the seed advanced
+    # Under no_grad the same call gives no graph.
+    with torch.no_grad():
+        torch.manual_seed(5)
+        c = plain(x)
+    assert c.grad_fn is None and torch.equal(c, a)
+
+
+def test_the_plain_drop_path_route_refuses_what_the_general_route_refuses():
+    with pytest.raises(TypeError, match="layout torch.sparse_coo"):
+        fastdrop.drop_path(torch.ones(4, 4).to_sparse(), 0.3, True)
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(TypeError, match="nested tensor"):
+        fastdrop.drop_path(nested, 0.3, True)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32, float64, complex64 or"):
+        fastdrop.drop_path(torch.ones(3, 2, dtype=torch.int32), 0.3, True)
+    with pytest.raises(RuntimeError, match="0D"):
+        fastdrop.drop_path(torch.ones(()), 0.3, True)
+    meta = fastdrop.drop_path(torch.empty(4, 5, device="meta"), 0.3, True)
+    assert meta.device.type == "meta" and meta.shape == (4, 5)
+
+
 def test_with_the_cache_off_large_tensor_outputs_are_torchs_own():
     code = (
         "import torch, fastdrop\n"

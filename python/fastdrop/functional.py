@@ -194,7 +194,7 @@ def dropout(
             # The same for a torch tensor (once fastdrop's torch side is loaded).
             torch_side = _dispatch._TORCH
             try:
-                return torch_side.dropout_plain(input, _scale_spec(input.shape, p))
+                return torch_side.run_plain(input, _scale_spec(input.shape, p))
             except RuntimeError:
                 torch_side._check_kind(input)  # a sparse or nested tensor: a TypeError saying so
                 raise
@@ -516,6 +516,26 @@ def drop_path(
         gen = default_generator if generator is None else generator
         _core_apply(x, result, None, spec, gen, False)
         return result
+    if (
+        type(x) is _dispatch.TENSOR
+        and type(drop_prob) is float
+        and 0.0 < drop_prob < 1.0
+        and training is True
+        and type(scale_by_keep) is bool
+        and generator is None
+        and return_mask is False
+        and out is None
+    ):
+        # The same for a torch tensor (once fastdrop's torch side is loaded), as `dropout`'s.
+        torch_side = _dispatch._TORCH
+        try:
+            shape = x.shape
+        except RuntimeError:
+            torch_side._check_kind(x)  # a nested tensor (it has no sizes): a TypeError saying so
+            raise
+        if shape:
+            spec = _sample_spec((shape[0],) + (1,) * (len(shape) - 1), drop_prob, scale_by_keep)
+            return torch_side.run_plain(x, spec)
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     spec = _path_spec(x, drop_prob, scale_by_keep)
@@ -571,6 +591,14 @@ def drop_block_2d(
         return _run(x, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
     args = (drop_prob, block_size, float(gamma_scale), with_noise, couple_channels, scale_by_keep)
     spec = _block_spec(mask_shape, *args)
+    if (
+        type(x) is _dispatch.TENSOR
+        and inplace is False
+        and generator is None
+        and return_mask is False
+        and out is None
+    ):
+        return _dispatch._TORCH.run_plain(x, spec)  # as `dropout`'s plain tensor call
     return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
 
 
