@@ -3,6 +3,7 @@ shape. Never asserts a wall-clock time."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -190,6 +191,28 @@ def test_train_gives_a_row_per_model_and_setting(tmp_path, capsys):
         ("Dropout(0.1)", (2, 32, 256)),
         ("Dropout(0.1)", (2, 32, 1024)),
     }
+
+
+def test_the_converted_model_shares_the_torch_models_weights():
+    # The two steps of the training table read and write the same weight memory, so where a
+    # copy's weights sit cannot make one side faster; only the dropout modules differ.
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2)
+    )
+    converted = bench_train._sharing_weights(copy.deepcopy(model), model)
+    fastdrop.nn.replace_dropout(converted)
+    assert isinstance(converted[2], fastdrop.nn.Dropout)
+    assert isinstance(model[2], torch.nn.Dropout)
+    for (name, p), (_, q) in zip(model.named_parameters(), converted.named_parameters()):
+        assert p is q, name
+    for (name, b), (_, c) in zip(model.named_buffers(), converted.named_buffers()):
+        assert b is c, name
+    before = model[0].weight.detach().clone()
+    opt = torch.optim.SGD(converted.parameters(), lr=0.1)
+    converted(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, before)  # a step of one moves the other's weights
 
 
 def test_layers_rows_are_the_shapes_the_modules_really_see(capsys):
