@@ -8,7 +8,7 @@ use super::loops::apply_range;
 #[cfg(target_arch = "x86_64")]
 use super::loops::apply_range_avx2;
 use super::walk::{self, Plan};
-use super::{Bits, Call, CHUNK, STREAM_MIN_BYTES, SUB, WIDE_MAX_BYTES};
+use super::{Bits, Call, CHUNK, STREAM_MIN_BYTES, SUB};
 use crate::cpu::{best_isa, isa, Isa};
 use crate::mask::{clear_tail, spread, words_for};
 use crate::rng::{self, Key};
@@ -150,7 +150,6 @@ unsafe fn run_rule<T: Element, R: Rule<T>>(config: Config, call: Call, rule: &R)
                 lin,
                 dropped: T::from_op(rule.dropped(0)),
                 stream,
-                wide: n * std::mem::size_of::<T>() <= WIDE_MAX_BYTES,
             })
         }
         _ => None,

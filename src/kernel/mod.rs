@@ -56,12 +56,6 @@ const _: () = assert!(SUB.is_multiple_of(rng::GROUP) && CHUNK.is_multiple_of(SUB
 /// cannot stay in cache anyway, and streaming them saves the read-for-ownership of every output
 /// line, a third of the memory traffic of the call.
 pub const STREAM_MIN_BYTES: usize = 16 << 20;
-/// Outputs up to this many bytes use the 512-bit loops where the CPU has them; larger ones the
-/// 256-bit loops. Measured on Zen 4 (AVX-512 on 256-bit units), float32, one thread, out=
-/// a warm buffer: the 512-bit loops were 0-10 % faster up to 1M elements (4 MiB), and 15-60 %
-/// slower at 2M and 3M (8 and 12 MiB, from L3), e.g. drop_path at 3M elements 1089-1327 us
-/// against 713-801 us (np.multiply 522-701 us).
-pub const WIDE_MAX_BYTES: usize = 4 << 20;
 
 /// One call of the kernel: everything [`run`] reads.
 ///
