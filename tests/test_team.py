@@ -173,17 +173,24 @@ def restore_sharing():
 
 VARIANTS = {
     "dropout": lambda x, g: fastdrop.dropout(x, 0.3, generator=g),
-    "alpha_dropout": lambda x, g: fastdrop.alpha_dropout(x, 0.3, generator=g),
+    "alpha_dropout": lambda x, g: fastdrop.alpha_dropout(x, 0.3, True, generator=g),
     "dropout2d": lambda x, g: fastdrop.dropout2d(x, 0.3, generator=g),
-    "drop_path": lambda x, g: fastdrop.drop_path(x, 0.3, generator=g),
+    "drop_path": lambda x, g: fastdrop.drop_path(x, 0.3, True, generator=g),
     "drop_block_2d": lambda x, g: fastdrop.drop_block_2d(x, 0.1, 5, generator=g),
     "dropout_add": lambda x, g: fastdrop.dropout_add(x, x, 0.3, generator=g),
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_results_do_not_depend_on_sharing(variant, restore_sharing):
-    x = torch.randn(4, 64, 33, 31)  # 261,888 elements: parallel, with ragged chunks
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4, 64, 33, 31),  # 261,888 elements: parallel everywhere, with ragged chunks
+        (2, 16, 45, 47),  # 67,680: parallel on torch's team only (TEAM_PARALLEL_MIN)
+    ],
+)
+def test_results_do_not_depend_on_sharing(variant, shape, restore_sharing):
+    x = torch.randn(shape)
     call = VARIANTS[variant]
     fastdrop.set_num_threads(1)
     want = call(x, fastdrop.Generator(3))
@@ -192,6 +199,7 @@ def test_results_do_not_depend_on_sharing(variant, restore_sharing):
         fastdrop.share_torch_threads(share)
         got = call(x, fastdrop.Generator(3))
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert not torch.equal(want, x)  # the variant dropped something
 
 
 def test_attention_does_not_depend_on_sharing(restore_sharing):
