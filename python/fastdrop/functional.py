@@ -468,7 +468,12 @@ def _path_spec(x: Any, drop_prob: float, scale_by_keep: bool) -> Spec:
                 f"input must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}"
             )
         raise ShapeError("drop_path: Expected an input with a batch dimension, got a 0D input")
-    return _sample_spec((int(x.shape[0]),) + (1,) * (nd - 1), drop_prob, scale_by_keep)
+    return _sample_spec(_sample_shape(x.shape), drop_prob, scale_by_keep)
+
+
+def _sample_shape(shape: Any) -> tuple:
+    """drop_path's mask shape for an input of `shape` (at least 1-d): (N, 1, ..., 1)."""
+    return (int(shape[0]),) + (1,) * (len(shape) - 1)
 
 
 @_cached_args
@@ -499,43 +504,37 @@ def drop_path(
         and training is True
         and type(scale_by_keep) is bool
         and return_mask is False
-        and type(x) is np.ndarray
-        and x.ndim > 0
-        and x.dtype in _NATIVE_FLOATS
-        and (generator is None or type(generator) is _core.Generator)
     ):
-        # A training call on a NumPy array goes straight to the kernel, as `dropout`'s does:
-        # the same spec, output and generator as the general path below, without its checks
-        # and dispatch, which cost three times the kernel of a 64K-element input.
-        if out is None:
-            result = _core.empty_like(x)
-        else:
-            _check_out(out, x, False)
-            result = out
-        spec = _sample_spec((x.shape[0],) + (1,) * (x.ndim - 1), drop_prob, scale_by_keep)
-        gen = default_generator if generator is None else generator
-        _core_apply(x, result, None, spec, gen, False)
-        return result
-    if (
-        type(x) is _dispatch.TENSOR
-        and type(drop_prob) is float
-        and 0.0 < drop_prob < 1.0
-        and training is True
-        and type(scale_by_keep) is bool
-        and generator is None
-        and return_mask is False
-        and out is None
-    ):
-        # The same for a torch tensor (once fastdrop's torch side is loaded), as `dropout`'s.
-        torch_side = _dispatch._TORCH
-        try:
-            shape = x.shape
-        except RuntimeError:
-            torch_side._check_kind(x)  # a nested tensor (it has no sizes): a TypeError saying so
-            raise
-        if shape:
-            spec = _sample_spec((shape[0],) + (1,) * (len(shape) - 1), drop_prob, scale_by_keep)
-            return torch_side.run_plain(x, spec)
+        # A training call with the common arguments goes straight to the kernel, as
+        # `dropout`'s does: the same spec, output and generator as the general path below,
+        # without its checks and dispatch, which cost three times the kernel of a 64K-element
+        # input.
+        if (
+            type(x) is np.ndarray
+            and x.ndim > 0
+            and x.dtype in _NATIVE_FLOATS
+            and (generator is None or type(generator) is _core.Generator)
+        ):
+            if out is None:
+                result = _core.empty_like(x)
+            else:
+                _check_out(out, x, False)
+                result = out
+            spec = _sample_spec(_sample_shape(x.shape), drop_prob, scale_by_keep)
+            gen = default_generator if generator is None else generator
+            _core_apply(x, result, None, spec, gen, False)
+            return result
+        if type(x) is _dispatch.TENSOR and generator is None and out is None:
+            # The same for a torch tensor (once fastdrop's torch side is loaded).
+            torch_side = _dispatch._TORCH
+            try:
+                shape = x.shape
+            except RuntimeError:
+                torch_side._check_kind(x)  # a nested tensor (it has no sizes): a TypeError
+                raise
+            if shape:
+                spec = _sample_spec(_sample_shape(shape), drop_prob, scale_by_keep)
+                return torch_side.run_plain(x, spec)
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     spec = _path_spec(x, drop_prob, scale_by_keep)
