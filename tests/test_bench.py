@@ -11,6 +11,7 @@ import sys
 import time
 
 import fastdrop
+import numpy as np
 import pytest
 from fastdrop import bench, bench_train
 
@@ -178,6 +179,7 @@ def test_train_gives_a_row_per_model_and_setting(tmp_path, capsys):
         assert r["fastdrop_threads"] == 1 and r["torch_threads"] == 1
         assert r["torch_seconds"] > 0 and r["fastdrop_seconds"] > 0
         assert r["speedup"] == pytest.approx(r["torch_seconds"] / r["fastdrop_seconds"])
+        assert r["speedup_interval"] is None  # one round cannot give one
         # The MLP's two dropouts, and the encoder's three per layer plus its attention (4
         # layers) are converted.
         assert r["replaced"] == {"mlp": 2, "encoder": 16}[model]
@@ -191,6 +193,91 @@ def test_train_gives_a_row_per_model_and_setting(tmp_path, capsys):
         ("Dropout(0.1)", (2, 32, 256)),
         ("Dropout(0.1)", (2, 32, 1024)),
     }
+
+
+def test_median_interval_takes_the_sign_test_order_statistics():
+    # Coverage 1 - 2 P(Binomial(n, 1/2) < k): with 5 values even (min, max) covers only 93.75 %,
+    # with 6 it covers 96.9 %; 9 values give the 2nd and 8th (96.1 %; the 3rd and 7th would
+    # cover 82.0 %), 15 the 4th and 12th (96.5 %; the 5th and 11th 88.2 %).
+    assert bench_train.median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) is None
+    assert bench_train.median_interval([6.0, 1.0, 3.0, 2.0, 5.0, 4.0]) == (1.0, 6.0)
+    assert bench_train.median_interval([float(v) for v in range(9, 0, -1)]) == (2.0, 8.0)
+    assert bench_train.median_interval([float(v) for v in range(1, 16)]) == (4.0, 12.0)
+    assert bench_train.median_interval([1.0] * 5, confidence=0.9) == (1.0, 1.0)
+    assert bench_train.median_interval([]) is None
+    for bad in (0.0, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="confidence"):
+            bench_train.median_interval([1.0] * 9, confidence=bad)
+
+
+def test_median_interval_covers_the_median_as_often_as_it_claims():
+    # 4000 samples of 9 draws from an exponential distribution (median ln 2): the interval
+    # (2nd, 8th smallest) covers the median with probability exactly 1 - 2 * 10 / 512 for any
+    # continuous distribution. The count must lie within 5 standard deviations of its binomial
+    # mean; an interval one order statistic narrower (82.0 %) or wider (99.6 %) lies far out.
+    rng = np.random.default_rng(14)
+    trials, covered = 4000, 0
+    for sample in rng.exponential(size=(trials, 9)):
+        lo, hi = bench_train.median_interval(sample.tolist())
+        covered += lo <= np.log(2.0) <= hi
+    p = 1.0 - 2.0 * 10 / 512
+    sd = (trials * p * (1.0 - p)) ** 0.5
+    assert abs(covered - trials * p) < 5.0 * sd, covered
+
+
+def test_speedup_interval_pairs_the_rounds():
+    baseline = [2.0, 4.0, 2.2, 8.0, 2.1, 6.0]
+    candidate = [1.0, 2.0, 1.0, 4.0, 1.0, 3.0]  # per round: 2, 2, 2.2, 2, 2.1, 2
+    assert bench_train.speedup_interval(baseline, candidate) == (2.0, 2.2)
+    assert bench_train.speedup_interval(baseline[:5], candidate[:5]) is None
+    with pytest.raises(ValueError, match="same rounds"):
+        bench_train.speedup_interval(baseline, candidate[:5])
+
+
+def test_alternate_times_pairs_every_callable_by_round_and_alternate_takes_medians():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = bench_train.alternate_times(fns, 4)
+    assert set(times) == {"a", "b"} and all(len(v) == 4 for v in times.values())
+    assert all(t >= 0 for v in times.values() for t in v)
+    # One warm-up call each, then the order rotates round by round.
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert set(bench_train.alternate(fns, 3)) == {"a", "b"}
+
+
+def test_the_tables_give_each_rows_interval_or_a_dash():
+    row = {
+        "model": "mlp",
+        "batch": 32,
+        "setting": "default",
+        "fastdrop_threads": 2,
+        "torch_threads": 2,
+        "dropout_share": 0.3,
+        "dropout_share_after": 0.0,
+        "torch_seconds": 1e-3,
+        "fastdrop_seconds": 5e-4,
+        "speedup": 2.0,
+    }
+    table = bench_train.train_table(
+        [dict(row, speedup_interval=(1.91, 2.07)), dict(row, speedup_interval=None)]
+    )
+    lines = table.splitlines()
+    assert "95% interval" in lines[2]
+    assert lines[3].endswith("1.91-2.07") and lines[4].endswith("-")
+    assert "fewer than 6 rounds" in lines[-1]
+    layer = {
+        "model": "vit_tiny",
+        "layer": "DropPath(0.1)",
+        "shape": [16, 197, 192],
+        "torch_seconds": 3e-4,
+        "fastdrop_seconds": 2.5e-4,
+        "fastdrop_1thread_seconds": 3e-4,
+        "speedup": 1.2,
+        "speedup_interval": (0.97, 1.31),
+        "fastdrop_threads": 2,
+        "torch_threads": 2,
+    }
+    assert " 0.97-1.31 " in bench_train.layers_table([layer])
 
 
 def test_the_converted_model_shares_the_torch_models_weights():
@@ -225,6 +312,7 @@ def test_layers_rows_are_the_shapes_the_modules_really_see(capsys):
         assert r["replaces"] == "torch.nn.modules.dropout.Dropout"
         assert r["torch_seconds"] > 0 and r["fastdrop_seconds"] > 0
         assert r["fastdrop_1thread_seconds"] > 0
+        assert r["speedup_interval"] is None
     table = bench_train.layers_table(records)
     assert "Dropout(0.2)" in table and "(3, 256)" in table
 
@@ -451,18 +539,18 @@ def test_the_own_threads_row_runs_on_fastdrops_helpers_and_then_shares_again(cap
         pytest.skip("torch's intra-op pool is not OpenMP here")
     out = tmp_path / "own.json"
     seen = []
-    real = bench_train.alternate
+    real = bench_train.alternate_times
 
     def spy(steps, rounds):
         seen.append(fastdrop._core.shares_openmp())
         return real(steps, rounds)
 
-    saved, bench_train.alternate = bench_train.alternate, spy
+    saved, bench_train.alternate_times = bench_train.alternate_times, spy
     try:
         args = ["--train", "--quick", "--models", "mlp", "--rounds", "1", "--threads", "2"]
         code = bench.main(args + ["--settings", "default,own threads", "--json", str(out)])
     finally:
-        bench_train.alternate = saved
+        bench_train.alternate_times = saved
     assert code == 0
     assert seen == [True, False]
     assert fastdrop._core.shares_openmp()

@@ -19,6 +19,7 @@ during one forward), fastdrop's module against the module it replaces, alternati
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import subprocess
 import sys
@@ -139,10 +140,11 @@ def _stepper(model, x, y, loss_fn, steps: int = 1) -> Callable[[], None]:
     return step
 
 
-def alternate(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, float]:
-    """Median seconds of each callable over `rounds` rounds, all of them once per round in
-    turn, the order rotating every round (after one warm-up call each), so that a slow spell
-    of a shared machine, or the cache one call leaves the next, hits all alike."""
+def alternate_times(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, List[float]]:
+    """Seconds of each callable in each of `rounds` rounds, all of them once per round in turn,
+    the order rotating every round (after one warm-up call each), so that a slow spell of a
+    shared machine, or the cache one call leaves the next, hits all alike. Entry i of every
+    list comes from round i: the lists pair up for `speedup_interval`."""
     for f in fns.values():
         f()
     labels = list(fns)
@@ -153,7 +155,62 @@ def alternate(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, float
             t = time.perf_counter()
             fns[label]()
             times[label].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def alternate(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, float]:
+    """Median seconds of each callable over `rounds` alternating rounds (`alternate_times`)."""
+    return {k: statistics.median(v) for k, v in alternate_times(fns, rounds).items()}
+
+
+#: The confidence of the speedup intervals of the --train and --layers tables.
+CONFIDENCE = 0.95
+
+
+def median_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE
+) -> Optional[Tuple[float, float]]:
+    """A distribution-free `confidence` interval for the median of the population `values`
+    were drawn from (independently): the k-th smallest and k-th largest value, for the largest
+    k whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), is at least `confidence` (the sign-test
+    interval: the median lies below the k-th smallest value only if fewer than k of the n draws
+    fell below it). None when even the smallest and largest cover less: fewer than 6 values at
+    0.95."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    ordered = sorted(values)
+    n = len(ordered)
+    best = 0
+    below = 0  # 2^n P(Binomial(n, 1/2) < k), exactly
+    for k in range(1, n // 2 + 1):
+        below += math.comb(n, k - 1)
+        if 1.0 - 2.0 * below / 2**n < confidence:
+            break
+        best = k
+    return (ordered[best - 1], ordered[n - best]) if best else None
+
+
+def speedup_interval(
+    baseline: Sequence[float], candidate: Sequence[float], confidence: float = CONFIDENCE
+) -> Optional[Tuple[float, float]]:
+    """`median_interval` of the per-round speedups baseline[i] / candidate[i] of two callables
+    timed in the same rounds (`alternate_times`): a run whose interval lies above 1 shows the
+    candidate faster, one that straddles 1 shows no difference the run could tell from noise.
+    The rows' `speedup` (the ratio of the medians) usually lies inside it."""
+    if len(baseline) != len(candidate):
+        raise ValueError("the two callables must be timed in the same rounds")
+    return median_interval([b / c for b, c in zip(baseline, candidate)], confidence)
+
+
+_INTERVAL_HEAD = f"{100 * CONFIDENCE:g}% interval"
+_INTERVAL_NOTE = (
+    f"{_INTERVAL_HEAD}: of the median per-round speedup (sign-test interval; '-' with fewer "
+    "than 6 rounds); one that contains 1.00 is a difference the run cannot tell from noise"
+)
+
+
+def _interval_text(interval: Optional[Sequence[float]]) -> str:
+    return "-" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
 
 
 #: The profiler label put around each torch/timm dropout module's forward.
@@ -302,12 +359,13 @@ def train(
             try:
                 if setting == "busy core":
                     with BusyCore():
-                        med = alternate({"torch": torch_step, "fastdrop": fd_step}, rounds)
+                        times = alternate_times({"torch": torch_step, "fastdrop": fd_step}, rounds)
                 else:
-                    med = alternate({"torch": torch_step, "fastdrop": fd_step}, rounds)
+                    times = alternate_times({"torch": torch_step, "fastdrop": fd_step}, rounds)
             finally:
                 fastdrop.set_num_threads(threads)
                 fastdrop.share_torch_threads(True)
+            med = {k: statistics.median(v) for k, v in times.items()}
             rec = {
                 "model": name,
                 "batch": b,
@@ -320,6 +378,7 @@ def train(
                 "torch_seconds": med["torch"] / steps,
                 "fastdrop_seconds": med["fastdrop"] / steps,
                 "speedup": med["torch"] / med["fastdrop"],
+                "speedup_interval": speedup_interval(times["torch"], times["fastdrop"]),
                 "rounds": rounds,
             }
             records.append(rec)
@@ -338,7 +397,7 @@ def train_table(records: List[Dict[str, Any]]) -> str:
         "dropout modules' forward, aten dropout/bernoulli ops, and their backward nodes); "
         "left = torch's dropout still run by the converted step",
         f"{'model (batch)':<16} {'setting':<10} {'threads fd/torch':>16} {'share':>6} "
-        f"{'left':>6} {'torch ms':>9} {'fastdrop ms':>11} {'speedup':>8}",
+        f"{'left':>6} {'torch ms':>9} {'fastdrop ms':>11} {'speedup':>8} {_INTERVAL_HEAD:>12}",
     ]
     for r in records:
         lines.append(
@@ -346,8 +405,9 @@ def train_table(records: List[Dict[str, Any]]) -> str:
             f"{str(r['fastdrop_threads']) + '/' + str(r['torch_threads']):>16} "
             f"{100 * r['dropout_share']:5.1f}% {100 * r['dropout_share_after']:5.1f}% "
             f"{1e3 * r['torch_seconds']:9.2f} {1e3 * r['fastdrop_seconds']:11.2f} "
-            f"{r['speedup']:7.2f}x"
+            f"{r['speedup']:7.2f}x {_interval_text(r.get('speedup_interval')):>12}"
         )
+    lines.append(_INTERVAL_NOTE)
     return "\n".join(lines)
 
 
@@ -448,7 +508,7 @@ def layers(
             return g1
 
         fastdrop.set_num_threads(threads)
-        med = alternate(
+        times = alternate_times(
             {
                 "torch": fwd_bwd(theirs),
                 "fastdrop": fwd_bwd(ours),
@@ -456,6 +516,7 @@ def layers(
             },
             rounds,
         )
+        med = {k: statistics.median(v) for k, v in times.items()}
         rec = {
             "model": model,
             "layer": key,
@@ -465,6 +526,7 @@ def layers(
             "fastdrop_seconds": med["fastdrop"],
             "fastdrop_1thread_seconds": med["fastdrop_1"],
             "speedup": med["torch"] / med["fastdrop"],
+            "speedup_interval": speedup_interval(times["torch"], times["fastdrop"]),
             "fastdrop_threads": threads,
             "torch_threads": torch.get_num_threads(),
             "rounds": rounds,
@@ -479,13 +541,14 @@ def layers_table(records: List[Dict[str, Any]]) -> str:
         "dropout layers, forward + backward (torch.autograd.grad of the output): the torch/timm "
         "module vs fastdrop's, alternating, medians",
         f"{'model':<9} {'layer':<20} {'shape':<18} {'torch/timm ms':>13} {'fastdrop ms':>11} "
-        f"{'speedup':>8} {'fd 1 thread ms':>14}",
+        f"{'speedup':>8} {_INTERVAL_HEAD:>12} {'fd 1 thread ms':>14}",
     ]
     for r in records:
         lines.append(
             f"{r['model']:<9} {r['layer']:<20} {str(tuple(r['shape'])):<18} "
             f"{1e3 * r['torch_seconds']:13.3f} {1e3 * r['fastdrop_seconds']:11.3f} "
-            f"{r['speedup']:7.2f}x {1e3 * r['fastdrop_1thread_seconds']:14.3f}"
+            f"{r['speedup']:7.2f}x {_interval_text(r.get('speedup_interval')):>12} "
+            f"{1e3 * r['fastdrop_1thread_seconds']:14.3f}"
         )
     if records:
         r = records[0]
@@ -493,4 +556,5 @@ def layers_table(records: List[Dict[str, Any]]) -> str:
             f"fastdrop {r['fastdrop_threads']} threads, torch {r['torch_threads']} threads; "
             f"speedup = torch/timm time / fastdrop time"
         )
+        lines.append(_INTERVAL_NOTE)
     return "\n".join(lines)
