@@ -245,6 +245,20 @@ def test_alternate_times_pairs_every_callable_by_round_and_alternate_takes_media
     assert set(bench_train.alternate(fns, 3)) == {"a", "b"}
 
 
+def test_a_rows_speedup_is_the_median_of_its_rounds_ratios(monkeypatch):
+    # torch / fastdrop per round: 1, 0.5, 2 (median 1), where the medians' ratio is 1 / 2: one
+    # slow round of either side moves the speedup no more than any other round.
+    def fake(fns, rounds):
+        for f in fns.values():
+            f()
+        return {"torch": [1.0, 1.0, 10.0], "fastdrop": [1.0, 2.0, 5.0], "fastdrop_1": [1.0] * 3}
+
+    monkeypatch.setattr(bench_train, "alternate_times", fake)
+    records = bench_train.layers(["mlp"], rounds=3, threads=1, batch=3, log=lambda _: None)
+    assert records and all(r["speedup"] == 1.0 for r in records)
+    assert all(r["torch_seconds"] == 1.0 and r["fastdrop_seconds"] == 2.0 for r in records)
+
+
 def test_the_tables_give_each_rows_interval_or_a_dash():
     row = {
         "model": "mlp",

@@ -6,14 +6,15 @@ timm's dropout modules against a deep copy of the same model (same weights) afte
 reports the share of torch's dropout in torch's step (torch.profiler: the forward of the torch
 and timm dropout modules, torch's aten dropout and bernoulli ops elsewhere, such as the attention
 dropout inside torch's SDPA, and the backward nodes of all of these, over the step's CPU time)
-and the share of torch's dropout left in the converted step, then the step times and the
-speedup, for fastdrop at its default thread count, at one thread, and at its default with
-another process keeping one core busy (and, asked for, on fastdrop's own threads instead of
-torch's: ``own threads``).
+and the share of torch's dropout left in the converted step, then the step times (medians) and
+the speedup (the median of the per-round ratios, with a 95 % interval for it), for fastdrop at
+its default thread count, at one thread, and at its default with another process keeping one
+core busy (and, asked for, on fastdrop's own threads instead of torch's: ``own threads``).
 
 ``--layers`` times forward + backward (``torch.autograd.grad`` of the module's output) of every
 dropout layer of those models at the shape it really sees (collected by hooking the modules
-during one forward), fastdrop's module against the module it replaces, alternating, medians.
+during one forward), fastdrop's module against the module it replaces, alternating, medians and
+the speedup as ``--train`` gives it.
 """
 
 from __future__ import annotations
@@ -190,16 +191,21 @@ def median_interval(
     return (ordered[best - 1], ordered[n - best]) if best else None
 
 
+def round_speedups(baseline: Sequence[float], candidate: Sequence[float]) -> List[float]:
+    """The per-round speedups baseline[i] / candidate[i] of two callables timed in the same
+    rounds (`alternate_times`)."""
+    if len(baseline) != len(candidate):
+        raise ValueError("the two callables must be timed in the same rounds")
+    return [b / c for b, c in zip(baseline, candidate)]
+
+
 def speedup_interval(
     baseline: Sequence[float], candidate: Sequence[float], confidence: float = CONFIDENCE
 ) -> Optional[Tuple[float, float]]:
-    """`median_interval` of the per-round speedups baseline[i] / candidate[i] of two callables
-    timed in the same rounds (`alternate_times`): a run whose interval lies above 1 shows the
-    candidate faster, one that straddles 1 shows no difference the run could tell from noise.
-    The rows' `speedup` (the ratio of the medians) usually lies inside it."""
-    if len(baseline) != len(candidate):
-        raise ValueError("the two callables must be timed in the same rounds")
-    return median_interval([b / c for b, c in zip(baseline, candidate)], confidence)
+    """`median_interval` of the `round_speedups`, whose median is the rows' speedup: a run whose
+    interval lies above 1 shows the candidate faster, one that contains 1 shows no difference
+    the run could tell from noise."""
+    return median_interval(round_speedups(baseline, candidate), confidence)
 
 
 _INTERVAL_HEAD = f"{100 * CONFIDENCE:g}% interval"
@@ -377,7 +383,7 @@ def train(
                 "dropout_share_after": left,
                 "torch_seconds": med["torch"] / steps,
                 "fastdrop_seconds": med["fastdrop"] / steps,
-                "speedup": med["torch"] / med["fastdrop"],
+                "speedup": statistics.median(round_speedups(times["torch"], times["fastdrop"])),
                 "speedup_interval": speedup_interval(times["torch"], times["fastdrop"]),
                 "rounds": rounds,
             }
@@ -392,7 +398,7 @@ def train(
 def train_table(records: List[Dict[str, Any]]) -> str:
     lines = [
         "training step (forward, backward, SGD): torch's modules vs replace_dropout, "
-        "alternating, medians",
+        "alternating, medians; speedup = median of the per-round torch / fastdrop ratios",
         "share = torch's dropout in the torch step (torch.profiler CPU time: the torch/timm "
         "dropout modules' forward, aten dropout/bernoulli ops, and their backward nodes); "
         "left = torch's dropout still run by the converted step",
@@ -525,7 +531,7 @@ def layers(
             "torch_seconds": med["torch"],
             "fastdrop_seconds": med["fastdrop"],
             "fastdrop_1thread_seconds": med["fastdrop_1"],
-            "speedup": med["torch"] / med["fastdrop"],
+            "speedup": statistics.median(round_speedups(times["torch"], times["fastdrop"])),
             "speedup_interval": speedup_interval(times["torch"], times["fastdrop"]),
             "fastdrop_threads": threads,
             "torch_threads": torch.get_num_threads(),
@@ -554,7 +560,7 @@ def layers_table(records: List[Dict[str, Any]]) -> str:
         r = records[0]
         lines.append(
             f"fastdrop {r['fastdrop_threads']} threads, torch {r['torch_threads']} threads; "
-            f"speedup = torch/timm time / fastdrop time"
+            f"speedup = median of the per-round torch/timm time / fastdrop time ratios"
         )
         lines.append(_INTERVAL_NOTE)
     return "\n".join(lines)
