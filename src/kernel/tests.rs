@@ -361,6 +361,90 @@ fn threads_split_large_calls_without_changing_a_bit() {
     check_paths::<f64>(&[5, 4, PARALLEL_MIN / 16 + 3], 2, 0);
 }
 
+/// `len` elements of `buf` from element `off` past its first 64-byte boundary.
+fn at_alignment<T>(buf: &mut [T], off: usize, len: usize) -> &mut [T] {
+    let base = buf.as_ptr().align_offset(64);
+    &mut buf[base + off..base + off + len]
+}
+
+/// Contiguous runs whose destination starts anywhere from a 64-byte boundary (so the head that
+/// aligns the stores takes every length from 0 to 7, or none below its minimum run), its source
+/// and residual at the same or another offset, in place or not: the vector loops give the
+/// portable loops' bits.
+fn check_store_alignments<T: Probe>() {
+    let lens = [1023, 1024, 1024 + 37, 4099];
+    let words = bernoulli_words(KEY, 11, rng::threshold_for(0.5), 4099);
+    let xs: Vec<T> = values(4099 + 64, 5).into_iter().map(T::from_f64).collect();
+    let rs: Vec<T> = values(4099 + 64, 6).into_iter().map(T::from_f64).collect();
+    let vector = Config {
+        isa: best_isa(),
+        threads: 1,
+    };
+    for n in lens {
+        for dst_off in 0..16 {
+            for src_off in [dst_off, (dst_off + 3) % 16] {
+                for app in apps() {
+                    for with_res in [false, true] {
+                        for given in [true, false] {
+                            let bits = || {
+                                if given {
+                                    Bits::Given(&words)
+                                } else {
+                                    Bits::Fresh {
+                                        key: KEY,
+                                        first_block: 3,
+                                        threshold: rng::threshold_for(0.7),
+                                        store: None,
+                                    }
+                                }
+                            };
+                            let mut x_buf = xs.clone();
+                            let mut r_buf = rs.clone();
+                            let src = &at_alignment(&mut x_buf, src_off, n)[..];
+                            let r = &at_alignment(&mut r_buf, src_off, n)[..];
+                            let res = with_res.then_some(r);
+                            let what = format!(
+                                "{} n {n} dst +{dst_off} src +{src_off} {app:?} res {with_res} \
+                                 given {given}",
+                                std::any::type_name::<T>()
+                            );
+                            let shape = [n];
+                            let call = |res| Contiguous {
+                                shape: &shape,
+                                mask_shape: &shape,
+                                res,
+                                bits: bits(),
+                                app,
+                            };
+                            let mut want = vec![T::from_f64(0.0); n];
+                            apply_contiguous(PORTABLE, call(res), src, &mut want);
+                            let mut out = xs.clone();
+                            let dst = at_alignment(&mut out, dst_off, n);
+                            apply_contiguous(vector, call(res), src, dst);
+                            assert_same(&want, dst, &what);
+                            // In place, the destination is the source (at the destination's
+                            // offset), the residual elsewhere.
+                            let mut inplace = xs.clone();
+                            let data = at_alignment(&mut inplace, dst_off, n);
+                            data.copy_from_slice(src);
+                            apply_in_place(vector, call(res), data);
+                            assert_same(&want, data, &format!("{what} in place"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn vector_loops_match_the_portable_ones_at_every_store_alignment() {
+    check_store_alignments::<f32>();
+    check_store_alignments::<f64>();
+    check_store_alignments::<f16>();
+    check_store_alignments::<bf16>();
+}
+
 #[test]
 fn streamed_outputs_match() {
     let n = STREAM_MIN_BYTES / 4 + 1000;
