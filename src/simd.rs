@@ -41,9 +41,11 @@ pub struct Run<'a, T> {
 }
 
 /// Runs at least this long start with a short head that brings their stores to a boundary of
-/// the store width ([`Run::head_to_align`]); shorter runs (the channels of small feature maps)
-/// would pay more for the head, a pass through the 64-element stack copy, than they save.
-const ALIGN_MIN_LEN: usize = 1024;
+/// the store width ([`Run::head_to_align`]). A head costs a group on a stack copy, a tail (the
+/// run no longer ends on a whole word) and the bits read across word boundaries: measured on
+/// rows of 1024 and 2048 float32 elements 16 bytes off, that cost as much as or more than the
+/// aligned stores saved (one thread, in cache), so shorter runs keep their alignment.
+const ALIGN_MIN_LEN: usize = 8192;
 
 impl<'a, T> Run<'a, T> {
     /// How many leading elements to run on their own so that the rest's stores start on an
@@ -395,8 +397,8 @@ mod x86 {
             0 => run,
             k => {
                 let (head, rest) = run.split(k);
-                // SAFETY: the head is the run's first k < 64 elements, valid as the run is.
-                unsafe { short8(lin, dropped_v, head) };
+                // SAFETY: the head is the run's first k < 8 elements, valid as the run is.
+                unsafe { head8(lin, dropped_v, head) };
                 rest
             }
         };
@@ -446,58 +448,170 @@ mod x86 {
         }
     }
 
-    /// A run of fewer than 64 elements (a head or a tail), through the same loop on stack
-    /// copies, so it gets the same bits and arithmetic as the rest of its run.
+    /// A head of fewer than 8 elements: one group of the loop on stack copies, so it gets the
+    /// same bits and arithmetic as the rest of its run, at a fraction of `short8`'s cost (a
+    /// head runs once per run of every call on a misaligned buffer).
     ///
     /// # Safety
-    /// AVX2 and F16C; `run.len < 64` and its operands valid for `run.len` elements.
+    /// AVX2 and F16C; `run.len < 8` and its operands valid for `run.len` elements.
     #[inline(always)]
-    unsafe fn short8<T: Lanes8 + Default>(lin: Linear<f32>, dropped_v: __m256, run: Run<T>) {
+    unsafe fn head8<T: Lanes8 + Default>(lin: Linear<f32>, dropped_v: __m256, run: Run<T>) {
         let Run {
             mask,
             src,
             dst,
             res,
-            len: rest,
+            len: k,
         } = run;
-        debug_assert!(rest < 64);
-        let (mut s, mut d, mut q) = ([T::default(); 64], [T::default(); 64], [T::default(); 64]);
-        if !matches!(mask, RunMask::All(false)) {
-            // SAFETY: `src` is valid for `rest` < 64 reads, which fit `s`.
-            unsafe { std::ptr::copy_nonoverlapping(src, s.as_mut_ptr(), rest) };
-        }
-        if let Some(rp) = res {
-            // SAFETY: as for `src`.
-            unsafe { std::ptr::copy_nonoverlapping(rp, q.as_mut_ptr(), rest) };
-        }
-        let rq = res.map(|_| q.as_ptr());
-        let r = rq.unwrap_or(std::ptr::null());
-        let (sp, dp) = (s.as_ptr(), d.as_mut_ptr());
-        // SAFETY: one word of 64 elements of the stack copies, never streamed.
+        debug_assert!(k < 8);
+        let (mut s, mut d, mut q) = ([T::default(); 8], [T::default(); 8], [T::default(); 8]);
+        // SAFETY: `src` and `res` are valid for `k` < 8 reads, which fit `s` and `q`.
         unsafe {
-            match (mask, rq.is_some()) {
+            std::ptr::copy_nonoverlapping(src, s.as_mut_ptr(), k);
+            if let Some(rp) = res {
+                std::ptr::copy_nonoverlapping(rp, q.as_mut_ptr(), k);
+            }
+        }
+        let word = match mask {
+            RunMask::Bits { words, first } => word_at(words, first),
+            RunMask::All(_) => 0,
+        };
+        let (sp, dp, qp) = (s.as_ptr(), d.as_mut_ptr(), q.as_ptr());
+        // SAFETY: AVX2 and F16C (see the module); the stack copies hold eight elements each,
+        // never streamed. Lane i of `sel` has bit i of `word` in its sign, as in `words8`.
+        unsafe {
+            let mul = _mm256_set1_ps(lin.mul);
+            let add = lin.add.map(|a| _mm256_set1_ps(a));
+            let sel = _mm256_castsi256_ps(_mm256_sllv_epi32(
+                _mm256_set1_epi32(word as u32 as i32),
+                _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
+            ));
+            let g = (mul, add, dropped_v, sel, sp, dp, qp);
+            match (mask, res.is_some()) {
                 (RunMask::Bits { .. }, false) => {
-                    words8::<T, BITS, false, false>(lin, dropped_v, mask, sp, dp, r, 1)
+                    group8::<T, BITS, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::Bits { .. }, true) => {
-                    words8::<T, BITS, true, false>(lin, dropped_v, mask, sp, dp, r, 1)
+                    group8::<T, BITS, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::All(true), false) => {
-                    words8::<T, KEEP_ALL, false, false>(lin, dropped_v, mask, sp, dp, r, 1)
+                    group8::<T, KEEP_ALL, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::All(true), true) => {
-                    words8::<T, KEEP_ALL, true, false>(lin, dropped_v, mask, sp, dp, r, 1)
+                    group8::<T, KEEP_ALL, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::All(false), false) => {
-                    words8::<T, DROP_ALL, false, false>(lin, dropped_v, mask, sp, dp, r, 1)
+                    group8::<T, DROP_ALL, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::All(false), true) => {
-                    words8::<T, DROP_ALL, true, false>(lin, dropped_v, mask, sp, dp, r, 1)
+                    group8::<T, DROP_ALL, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
+                }
+            }
+            std::ptr::copy_nonoverlapping(d.as_ptr(), dst, k);
+        }
+    }
+
+    /// A run of fewer than 64 elements (a tail): its whole groups of eight straight from memory,
+    /// the last few elements as a `head8`, with the bits and arithmetic of the vector loop.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `run.len < 64` and its operands valid for `run.len` elements.
+    #[inline(always)]
+    unsafe fn short8<T: Lanes8 + Default>(lin: Linear<f32>, dropped_v: __m256, run: Run<T>) {
+        debug_assert!(run.len < 64);
+        let groups = run.len / 8;
+        let (whole, last) = run.split(8 * groups);
+        if groups > 0 {
+            let Run {
+                mask,
+                src,
+                dst,
+                res,
+                ..
+            } = whole;
+            let word = match mask {
+                RunMask::Bits { words, first } => word_at(words, first),
+                RunMask::All(_) => 0,
+            };
+            let r = res.unwrap_or(std::ptr::null());
+            // SAFETY: the operands are valid for the `8 * groups` elements of `whole`.
+            unsafe {
+                match (mask, res.is_some()) {
+                    (RunMask::Bits { .. }, false) => {
+                        groups8::<T, BITS, false>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::Bits { .. }, true) => {
+                        groups8::<T, BITS, true>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::All(true), false) => {
+                        groups8::<T, KEEP_ALL, false>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::All(true), true) => {
+                        groups8::<T, KEEP_ALL, true>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::All(false), false) => {
+                        groups8::<T, DROP_ALL, false>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::All(false), true) => {
+                        groups8::<T, DROP_ALL, true>(lin, dropped_v, word, src, dst, r, groups)
+                    }
                 }
             }
         }
-        // SAFETY: `dst` is valid for `rest` writes, and `d` holds that many.
-        unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), dst, rest) };
+        if last.len > 0 {
+            // SAFETY: fewer than eight elements, valid as the run is.
+            unsafe { head8(lin, dropped_v, last) };
+        }
+    }
+
+    /// The first `groups` (< 8) groups of eight of a word's elements, `word` their bits.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `src` (unless `DROP_ALL`) and `res` (if `RES`) valid for `8 * groups`
+    /// reads, `dst` for as many writes.
+    #[inline(always)]
+    unsafe fn groups8<T: Lanes8, const MODE: u8, const RES: bool>(
+        lin: Linear<f32>,
+        dropped: __m256,
+        word: u64,
+        src: *const T,
+        dst: *mut T,
+        res: *const T,
+        groups: usize,
+    ) {
+        // SAFETY: AVX2 (see the module); no memory is touched.
+        let (mul, add, halves, shifts) = unsafe {
+            (
+                _mm256_set1_ps(lin.mul),
+                lin.add.map(|a| _mm256_set1_ps(a)),
+                [
+                    _mm256_set1_epi32(word as u32 as i32),
+                    _mm256_set1_epi32((word >> 32) as u32 as i32),
+                ],
+                [
+                    _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
+                    _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+                    _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
+                    _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+                ],
+            )
+        };
+        for g in 0..groups {
+            let e = 8 * g;
+            // SAFETY: e + 8 <= 8 * groups, within the operands (the caller); AVX2 and F16C.
+            unsafe {
+                let sel = _mm256_castsi256_ps(_mm256_sllv_epi32(halves[g / 4], shifts[g % 4]));
+                group8::<T, MODE, RES, false>(
+                    mul,
+                    add,
+                    dropped,
+                    sel,
+                    src.add(e),
+                    dst.add(e),
+                    if RES { res.add(e) } else { res },
+                );
+            }
+        }
     }
 
     /// `dst[j] = keep(j) ? src[j] * mul (+ add) : dropped`, then `res[j] +` that when given, for
@@ -672,8 +786,8 @@ mod x86 {
             0 => run,
             k => {
                 let (head, rest) = run.split(k);
-                // SAFETY: the head is the run's first k < 64 elements, valid as the run is.
-                unsafe { short4(lin, dropped_v, head) };
+                // SAFETY: the head is the run's first k < 4 elements, valid as the run is.
+                unsafe { head4(lin, dropped_v, head) };
                 rest
             }
         };
@@ -721,55 +835,159 @@ mod x86 {
         }
     }
 
-    /// [`short8`] for f64.
+    /// [`head8`] for f64: fewer than 4 elements, one group of four.
     ///
     /// # Safety
-    /// As [`short8`].
+    /// AVX2; `run.len < 4` and its operands valid for `run.len` elements.
     #[inline(always)]
-    unsafe fn short4(lin: Linear<f64>, dropped_v: __m256d, run: Run<f64>) {
+    unsafe fn head4(lin: Linear<f64>, dropped_v: __m256d, run: Run<f64>) {
         let Run {
             mask,
             src,
             dst,
             res,
-            len: rest,
+            len: k,
         } = run;
-        debug_assert!(rest < 64);
-        let (mut s, mut d, mut q) = ([0f64; 64], [0f64; 64], [0f64; 64]);
-        if !matches!(mask, RunMask::All(false)) {
-            // SAFETY: `src` is valid for `rest` < 64 reads, which fit `s`.
-            unsafe { std::ptr::copy_nonoverlapping(src, s.as_mut_ptr(), rest) };
-        }
-        if let Some(rp) = res {
-            // SAFETY: as for `src`.
-            unsafe { std::ptr::copy_nonoverlapping(rp, q.as_mut_ptr(), rest) };
-        }
-        let (sp, dp, qp) = (s.as_ptr(), d.as_mut_ptr(), q.as_ptr());
-        // SAFETY: one word of 64 elements of the stack copies, never streamed.
+        debug_assert!(k < 4);
+        let (mut s, mut d, mut q) = ([0f64; 4], [0f64; 4], [0f64; 4]);
+        // SAFETY: `src` and `res` are valid for `k` < 4 reads, which fit `s` and `q`.
         unsafe {
+            std::ptr::copy_nonoverlapping(src, s.as_mut_ptr(), k);
+            if let Some(rp) = res {
+                std::ptr::copy_nonoverlapping(rp, q.as_mut_ptr(), k);
+            }
+        }
+        let word = match mask {
+            RunMask::Bits { words, first } => word_at(words, first),
+            RunMask::All(_) => 0,
+        };
+        let (sp, dp, qp) = (s.as_ptr(), d.as_mut_ptr(), q.as_ptr());
+        // SAFETY: AVX2 (see the module); the stack copies hold four elements each, never
+        // streamed. Lane i of `sel` has bit i of `word` in its sign, as in `words4`.
+        unsafe {
+            let mul = _mm256_set1_pd(lin.mul);
+            let add = lin.add.map(|a| _mm256_set1_pd(a));
+            let sel = _mm256_castsi256_pd(_mm256_sllv_epi64(
+                _mm256_set1_epi64x(word as i64),
+                _mm256_setr_epi64x(63, 62, 61, 60),
+            ));
+            let g = (mul, add, dropped_v, sel, sp, dp, qp);
             match (mask, res.is_some()) {
                 (RunMask::Bits { .. }, false) => {
-                    words4::<BITS, false, false>(lin, dropped_v, mask, sp, dp, qp, 1)
+                    group4::<BITS, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::Bits { .. }, true) => {
-                    words4::<BITS, true, false>(lin, dropped_v, mask, sp, dp, qp, 1)
+                    group4::<BITS, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::All(true), false) => {
-                    words4::<KEEP_ALL, false, false>(lin, dropped_v, mask, sp, dp, qp, 1)
+                    group4::<KEEP_ALL, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::All(true), true) => {
-                    words4::<KEEP_ALL, true, false>(lin, dropped_v, mask, sp, dp, qp, 1)
+                    group4::<KEEP_ALL, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::All(false), false) => {
-                    words4::<DROP_ALL, false, false>(lin, dropped_v, mask, sp, dp, qp, 1)
+                    group4::<DROP_ALL, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
                 }
                 (RunMask::All(false), true) => {
-                    words4::<DROP_ALL, true, false>(lin, dropped_v, mask, sp, dp, qp, 1)
+                    group4::<DROP_ALL, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
+                }
+            }
+            std::ptr::copy_nonoverlapping(d.as_ptr(), dst, k);
+        }
+    }
+
+    /// [`short8`] for f64: whole groups of four, then a `head4`.
+    ///
+    /// # Safety
+    /// As [`short8`].
+    #[inline(always)]
+    unsafe fn short4(lin: Linear<f64>, dropped_v: __m256d, run: Run<f64>) {
+        debug_assert!(run.len < 64);
+        let groups = run.len / 4;
+        let (whole, last) = run.split(4 * groups);
+        if groups > 0 {
+            let Run {
+                mask,
+                src,
+                dst,
+                res,
+                ..
+            } = whole;
+            let word = match mask {
+                RunMask::Bits { words, first } => word_at(words, first),
+                RunMask::All(_) => 0,
+            };
+            let r = res.unwrap_or(std::ptr::null());
+            // SAFETY: the operands are valid for the `4 * groups` elements of `whole`.
+            unsafe {
+                match (mask, res.is_some()) {
+                    (RunMask::Bits { .. }, false) => {
+                        groups4::<BITS, false>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::Bits { .. }, true) => {
+                        groups4::<BITS, true>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::All(true), false) => {
+                        groups4::<KEEP_ALL, false>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::All(true), true) => {
+                        groups4::<KEEP_ALL, true>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::All(false), false) => {
+                        groups4::<DROP_ALL, false>(lin, dropped_v, word, src, dst, r, groups)
+                    }
+                    (RunMask::All(false), true) => {
+                        groups4::<DROP_ALL, true>(lin, dropped_v, word, src, dst, r, groups)
+                    }
                 }
             }
         }
-        // SAFETY: `dst` is valid for `rest` writes, and `d` holds that many.
-        unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), dst, rest) };
+        if last.len > 0 {
+            // SAFETY: fewer than four elements, valid as the run is.
+            unsafe { head4(lin, dropped_v, last) };
+        }
+    }
+
+    /// [`groups8`] for f64: the first `groups` (< 16) groups of four.
+    ///
+    /// # Safety
+    /// As [`groups8`], for `4 * groups` elements.
+    #[inline(always)]
+    unsafe fn groups4<const MODE: u8, const RES: bool>(
+        lin: Linear<f64>,
+        dropped: __m256d,
+        word: u64,
+        src: *const f64,
+        dst: *mut f64,
+        res: *const f64,
+        groups: usize,
+    ) {
+        // SAFETY: AVX2 (see the module); no memory is touched.
+        let (mul, add, shifts, mut bits) = unsafe {
+            (
+                _mm256_set1_pd(lin.mul),
+                lin.add.map(|a| _mm256_set1_pd(a)),
+                _mm256_setr_epi64x(63, 62, 61, 60),
+                _mm256_set1_epi64x(word as i64),
+            )
+        };
+        for g in 0..groups {
+            let e = 4 * g;
+            // SAFETY: e + 4 <= 4 * groups, within the operands (the caller); AVX2.
+            unsafe {
+                let sel = _mm256_castsi256_pd(_mm256_sllv_epi64(bits, shifts));
+                bits = _mm256_srli_epi64::<4>(bits);
+                group4::<MODE, RES, false>(
+                    mul,
+                    add,
+                    dropped,
+                    sel,
+                    src.add(e),
+                    dst.add(e),
+                    if RES { res.add(e) } else { res },
+                );
+            }
+        }
     }
 
     #[cfg(test)]
@@ -863,31 +1081,31 @@ mod tests {
 
     #[test]
     fn the_head_reaches_the_next_store_boundary_of_a_long_enough_run() {
-        assert_eq!(run_at::<f32>(0x1010, 2000).head_to_align(32), 4);
-        assert_eq!(run_at::<f32>(0x101c, 2000).head_to_align(32), 1);
-        assert_eq!(run_at::<f32>(0x1020, 2000).head_to_align(32), 0);
-        assert_eq!(run_at::<f64>(0x1008, 2000).head_to_align(32), 3);
-        assert_eq!(run_at::<u16>(0x1006, 2000).head_to_align(16), 5);
+        assert_eq!(run_at::<f32>(0x1010, 10000).head_to_align(32), 4);
+        assert_eq!(run_at::<f32>(0x101c, 10000).head_to_align(32), 1);
+        assert_eq!(run_at::<f32>(0x1020, 10000).head_to_align(32), 0);
+        assert_eq!(run_at::<f64>(0x1008, 10000).head_to_align(32), 3);
+        assert_eq!(run_at::<u16>(0x1006, 10000).head_to_align(16), 5);
         // Too short a run, or a destination not aligned to its own element: no head.
         assert_eq!(
             run_at::<f32>(0x1010, ALIGN_MIN_LEN - 1).head_to_align(32),
             0
         );
-        assert_eq!(run_at::<f32>(0x1012, 2000).head_to_align(32), 0);
+        assert_eq!(run_at::<f32>(0x1012, 10000).head_to_align(32), 0);
     }
 
     #[test]
     fn a_split_run_goes_on_from_the_heads_last_element_and_bit() {
-        let (head, rest) = run_at::<f32>(0x1010, 2000).split(4);
+        let (head, rest) = run_at::<f32>(0x1010, 10000).split(4);
         assert_eq!((head.len, head.dst as usize), (4, 0x1010));
-        assert_eq!((rest.len, rest.dst as usize), (1996, 0x1020));
+        assert_eq!((rest.len, rest.dst as usize), (9996, 0x1020));
         assert_eq!(rest.src as usize, 0x1010 + 4096 + 16);
         assert_eq!(rest.res.map(|r| r as usize), Some(0x1010 + 8192 + 16));
         assert!(matches!(head.mask, RunMask::Bits { first: 5, .. }));
         assert!(matches!(rest.mask, RunMask::Bits { first: 9, .. }));
         let whole = Run {
             mask: RunMask::All(true),
-            ..run_at::<f32>(0x1010, 2000)
+            ..run_at::<f32>(0x1010, 10000)
         };
         assert!(matches!(whole.split(4).1.mask, RunMask::All(true)));
     }

@@ -372,10 +372,13 @@ fn at_alignment<T>(buf: &mut [T], off: usize, len: usize) -> &mut [T] {
 /// and residual at the same or another offset, in place or not: the vector loops give the
 /// portable loops' bits.
 fn check_store_alignments<T: Probe>() {
-    let lens = [1023, 1024, 1024 + 37, 4099];
-    let words = bernoulli_words(KEY, 11, rng::threshold_for(0.5), 4099);
-    let xs: Vec<T> = values(4099 + 64, 5).into_iter().map(T::from_f64).collect();
-    let rs: Vec<T> = values(4099 + 64, 6).into_iter().map(T::from_f64).collect();
+    // Below the head's minimum run (whole words, then a tail of groups and a few elements),
+    // at it, past it by a tail, and longer.
+    let lens = [1024 + 37, 8191, 8192, 8192 + 37, 9000 + 99];
+    let most = 9099;
+    let words = bernoulli_words(KEY, 11, rng::threshold_for(0.5), most);
+    let xs: Vec<T> = values(most + 64, 5).into_iter().map(T::from_f64).collect();
+    let rs: Vec<T> = values(most + 64, 6).into_iter().map(T::from_f64).collect();
     let vector = Config {
         isa: best_isa(),
         threads: 1,
