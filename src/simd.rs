@@ -148,6 +148,22 @@ mod x86 {
     const KEEP_ALL: u8 = 1;
     const DROP_ALL: u8 = 2;
 
+    /// `$f::<$pre MODE, RES $post>($args)` with MODE the kind of `$mask` (bits, all kept, all
+    /// dropped) and RES whether `$res` (a bool) says there is a residual: the six loops a short
+    /// piece of a run may need.
+    macro_rules! by_mask {
+        ($mask:expr, $res:expr, $f:ident [$($pre:tt)*] [$($post:tt)*] ($($arg:expr),* $(,)?)) => {
+            match ($mask, $res) {
+                (RunMask::Bits { .. }, false) => $f::<$($pre)* BITS, false $($post)*>($($arg),*),
+                (RunMask::Bits { .. }, true) => $f::<$($pre)* BITS, true $($post)*>($($arg),*),
+                (RunMask::All(true), false) => $f::<$($pre)* KEEP_ALL, false $($post)*>($($arg),*),
+                (RunMask::All(true), true) => $f::<$($pre)* KEEP_ALL, true $($post)*>($($arg),*),
+                (RunMask::All(false), false) => $f::<$($pre)* DROP_ALL, false $($post)*>($($arg),*),
+                (RunMask::All(false), true) => $f::<$($pre)* DROP_ALL, true $($post)*>($($arg),*),
+            }
+        };
+    }
+
     /// Eight lanes of f32 arithmetic over an element type stored as f32 or f16.
     ///
     /// # Safety
@@ -486,27 +502,8 @@ mod x86 {
                 _mm256_set1_epi32(word as u32 as i32),
                 _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
             ));
-            let g = (mul, add, dropped_v, sel, sp, dp, qp);
-            match (mask, res.is_some()) {
-                (RunMask::Bits { .. }, false) => {
-                    group8::<T, BITS, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::Bits { .. }, true) => {
-                    group8::<T, BITS, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::All(true), false) => {
-                    group8::<T, KEEP_ALL, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::All(true), true) => {
-                    group8::<T, KEEP_ALL, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::All(false), false) => {
-                    group8::<T, DROP_ALL, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::All(false), true) => {
-                    group8::<T, DROP_ALL, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-            }
+            let has_res = res.is_some();
+            by_mask!(mask, has_res, group8 [T,] [, false] (mul, add, dropped_v, sel, sp, dp, qp));
             std::ptr::copy_nonoverlapping(d.as_ptr(), dst, k);
         }
     }
@@ -536,26 +533,8 @@ mod x86 {
             let r = res.unwrap_or(std::ptr::null());
             // SAFETY: the operands are valid for the `8 * groups` elements of `whole`.
             unsafe {
-                match (mask, res.is_some()) {
-                    (RunMask::Bits { .. }, false) => {
-                        groups8::<T, BITS, false>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::Bits { .. }, true) => {
-                        groups8::<T, BITS, true>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::All(true), false) => {
-                        groups8::<T, KEEP_ALL, false>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::All(true), true) => {
-                        groups8::<T, KEEP_ALL, true>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::All(false), false) => {
-                        groups8::<T, DROP_ALL, false>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::All(false), true) => {
-                        groups8::<T, DROP_ALL, true>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                }
+                let (has_res, d) = (res.is_some(), dropped_v);
+                by_mask!(mask, has_res, groups8 [T,] [] (lin, d, word, src, dst, r, groups));
             }
         }
         if last.len > 0 {
@@ -871,27 +850,8 @@ mod x86 {
                 _mm256_set1_epi64x(word as i64),
                 _mm256_setr_epi64x(63, 62, 61, 60),
             ));
-            let g = (mul, add, dropped_v, sel, sp, dp, qp);
-            match (mask, res.is_some()) {
-                (RunMask::Bits { .. }, false) => {
-                    group4::<BITS, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::Bits { .. }, true) => {
-                    group4::<BITS, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::All(true), false) => {
-                    group4::<KEEP_ALL, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::All(true), true) => {
-                    group4::<KEEP_ALL, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::All(false), false) => {
-                    group4::<DROP_ALL, false, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-                (RunMask::All(false), true) => {
-                    group4::<DROP_ALL, true, false>(g.0, g.1, g.2, g.3, g.4, g.5, g.6)
-                }
-            }
+            let has_res = res.is_some();
+            by_mask!(mask, has_res, group4 [] [, false] (mul, add, dropped_v, sel, sp, dp, qp));
             std::ptr::copy_nonoverlapping(d.as_ptr(), dst, k);
         }
     }
@@ -920,26 +880,8 @@ mod x86 {
             let r = res.unwrap_or(std::ptr::null());
             // SAFETY: the operands are valid for the `4 * groups` elements of `whole`.
             unsafe {
-                match (mask, res.is_some()) {
-                    (RunMask::Bits { .. }, false) => {
-                        groups4::<BITS, false>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::Bits { .. }, true) => {
-                        groups4::<BITS, true>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::All(true), false) => {
-                        groups4::<KEEP_ALL, false>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::All(true), true) => {
-                        groups4::<KEEP_ALL, true>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::All(false), false) => {
-                        groups4::<DROP_ALL, false>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                    (RunMask::All(false), true) => {
-                        groups4::<DROP_ALL, true>(lin, dropped_v, word, src, dst, r, groups)
-                    }
-                }
+                let has_res = res.is_some();
+                by_mask!(mask, has_res, groups4 [] [] (lin, dropped_v, word, src, dst, r, groups));
             }
         }
         if last.len > 0 {
