@@ -294,6 +294,21 @@ def test_the_tables_give_each_rows_interval_or_a_dash():
     assert " 0.97-1.31 " in bench_train.layers_table([layer])
 
 
+def test_the_unconverted_row_times_a_copy_that_keeps_torchs_dropout(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "aa.json"
+    args = ["--train", "--quick", "--models", "mlp", "--rounds", "1", "--threads", "1"]
+    assert bench.main(args + ["--settings", "default,unconverted", "--json", str(out)]) == 0
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["train"]}
+    assert set(rows) == {"default", "unconverted"}
+    converted, same = rows["default"], rows["unconverted"]
+    assert converted["replaced"] == 2 and converted["dropout_share_after"] == 0
+    # The copy keeps torch's two Dropout modules: nothing replaced, torch's dropout still run.
+    assert same["replaced"] == 0
+    assert 0 < same["dropout_share_after"] < 1
+    assert same["torch_seconds"] > 0 and same["fastdrop_seconds"] > 0
+
+
 def test_the_converted_model_shares_the_torch_models_weights():
     # The two steps of the training table read and write the same weight memory, so where a
     # copy's weights sit cannot make one side faster; only the dropout modules differ.

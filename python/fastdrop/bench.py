@@ -569,7 +569,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--settings",
         default=None,
         help="comma-separated --train rows: 'default', '1 thread', 'busy core' (default: those "
-        "three), 'own threads' (fastdrop's own helpers instead of torch's threads)",
+        "three), 'own threads' (fastdrop's own helpers instead of torch's threads), "
+        "'unconverted' (an unconverted copy against the model: the run's noise floor)",
     )
     ap.add_argument(
         "--attention",

@@ -9,7 +9,9 @@ dropout inside torch's SDPA, and the backward nodes of all of these, over the st
 and the share of torch's dropout left in the converted step, then the step times (medians) and
 the speedup (the median of the per-round ratios, with a 95 % interval for it), for fastdrop at
 its default thread count, at one thread, and at its default with another process keeping one
-core busy (and, asked for, on fastdrop's own threads instead of torch's: ``own threads``).
+core busy (and, asked for, on fastdrop's own threads instead of torch's: ``own threads``; or
+an unconverted copy of the model against the model itself, the run's noise floor:
+``unconverted``).
 
 ``--layers`` times forward + backward (``torch.autograd.grad`` of the module's output) of every
 dropout layer of those models at the shape it really sees (collected by hooking the modules
@@ -41,7 +43,10 @@ STEPS_PER_SAMPLE = {"mlp": 20}
 SETTINGS = ("default", "1 thread", "busy core")
 #: "own threads": fastdrop's default thread count on its own helpers instead of torch's threads
 #: (`fastdrop.share_torch_threads(False)`), to compare the two.
-ALL_SETTINGS = SETTINGS + ("own threads",)
+#: "unconverted": a copy of the model that shares its weights and keeps torch's dropout, timed
+#: against the model itself in the place of the converted copy: an A/A row, whose speedup and
+#: interval show what the run cannot tell from 1.0x.
+ALL_SETTINGS = SETTINGS + ("own threads", "unconverted")
 
 
 def _import_torch():
@@ -331,7 +336,8 @@ def train(
     log: Callable[[str], None] = print,
 ) -> List[Dict[str, Any]]:
     """One record per (model, setting): step seconds with torch's modules and after
-    `replace_dropout`, the speedup and the dropout-op shares."""
+    `replace_dropout` (``fastdrop_seconds``; the unconverted copy's in the ``unconverted``
+    setting), the speedup and the dropout-op shares."""
     torch = _import_torch()
     torch_threads = torch.get_num_threads()
     records: List[Dict[str, Any]] = []
@@ -360,14 +366,19 @@ def train(
         left = dropout_share(fd_step, converted)
         for setting in settings:
             fd_threads = 1 if setting == "1 thread" else threads
+            other, other_replaced, other_left = fd_step, len(replaced), left
+            if setting == "unconverted":
+                same = _sharing_weights(copy.deepcopy(built_model), model)
+                other, other_replaced = _stepper(same, x, y, loss, steps), 0
+                other_left = dropout_share(other, same)
             fastdrop.set_num_threads(fd_threads)
             fastdrop.share_torch_threads(setting != "own threads")
             try:
                 if setting == "busy core":
                     with BusyCore():
-                        times = alternate_times({"torch": torch_step, "fastdrop": fd_step}, rounds)
+                        times = alternate_times({"torch": torch_step, "fastdrop": other}, rounds)
                 else:
-                    times = alternate_times({"torch": torch_step, "fastdrop": fd_step}, rounds)
+                    times = alternate_times({"torch": torch_step, "fastdrop": other}, rounds)
             finally:
                 fastdrop.set_num_threads(threads)
                 fastdrop.share_torch_threads(True)
@@ -378,9 +389,9 @@ def train(
                 "setting": setting,
                 "fastdrop_threads": fd_threads,
                 "torch_threads": torch_threads,
-                "replaced": len(replaced),
+                "replaced": other_replaced,
                 "dropout_share": share,
-                "dropout_share_after": left,
+                "dropout_share_after": other_left,
                 "torch_seconds": med["torch"] / steps,
                 "fastdrop_seconds": med["fastdrop"] / steps,
                 "speedup": statistics.median(round_speedups(times["torch"], times["fastdrop"])),
@@ -401,13 +412,14 @@ def train_table(records: List[Dict[str, Any]]) -> str:
         "alternating, medians; speedup = median of the per-round torch / fastdrop ratios",
         "share = torch's dropout in the torch step (torch.profiler CPU time: the torch/timm "
         "dropout modules' forward, aten dropout/bernoulli ops, and their backward nodes); "
-        "left = torch's dropout still run by the converted step",
-        f"{'model (batch)':<16} {'setting':<10} {'threads fd/torch':>16} {'share':>6} "
+        "left = torch's dropout still run by the converted step (by the copy, in an "
+        "unconverted row)",
+        f"{'model (batch)':<16} {'setting':<11} {'threads fd/torch':>16} {'share':>6} "
         f"{'left':>6} {'torch ms':>9} {'fastdrop ms':>11} {'speedup':>8} {_INTERVAL_HEAD:>12}",
     ]
     for r in records:
         lines.append(
-            f"{r['model'] + ' (' + str(r['batch']) + ')':<16} {r['setting']:<10} "
+            f"{r['model'] + ' (' + str(r['batch']) + ')':<16} {r['setting']:<11} "
             f"{str(r['fastdrop_threads']) + '/' + str(r['torch_threads']):>16} "
             f"{100 * r['dropout_share']:5.1f}% {100 * r['dropout_share_after']:5.1f}% "
             f"{1e3 * r['torch_seconds']:9.2f} {1e3 * r['fastdrop_seconds']:11.2f} "
