@@ -52,9 +52,9 @@ impl<'a, T> Run<'a, T> {
     /// `align`-byte boundary (0 when they do already, when the run is shorter than
     /// [`ALIGN_MIN_LEN`], or when `dst` is not even aligned to its element, which no head can
     /// fix). A vector store that straddles two cache lines costs about two: in cache, where
-    /// the loops run at the speed of the stores, a NumPy buffer (16-byte aligned, as `malloc`
-    /// gives) took 1.25x a copy's time for a 1M-element float32 dropout against 1.03-1.12x
-    /// from 32-byte aligned buffers (one thread, 2-core AMD EPYC).
+    /// the loops run at the speed of the stores, applying given bits to 1M float32 elements of
+    /// a NumPy-like buffer (16-byte aligned, as `malloc` gives) took 1.07-1.13x the time of a
+    /// 32-byte aligned one (one thread, 2-core AMD EPYC).
     pub fn head_to_align(&self, align: usize) -> usize {
         let size = std::mem::size_of::<T>();
         let addr = self.dst as usize;
@@ -345,49 +345,24 @@ mod x86 {
         res: *const T,
         full: usize,
     ) {
-        // Lane i of group g moves bit 8g + i of a 32-bit half into its sign bit. Written out:
-        // a closure here would not inherit the caller's target features and stay uninlined.
-        // SAFETY: AVX2 (see the module); no memory is touched.
-        let (mul, add, shifts) = unsafe {
-            (
-                _mm256_set1_ps(lin.mul),
-                lin.add.map(|a| _mm256_set1_ps(a)),
-                [
-                    _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
-                    _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
-                    _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
-                    _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0),
-                ],
-            )
-        };
         for w in 0..full {
             let word = match mask {
                 RunMask::Bits { words, first } if MODE == BITS => word_at(words, first + 64 * w),
                 _ => 0,
             };
-            // SAFETY: AVX2 (see the module); no memory is touched.
-            let halves = unsafe {
-                [
-                    _mm256_set1_epi32(word as u32 as i32),
-                    _mm256_set1_epi32((word >> 32) as u32 as i32),
-                ]
-            };
-            for g in 0..8 {
-                let e = 64 * w + 8 * g;
-                // SAFETY: e + 8 <= 64 * full, so every operand is valid for the group's eight
-                // elements (`res` is only offset when `RES`); AVX2 and F16C.
-                unsafe {
-                    let sel = _mm256_castsi256_ps(_mm256_sllv_epi32(halves[g / 4], shifts[g % 4]));
-                    group8::<T, MODE, RES, STREAM>(
-                        mul,
-                        add,
-                        dropped,
-                        sel,
-                        src.add(e),
-                        dst.add(e),
-                        if RES { res.add(e) } else { res },
-                    );
-                }
+            let e = 64 * w;
+            // SAFETY: e + 64 <= 64 * full, so every operand is valid for the word's 64 elements
+            // (`res` is only offset when `RES`).
+            unsafe {
+                groups8::<T, MODE, RES, STREAM>(
+                    lin,
+                    dropped,
+                    word,
+                    src.add(e),
+                    dst.add(e),
+                    if RES { res.add(e) } else { res },
+                    8,
+                );
             }
         }
     }
@@ -534,7 +509,7 @@ mod x86 {
             // SAFETY: the operands are valid for the `8 * groups` elements of `whole`.
             unsafe {
                 let (has_res, d) = (res.is_some(), dropped_v);
-                by_mask!(mask, has_res, groups8 [T,] [] (lin, d, word, src, dst, r, groups));
+                by_mask!(mask, has_res, groups8 [T,] [, false] (lin, d, word, src, dst, r, groups));
             }
         }
         if last.len > 0 {
@@ -543,13 +518,16 @@ mod x86 {
         }
     }
 
-    /// The first `groups` (< 8) groups of eight of a word's elements, `word` their bits.
+    /// The first `groups` (up to 8) groups of eight of a word's 64 elements, `word` their bits:
+    /// a whole word of `words8`, or the groups of a tail. Lane i of group g moves bit 8g + i of a
+    /// 32-bit half into its sign bit. Written out: a closure would not inherit the caller's
+    /// target features and stay uninlined.
     ///
     /// # Safety
     /// AVX2 and F16C; `src` (unless `DROP_ALL`) and `res` (if `RES`) valid for `8 * groups`
-    /// reads, `dst` for as many writes.
+    /// reads, `dst` for as many writes (16-byte aligned if `STREAM`).
     #[inline(always)]
-    unsafe fn groups8<T: Lanes8, const MODE: u8, const RES: bool>(
+    unsafe fn groups8<T: Lanes8, const MODE: u8, const RES: bool, const STREAM: bool>(
         lin: Linear<f32>,
         dropped: __m256,
         word: u64,
@@ -580,7 +558,7 @@ mod x86 {
             // SAFETY: e + 8 <= 8 * groups, within the operands (the caller); AVX2 and F16C.
             unsafe {
                 let sel = _mm256_castsi256_ps(_mm256_sllv_epi32(halves[g / 4], shifts[g % 4]));
-                group8::<T, MODE, RES, false>(
+                group8::<T, MODE, RES, STREAM>(
                     mul,
                     add,
                     dropped,
@@ -701,39 +679,24 @@ mod x86 {
         res: *const f64,
         full: usize,
     ) {
-        // Lane i moves bit i of the (shifted) word into its sign bit.
-        // SAFETY: AVX2 (see the module); no memory is touched.
-        let (mul, add, shifts) = unsafe {
-            (
-                _mm256_set1_pd(lin.mul),
-                lin.add.map(|a| _mm256_set1_pd(a)),
-                _mm256_setr_epi64x(63, 62, 61, 60),
-            )
-        };
         for w in 0..full {
             let word = match mask {
                 RunMask::Bits { words, first } if MODE == BITS => word_at(words, first + 64 * w),
                 _ => 0,
             };
-            // SAFETY: AVX2 (see the module); no memory is touched.
-            let mut bits = unsafe { _mm256_set1_epi64x(word as i64) };
-            for g in 0..16 {
-                let e = 64 * w + 4 * g;
-                // SAFETY: e + 4 <= 64 * full, so every operand is valid for the group's four
-                // elements (`res` is only offset when `RES`); AVX2.
-                unsafe {
-                    let sel = _mm256_castsi256_pd(_mm256_sllv_epi64(bits, shifts));
-                    bits = _mm256_srli_epi64::<4>(bits);
-                    group4::<MODE, RES, STREAM>(
-                        mul,
-                        add,
-                        dropped,
-                        sel,
-                        src.add(e),
-                        dst.add(e),
-                        if RES { res.add(e) } else { res },
-                    );
-                }
+            let e = 64 * w;
+            // SAFETY: e + 64 <= 64 * full, so every operand is valid for the word's 64 elements
+            // (`res` is only offset when `RES`).
+            unsafe {
+                groups4::<MODE, RES, STREAM>(
+                    lin,
+                    dropped,
+                    word,
+                    src.add(e),
+                    dst.add(e),
+                    if RES { res.add(e) } else { res },
+                    16,
+                );
             }
         }
     }
@@ -880,8 +843,8 @@ mod x86 {
             let r = res.unwrap_or(std::ptr::null());
             // SAFETY: the operands are valid for the `4 * groups` elements of `whole`.
             unsafe {
-                let has_res = res.is_some();
-                by_mask!(mask, has_res, groups4 [] [] (lin, dropped_v, word, src, dst, r, groups));
+                let (has_res, d) = (res.is_some(), dropped_v);
+                by_mask!(mask, has_res, groups4 [] [, false] (lin, d, word, src, dst, r, groups));
             }
         }
         if last.len > 0 {
@@ -890,12 +853,13 @@ mod x86 {
         }
     }
 
-    /// [`groups8`] for f64: the first `groups` (< 16) groups of four.
+    /// [`groups8`] for f64: the first `groups` (up to 16) groups of four; lane i moves bit i of
+    /// the (shifted) word into its sign bit.
     ///
     /// # Safety
     /// As [`groups8`], for `4 * groups` elements.
     #[inline(always)]
-    unsafe fn groups4<const MODE: u8, const RES: bool>(
+    unsafe fn groups4<const MODE: u8, const RES: bool, const STREAM: bool>(
         lin: Linear<f64>,
         dropped: __m256d,
         word: u64,
@@ -919,7 +883,7 @@ mod x86 {
             unsafe {
                 let sel = _mm256_castsi256_pd(_mm256_sllv_epi64(bits, shifts));
                 bits = _mm256_srli_epi64::<4>(bits);
-                group4::<MODE, RES, false>(
+                group4::<MODE, RES, STREAM>(
                     mul,
                     add,
                     dropped,
