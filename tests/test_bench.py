@@ -228,10 +228,12 @@ def test_median_interval_covers_the_median_as_often_as_it_claims():
 def test_speedup_interval_pairs_the_rounds():
     baseline = [2.0, 4.0, 2.2, 8.0, 2.1, 6.0]
     candidate = [1.0, 2.0, 1.0, 4.0, 1.0, 3.0]  # per round: 2, 2, 2.2, 2, 2.1, 2
-    assert bench_train.speedup_interval(baseline, candidate) == (2.0, 2.2)
-    assert bench_train.speedup_interval(baseline[:5], candidate[:5]) is None
+    ratios = bench_train.round_speedups(baseline, candidate)
+    assert ratios == [2.0, 2.0, 2.2, 2.0, 2.1, 2.0]
+    assert bench_train.median_interval(ratios) == (2.0, 2.2)
+    assert bench_train.median_interval(ratios[:5]) is None
     with pytest.raises(ValueError, match="same rounds"):
-        bench_train.speedup_interval(baseline, candidate[:5])
+        bench_train.round_speedups(baseline, candidate[:5])
 
 
 def test_alternate_times_pairs_every_callable_by_round_and_alternate_takes_medians():

@@ -150,7 +150,7 @@ def alternate_times(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str,
     """Seconds of each callable in each of `rounds` rounds, all of them once per round in turn,
     the order rotating every round (after one warm-up call each), so that a slow spell of a
     shared machine, or the cache one call leaves the next, hits all alike. Entry i of every
-    list comes from round i: the lists pair up for `speedup_interval`."""
+    list comes from round i: the lists pair up for `round_speedups`."""
     for f in fns.values():
         f()
     labels = list(fns)
@@ -198,19 +198,12 @@ def median_interval(
 
 def round_speedups(baseline: Sequence[float], candidate: Sequence[float]) -> List[float]:
     """The per-round speedups baseline[i] / candidate[i] of two callables timed in the same
-    rounds (`alternate_times`)."""
+    rounds (`alternate_times`). Their median is a row's speedup and `median_interval` its
+    interval: one above 1 shows the candidate faster, one that contains 1 a difference the run
+    cannot tell from noise."""
     if len(baseline) != len(candidate):
         raise ValueError("the two callables must be timed in the same rounds")
     return [b / c for b, c in zip(baseline, candidate)]
-
-
-def speedup_interval(
-    baseline: Sequence[float], candidate: Sequence[float], confidence: float = CONFIDENCE
-) -> Optional[Tuple[float, float]]:
-    """`median_interval` of the `round_speedups`, whose median is the rows' speedup: a run whose
-    interval lies above 1 shows the candidate faster, one that contains 1 shows no difference
-    the run could tell from noise."""
-    return median_interval(round_speedups(baseline, candidate), confidence)
 
 
 _INTERVAL_HEAD = f"{100 * CONFIDENCE:g}% interval"
@@ -218,6 +211,13 @@ _INTERVAL_NOTE = (
     f"{_INTERVAL_HEAD}: of the median per-round speedup (sign-test interval; '-' with fewer "
     "than 6 rounds); one that contains 1.00 is a difference the run cannot tell from noise"
 )
+
+
+def _speedup_fields(times: Dict[str, List[float]]) -> Dict[str, Any]:
+    """A row's ``speedup`` (the median of torch's over fastdrop's per-round times) and its
+    ``speedup_interval``, from `alternate_times`'s "torch" and "fastdrop" lists."""
+    ratios = round_speedups(times["torch"], times["fastdrop"])
+    return {"speedup": statistics.median(ratios), "speedup_interval": median_interval(ratios)}
 
 
 def _interval_text(interval: Optional[Sequence[float]]) -> str:
@@ -394,8 +394,7 @@ def train(
                 "dropout_share_after": other_left,
                 "torch_seconds": med["torch"] / steps,
                 "fastdrop_seconds": med["fastdrop"] / steps,
-                "speedup": statistics.median(round_speedups(times["torch"], times["fastdrop"])),
-                "speedup_interval": speedup_interval(times["torch"], times["fastdrop"]),
+                **_speedup_fields(times),
                 "rounds": rounds,
             }
             records.append(rec)
@@ -543,8 +542,7 @@ def layers(
             "torch_seconds": med["torch"],
             "fastdrop_seconds": med["fastdrop"],
             "fastdrop_1thread_seconds": med["fastdrop_1"],
-            "speedup": statistics.median(round_speedups(times["torch"], times["fastdrop"])),
-            "speedup_interval": speedup_interval(times["torch"], times["fastdrop"]),
+            **_speedup_fields(times),
             "fastdrop_threads": threads,
             "torch_threads": torch.get_num_threads(),
             "rounds": rounds,
