@@ -210,6 +210,12 @@ impl Window {
         }
     }
 
+    /// Back to no decisions for the first `groups` groups, as `new` leaves them.
+    fn reset(&mut self, groups: usize) {
+        self.keep[..groups].fill([0; 4]);
+        self.open[..groups].fill([u64::MAX; 4]);
+    }
+
     fn is_open(&self, g: usize) -> bool {
         self.open[g] != [0; 4]
     }
@@ -220,9 +226,9 @@ impl Window {
 /// compute all `B` and the caller ignores the rest). `lead(first, groups, planes, thr_bits,
 /// keep, open)` may instead draw and fold the leading `planes` planes (`FIRST_PLANES`, or all
 /// the threshold needs when that is fewer) of the `groups` consecutive groups whose first one
-/// starts at block `first` (group g into `keep[g]` and `open[g]`, which start as `Window::new`
-/// sets them) in one go, keeping the planes in registers, and return true; returning false
-/// leaves it to `draw`.
+/// starts at block `first` (group g into `keep[g]` and `open[g]`, which it overwrites: they hold
+/// the previous window's state on entry) in one go, keeping the planes in registers, and return
+/// true; returning false (having written nothing) leaves it to `draw`.
 ///
 /// Every group first draws its leading planes in one batch of consecutive counters; the few
 /// groups still open after that are continued together, one plane level at a time, so that the
@@ -249,11 +255,14 @@ fn bitsliced<const B: usize>(
     let mut first = [0u64; B];
     let mut group = [0usize; B];
     let mut plane = [0usize; B];
+    // One window's state serves them all: `lead_groups` overwrites each group's planes, and
+    // only a window it leaves alone starts from `Window::new`'s. Built and moved per window,
+    // it cost a tenth of a 64K-element call in memset and memcpy.
+    let mut w = Window::new(thr);
     for (wi, win) in words.chunks_mut(WINDOW * WORDS_PER_GROUP).enumerate() {
         let groups = win.len().div_ceil(WORDS_PER_GROUP);
         let base = first_block.wrapping_add((wi * WINDOW) as u64 * BLOCKS_PER_GROUP);
         let at = |g: usize, k: usize| base.wrapping_add(g as u64 * BLOCKS_PER_GROUP + 2 * k as u64);
-        let mut w = Window::new(thr);
         // Unless `lead_groups` took them, the leading planes, in batches that run across
         // groups: with few planes to draw (p = 0.5 needs one) a batch per group would mostly
         // compute planes nobody folds. Each group's planes still fold in increasing order.
@@ -266,6 +275,9 @@ fn bitsliced<const B: usize>(
             &mut w.keep,
             &mut w.open,
         );
+        if !led {
+            w.reset(groups);
+        }
         for g in (0..groups).filter(|_| !led) {
             for k in 0..lead {
                 (first[n], group[n], plane[n]) = (at(g, k), g, k);
@@ -320,9 +332,8 @@ fn bitsliced<const B: usize>(
                 break;
             }
         }
-        for (dst, keep) in win.chunks_mut(WORDS_PER_GROUP).zip(&w.keep) {
-            dst.copy_from_slice(&keep[..dst.len()]);
-        }
+        // One copy for the window (a copy per group called memmove for each 32 bytes).
+        win.copy_from_slice(&w.keep.as_flattened()[..win.len()]);
     }
 }
 
