@@ -45,12 +45,14 @@ pub const CHUNK: usize = 1 << 15;
 /// Elements whose keep bits are drawn just before they are applied: a whole number of the
 /// generator's windows (16 groups of 256 decisions), whose last planes fill SIMD batches only
 /// when several groups are still open together, and large enough that what each piece costs
-/// beside its elements (the generator's round keys and windows, the walk's set-up) stays small:
-/// at 4096 it was a quarter of a 64K-element call; 16384 measured 0.4-1.6 us faster per 64K
-/// call and 10-15 us per 1M one (one thread, in cache). The bits stay in L1 (256 words); the
-/// elements' loads and stores go their own way (prefetching a piece's lines before drawing its
-/// bits measured slower).
-const SUB: usize = 16384;
+/// beside its elements (the generator's set-up, the walk's, the vector loop's head and tail)
+/// stays small: a whole chunk. Measured one thread, in cache (criterion `incache`), against
+/// 16384: 64K elements 9.63 -> 8.63 us at p = 0.1 and 6.76 -> 5.73 us at p = 0.5, 1M 164.8 ->
+/// 156.3 us and 111.0 -> 104.7 us (and 16384 had been faster than 4096). The bits stay in L1
+/// (512 words); the elements' loads and stores go their own way (prefetching a piece's lines
+/// before drawing its bits, or applying finished windows between the generator's groups,
+/// measured slower).
+const SUB: usize = CHUNK;
 const _: () = assert!(SUB.is_multiple_of(rng::GROUP) && CHUNK.is_multiple_of(SUB));
 /// Out-of-place outputs at least this large (bytes) are written with non-temporal stores: they
 /// cannot stay in cache anyway, and streaming them saves the read-for-ownership of every output
