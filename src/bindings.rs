@@ -653,8 +653,11 @@ fn run_call(py: Python<'_>, x: &Bound<'_, PyAny>, call: call::Call<'_>) -> call:
 }
 
 /// Outputs at least this large (bytes) come from the buffer cache (`buffer`): smaller ones are
-/// recycled well enough by the allocator's own heap.
-const CACHED_OUTPUT_MIN: usize = 4 << 20;
+/// recycled well enough by the allocator's own heap. From 4 MiB it cut timm DropPath rows of
+/// 2.4-3.2 MiB from 0.97-1.00x to 1.02-1.13x of timm's speed (medians of 9 alternating
+/// `bench --layers` runs; glibc's heap hands such sizes back to the OS and faults them in
+/// again); a buffer is a whole number of 2 MiB granules, so one of 1 MiB reserves twice its size.
+const CACHED_OUTPUT_MIN: usize = 1 << 20;
 
 /// Owns the cached buffer under a NumPy array made by `empty_like`, as the array's base object;
 /// NumPy drops it with the last array or view of the buffer, which returns it to the cache.

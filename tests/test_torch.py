@@ -453,7 +453,7 @@ def test_mask_backward_refuses_a_tensor_of_another_shape():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_tensor_outputs_reuse_freed_buffers_and_never_a_live_one(dtype):
     fastdrop.empty_cache()
-    x = torch.randn(3, 1 << 21).to(dtype)  # 12 or 24 MiB: above the cache's 4 MiB floor
+    x = torch.randn(3, 1 << 21).to(dtype)  # 12 or 24 MiB: above the cache's 1 MiB floor
     y = fastdrop.dropout(x, 0.5, generator=fastdrop.Generator(4))
     addr = y.data_ptr()
     keep_alive = y[1:]
@@ -471,6 +471,24 @@ def test_large_tensor_outputs_reuse_freed_buffers_and_never_a_live_one(dtype):
     assert w.is_contiguous() and w.dtype == x.dtype and w.shape == x.shape
     del w, want  # the second output took the other buffer; both come back now
     assert fastdrop.empty_cache() >= 2 * nbytes
+
+
+def test_tensor_outputs_from_one_mib_come_from_the_cache():
+    # timm's DropPath at ResNet's last stage, (8, 2048, 5, 5) float32: 1.6 MiB, forward and
+    # backward outputs both recycled.
+    fastdrop.empty_cache()
+    x = torch.randn(8, 2048, 5, 5, requires_grad=True)
+    y = fastdrop.drop_path(x, 0.5, True)
+    assert y.data_ptr() % (2 << 20) == 0
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert g.data_ptr() % (2 << 20) == 0
+    addr = {y.data_ptr(), g.data_ptr()}
+    del y, g
+    assert fastdrop._core.cached_bytes() == 2 * (2 << 20)
+    again = fastdrop.drop_path(x.detach(), 0.5, True)
+    assert again.data_ptr() in addr
+    del again
+    fastdrop.empty_cache()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])

@@ -139,7 +139,7 @@ def empty_cache() -> int:
     """Frees the large output buffers fastdrop keeps for reuse and returns how many bytes that
     released.
 
-    An out-of-place call on an array of 4 MiB or more writes into a buffer that an earlier,
+    An out-of-place call on an array of 1 MiB or more writes into a buffer that an earlier,
     since-freed output of the same size left behind, instead of fresh memory the OS must fault
     in and zero (which costs about as much as the dropout). At most 8 buffers and
     ``FASTDROP_CACHE_BYTES`` bytes (default 1 GiB; ``0`` disables the cache) are kept."""

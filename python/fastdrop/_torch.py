@@ -166,8 +166,8 @@ _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
     torch.bfloat16: np.dtype(np.uint16),
 }
 #: Outputs from this size (bytes) on come from fastdrop's buffer cache, as NumPy ones do (the
-#: core decides; this only spares small tensors the call).
-_CACHED_OUTPUT_MIN = 4 << 20
+#: core decides, from 1 MiB; this only spares small tensors the call).
+_CACHED_OUTPUT_MIN = 1 << 20
 
 
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
