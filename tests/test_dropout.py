@@ -480,7 +480,7 @@ def test_outputs_from_one_mib_are_recycled_and_smaller_ones_are_not():
     del z
     small = randn((1, (1 << 18) - 16))  # just under 1 MiB: NumPy's own allocation
     w = fastdrop.dropout(small, 0.5)
-    assert fastdrop._core.cached_bytes() == 2 << 20 and not np.shares_memory(w, want)
+    assert w.ctypes.data != addr and fastdrop._core.cached_bytes() == 2 << 20
     del w
     assert fastdrop._core.cached_bytes() == 2 << 20
     fastdrop.empty_cache()
