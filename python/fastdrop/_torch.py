@@ -165,6 +165,7 @@ _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
     torch.float64: np.dtype(np.float64),
     torch.bfloat16: np.dtype(np.uint16),
 }
+_BFLOAT16_WORDS = _NUMPY_DTYPES[torch.bfloat16]
 #: Outputs from this size (bytes) on come from fastdrop's buffer cache, as NumPy ones do (the
 #: core decides, from 1 MiB; this only spares small tensors the call).
 _CACHED_OUTPUT_MIN = 1 << 20
@@ -181,7 +182,8 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
             # would fault fresh pages in, which costs about as much as the dropout.
             buf = _core.cached_empty(tuple(x.shape), np_dtype)
             if buf is not None:
-                return torch.from_numpy(buf).view(x.dtype)
+                t = torch.from_numpy(buf)
+                return t if np_dtype is not _BFLOAT16_WORDS else t.view(torch.bfloat16)
         return torch.empty_like(x)
     sizes, strides = x.shape, x.stride()
     movable = [d for d in range(x.dim()) if sizes[d] > 1 and strides[d] != 0]
@@ -204,7 +206,7 @@ def _forward(x, residual, spec, gen, inplace, want_mask):
         or (residual is not None and _unusual(residual))
     ):
         return _forward_unusual(x, residual, spec, gen, inplace, want_mask)
-    a = _host(x)
+    a = _to_dlpack(x.detach())  # `_host(x)`, inlined
     if inplace:
         out, o = x, a
     else:
@@ -310,8 +312,11 @@ def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]
         return torch.where(
             keep, grad * mask.scale, torch.zeros((), dtype=grad.dtype, device=grad.device)
         )
-    _check_host_dtype(grad, "grad_output")
-    unusual = _unusual(grad)
+    # The checks and `_host`, inlined (as in `_forward`): a backward runs with its code out of
+    # the caches, between torch's operations, where each Python call costs microseconds.
+    if grad.dtype not in _HOST_DTYPES:
+        _check_host_dtype(grad, "grad_output")
+    unusual = grad.is_complex() or grad.is_neg() or grad._is_zerotensor()
     if unusual:
         grad = _materialized(grad)
     if strides is None or strides == grad.stride():
@@ -319,7 +324,7 @@ def _mask_grad(mask: Mask, grad: torch.Tensor, strides: Optional[Tuple[int, ...]
     else:
         out = torch.empty_strided(grad.shape, strides, dtype=grad.dtype)
     if not unusual and len(mask._shape) == grad.dim():
-        mask._apply(_host(grad), _to_dlpack(out))
+        mask._apply(_to_dlpack(grad.detach()), _to_dlpack(out))
         return out
     for g, o in _mask_operands(len(mask._shape), grad.detach(), out):
         mask._apply(_to_dlpack(g), _to_dlpack(o))
@@ -506,7 +511,11 @@ def _vmap_forward(info, in_dims, x, residual, call):
 def _dropout_setup(ctx, x, call, out) -> None:
     if call[2]:
         ctx.mark_dirty(x)
-    ctx.mask, ctx.strides, ctx.inplace = call[4], _output_strides(out), call[2]
+    try:  # `_output_strides`, inlined
+        strides = out.stride()
+    except RuntimeError:
+        strides = None
+    ctx.mask, ctx.strides, ctx.inplace = call[4], strides, call[2]
 
 
 class _DropoutFunction(torch.autograd.Function):
@@ -702,7 +711,12 @@ def run_plain(x: torch.Tensor, spec: Spec) -> torch.Tensor:
         or torch.compiler.is_compiling()
     ):
         return path_for(x, None, None, False)(x, spec, False, None, False, None)
-    gen = _host_generator(None)
+    # `_host_generator(None)`, inlined: in a training step this call runs between torch's
+    # operations with its code out of the caches, where each Python call costs microseconds.
+    local = _local
+    local.key.random_()
+    gen = local.generator
+    gen.set_state((int(local.key_view), 0, 0))
     if x.requires_grad and torch.is_grad_enabled():
         call = _Call((spec, gen, False, _want_for_backward(spec, x, False), None))
         return _DropoutFunction.apply(x, call)
