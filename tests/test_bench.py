@@ -195,6 +195,30 @@ def test_train_gives_a_row_per_model_and_setting(tmp_path, capsys):
     }
 
 
+def test_the_profilers_own_log_lines_are_held_back_and_others_passed_on(capfd):
+    with bench_train.quiet_profiler_log():
+        os.write(2, b"USDT:2026-12-03 11:41:47 6427:6427 SyncActivityProfilerHandler.cpp:39] x\n")
+        os.write(2, b"ERROR:2026-12-03 11:41:49 6427:6427 DeviceProperties.cpp:56] ")
+        os.write(2, b"gpuGetDeviceCount failed with code 35\n")
+        os.write(2, b"ERROR: something else\n")
+        print("to stdout")
+    out, err = capfd.readouterr()
+    assert err == "ERROR: something else\n"
+    assert out == "to stdout\n"
+    os.write(2, b"after\n")  # stderr is itself again
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_the_dropout_share_prints_none_of_the_profilers_log(capfd):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5))
+    x = torch.randn(4, 8)
+    share = bench_train.dropout_share(lambda: model(x).sum().backward(), model)
+    assert 0 < share < 1
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "gpuGetDeviceCount" not in err
+
+
 def test_median_interval_takes_the_sign_test_order_statistics():
     # Coverage 1 - 2 P(Binomial(n, 1/2) < k): with 5 values even (min, max) covers only 93.75 %,
     # with 6 it covers 96.9 %; 9 values give the 2nd and 8th (96.1 %; the 3rd and 7th would

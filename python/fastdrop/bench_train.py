@@ -21,13 +21,17 @@ the speedup as ``--train`` gives it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import fastdrop
 
@@ -235,6 +239,35 @@ def _is_dropout_op(name: str) -> bool:
     return name == _LABEL or (low.startswith("aten::") and ("dropout" in low or "bernoulli" in low))
 
 
+#: The lines torch's profiler library (Kineto) writes to the process's stderr on every run on a
+#: CPU-only machine: a marker at each start and stop, and the failed GPU count.
+_KINETO_NOISE = re.compile(
+    r"^(USDT:.*SyncActivityProfilerHandler\.cpp|ERROR:.*gpuGetDeviceCount failed)"
+)
+
+
+@contextlib.contextmanager
+def quiet_profiler_log() -> Iterator[None]:
+    """Holds back `_KINETO_NOISE` lines written to file descriptor 2 inside the block (Kineto
+    writes them from C++, past `sys.stderr`, 21 lines in a `--train` run); anything else written
+    there meanwhile is passed on to stderr when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not _KINETO_NOISE.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def dropout_share(step: Callable[[], None], model) -> float:
     """The share of one profiled `step` (torch.profiler, CPU time) spent in torch's dropout:
     the forward of every torch or timm dropout module of `model` (a profiler label is put around
@@ -260,7 +293,7 @@ def dropout_share(step: Callable[[], None], model) -> float:
         hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     try:
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with quiet_profiler_log(), profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
     finally:
         for h in hooks:
