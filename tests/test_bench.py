@@ -266,9 +266,36 @@ def test_alternate_times_pairs_every_callable_by_round_and_alternate_takes_media
     times = bench_train.alternate_times(fns, 4)
     assert set(times) == {"a", "b"} and all(len(v) == 4 for v in times.values())
     assert all(t >= 0 for v in times.values() for t in v)
-    # One warm-up call each, then the order rotates round by round.
+    # One warm-up call each, then the two orders by turns.
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert set(bench_train.alternate(fns, 3)) == {"a", "b"}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_balanced_orders_put_every_callable_after_every_other_equally_often(n):
+    orders = bench_train.balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    follows = {}
+    for order in orders:
+        for before, after in zip(order, order[1:]):
+            follows[(before, after)] = follows.get((before, after), 0) + 1
+    pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
+    assert sorted(follows) == sorted(pairs)
+    assert len(set(follows.values())) <= 1  # each ordered pair as often as every other
+
+
+def test_three_callables_follow_each_other_equally_often_in_alternate_times():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in ("torch", "fastdrop", "fastdrop_1")}
+    bench_train.alternate_times(fns, 6)
+    rounds = [calls[3 + 3 * r : 6 + 3 * r] for r in range(6)]
+    after = {}
+    for order in rounds:
+        for before, this in zip(order, order[1:]):
+            after.setdefault(this, []).append(before)
+    # Rotation gave fastdrop_1 only fastdrop before it inside a round, and torch no torch.
+    assert sorted(after["fastdrop_1"]) == ["fastdrop", "fastdrop", "torch", "torch"]
+    assert sorted(after["fastdrop"]) == ["fastdrop_1", "fastdrop_1", "torch", "torch"]
 
 
 def test_a_rows_speedup_is_the_median_of_its_rounds_ratios(monkeypatch):

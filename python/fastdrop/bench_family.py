@@ -255,7 +255,8 @@ def _family_cases(name: str) -> Tuple[str, str, Dict[str, Callable[[], Any]], st
 def family(
     rounds: int, threads: int, names=FAMILY, log: Callable[[str], Any] = lambda s: None
 ) -> List[Dict[str, Any]]:
-    """Each row's candidates alternate in every round (the order rotating), one warm-up round
+    """Each row's candidates alternate in every round (`bench_train.balanced_orders` by
+    turns), one warm-up round
     first; medians of `rounds` rounds. One record per row, the seconds per column in
     "seconds", "speedup" = baseline time / fastdrop time."""
     import torch

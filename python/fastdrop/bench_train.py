@@ -150,18 +150,43 @@ def _stepper(model, x, y, loss_fn, steps: int = 1) -> Callable[[], None]:
     return step
 
 
+def balanced_orders(n: int) -> List[List[int]]:
+    """Orders of `n` callables in which, across the orders, every callable comes right after
+    every other one equally often (a Williams design: n orders for even n, 2n for odd n).
+
+    What a call costs depends on the call before it: code and data it left in the caches, and
+    memory it freed (glibc hands torch's freed memory back to the OS at the next large `free`,
+    which then pays milliseconds for it). Rotating three callables put fastdrop's row after
+    torch's in two rounds of three and fastdrop's one-thread row after fastdrop's in two of
+    three, which read Dropout (32, 128, 1024) at 7-9x against 15-16x in shuffled order, with
+    the one-thread row faster than the two-thread one."""
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(c + i) % n for c in first] for i in range(n)]
+    if n % 2:
+        orders += [order[::-1] for order in orders]
+    return orders
+
+
 def alternate_times(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, List[float]]:
-    """Seconds of each callable in each of `rounds` rounds, all of them once per round in turn,
-    the order rotating every round (after one warm-up call each), so that a slow spell of a
-    shared machine, or the cache one call leaves the next, hits all alike. Entry i of every
-    list comes from round i: the lists pair up for `round_speedups`."""
+    """Seconds of each callable in each of `rounds` rounds, all of them once per round in turn
+    (after one warm-up call each), in the `balanced_orders` by turns, so that a slow spell of a
+    shared machine, or what one call leaves the next, hits all alike. Entry i of every list
+    comes from round i: the lists pair up for `round_speedups`."""
     for f in fns.values():
         f()
     labels = list(fns)
+    orders = balanced_orders(len(labels))
     times: Dict[str, List[float]] = {k: [] for k in labels}
     for r in range(rounds):
-        k = r % len(labels)
-        for label in labels[k:] + labels[:k]:
+        for i in orders[r % len(orders)]:
+            label = labels[i]
             t = time.perf_counter()
             fns[label]()
             times[label].append(time.perf_counter() - t)
