@@ -577,3 +577,22 @@ def test_only_modules_that_may_call_a_rerouted_function_get_the_hooks():
     rerouted = model[1](x)
     torch.manual_seed(5)
     torch.testing.assert_close(rerouted, fastdrop.dropout(x, 0.1, True), rtol=0, atol=0)
+
+
+def test_the_training_benchmark_times_every_variant_in_every_round(monkeypatch):
+    pytest.importorskip("timm")
+    from fastdrop import attention
+
+    calls = []
+    real = torch.nn.Module.train
+    monkeypatch.setattr(
+        torch.nn.Module, "train", lambda m, mode=True: calls.append(m) or real(m, mode)
+    )
+    rows = attention.benchmark_training(batch=1, rounds=3)
+    assert [r["model"] for r in rows] == ["transformer_encoder", "vit_tiny"]
+    for r in rows:
+        for k in ("torch", "fastdrop modules", "fastdrop + attention"):
+            assert r[k] > 0
+    # One warm-up round and three timed ones, each of the three variants once a round.
+    tops = [m for m in calls if type(m).__name__ in ("TransformerEncoder", "VisionTransformer")]
+    assert len(tops) == 2 * 3 * 4

@@ -627,10 +627,12 @@ def _training_models(batch: int):
 def benchmark_training(batch: int = 16, rounds: int = 7) -> List[Dict[str, Any]]:
     """One SGD training step (forward, backward, update) of each model with torch's dropout,
     with `replace_dropout`'s modules but torch's attention dropout (the state before attention
-    was converted), and fully converted; the three alternate step by step, the order rotating
-    every round; medians of `rounds` rounds after one warm-up. Returns seconds per step."""
+    was converted), and fully converted; the three alternate step by step, each right after
+    each other equally often (`bench_train.balanced_orders`); medians of `rounds` rounds after
+    one warm-up. Returns seconds per step."""
     import time
 
+    from .bench_train import balanced_orders
     from .nn import replace_dropout
 
     results = []
@@ -648,8 +650,10 @@ def benchmark_training(batch: int = 16, rounds: int = 7) -> List[Dict[str, Any]]
         opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in variants.items()}
         times: Dict[str, List[float]] = {k: [] for k in variants}
         labels = list(variants)
+        orders = balanced_orders(len(labels))
         for r in range(rounds + 1):
-            for label in labels[r % 3 :] + labels[: r % 3]:
+            for i in orders[r % len(orders)]:
+                label = labels[i]
                 model, opt = variants[label], opts[label]
                 model.train()
                 t0 = time.perf_counter()
