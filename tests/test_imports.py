@@ -50,8 +50,8 @@ CALL_TIME_UPWARD = {
     ("attention", "nn"),
     ("attention", "functional"),
     ("nn", "attention"),
-    # attention's training benchmark takes the bench's balanced orders (bench code, run only
-    # by whoever benchmarks).
+    # attention's training benchmark times its steps with the bench's `alternate_times` (bench
+    # code, run only by whoever benchmarks).
     ("attention", "bench_train"),
 }
 

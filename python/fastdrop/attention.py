@@ -20,7 +20,7 @@ import math
 import numbers
 import re
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -628,11 +628,9 @@ def benchmark_training(batch: int = 16, rounds: int = 7) -> List[Dict[str, Any]]
     """One SGD training step (forward, backward, update) of each model with torch's dropout,
     with `replace_dropout`'s modules but torch's attention dropout (the state before attention
     was converted), and fully converted; the three alternate step by step, each right after
-    each other equally often (`bench_train.balanced_orders`); medians of `rounds` rounds after
+    each other equally often (`bench_train.alternate_times`); medians of `rounds` rounds after
     one warm-up. Returns seconds per step."""
-    import time
-
-    from .bench_train import balanced_orders
+    from .bench_train import alternate_times
     from .nn import replace_dropout
 
     results = []
@@ -648,24 +646,22 @@ def benchmark_training(batch: int = 16, rounds: int = 7) -> List[Dict[str, Any]]
         variants["fastdrop + attention"] = _converted(full, replace_dropout)
         x = torch.randn(shape)
         opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in variants.items()}
-        times: Dict[str, List[float]] = {k: [] for k in variants}
-        labels = list(variants)
-        orders = balanced_orders(len(labels))
-        for r in range(rounds + 1):
-            for i in orders[r % len(orders)]:
-                label = labels[i]
-                model, opt = variants[label], opts[label]
-                model.train()
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                model(x).float().square().mean().backward()
-                opt.step()
-                if r:
-                    times[label].append(time.perf_counter() - t0)
+        steps = {k: _training_step(m, opts[k], x) for k, m in variants.items()}
+        times = alternate_times(steps, rounds)
         row: Dict[str, Any] = {"model": name, "batch": batch}
         row.update({k: sorted(v)[len(v) // 2] for k, v in times.items()})
         results.append(row)
     return results
+
+
+def _training_step(model, opt, x) -> Callable[[], None]:
+    def step() -> None:
+        model.train()
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+
+    return step
 
 
 def _converted(model, replace):

@@ -256,9 +256,8 @@ def family(
     rounds: int, threads: int, names=FAMILY, log: Callable[[str], Any] = lambda s: None
 ) -> List[Dict[str, Any]]:
     """Each row's candidates alternate in every round (`bench_train.balanced_orders` by
-    turns), one warm-up round
-    first; medians of `rounds` rounds. One record per row, the seconds per column in
-    "seconds", "speedup" = baseline time / fastdrop time."""
+    turns), one warm-up round first; medians of `rounds` rounds. One record per row, the
+    seconds per column in "seconds", "speedup" = baseline time / fastdrop time."""
     import torch
 
     fastdrop.set_num_threads(threads)
