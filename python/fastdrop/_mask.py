@@ -27,7 +27,7 @@ class Mask:
     key"); such a mask holds no bits until asked for them.
     """
 
-    __slots__ = ("_bits", "_scale", "_input_shape", "_key", "_keep", "_shape", "_redraw")
+    __slots__ = ("_bits", "_scale", "_input_shape", "_key", "_keep", "_shape")
 
     def __init__(self, bits: _core.MaskBits, scale: float, input_shape: tuple[int, ...]):
         self._bits: Optional[_core.MaskBits] = bits
@@ -36,7 +36,6 @@ class Mask:
         self._key: Optional[tuple[int, int, int]] = None
         self._keep = 0.0
         self._shape = tuple(bits.shape)
-        self._redraw: Optional[Spec] = None
 
     @classmethod
     def _from_key(
@@ -46,13 +45,10 @@ class Mask:
         keep: float,
         scale: float,
         input_shape: tuple[int, ...],
-        redraw: Optional[Spec] = None,
     ) -> Mask:
-        """The mask a Bernoulli(`keep`) call of `mask_shape` drew from a generator at `key`.
-        `redraw`, when given, is `_redraw_spec(mask_shape, keep, scale)` (the forward's own
-        spec, for dropout and drop_path), which spares the backward the lookup."""
+        """The mask a Bernoulli(`keep`) call of `mask_shape` drew from a generator at `key`."""
         m = cls.__new__(cls)
-        m._bits, m._key, m._keep, m._redraw = None, key, keep, redraw
+        m._bits, m._key, m._keep = None, key, keep
         m._scale, m._input_shape, m._shape = float(scale), input_shape, tuple(mask_shape)
         return m
 
@@ -85,9 +81,7 @@ class Mask:
             _core.mask_apply(self._bits, x, out, self._scale)
         else:
             assert self._key is not None
-            spec = self._redraw
-            if spec is None:
-                spec = _redraw_spec(self._shape, self._keep, self._scale)
+            spec = _redraw_spec(self._shape, self._keep, self._scale)
             apply(x, out, None, spec, _core._generator_from_state(self._key), False)
 
     @classmethod
@@ -193,13 +187,7 @@ def apply_spec(
         seed, stream, _ = generator.get_state()
         done = apply(x, out, residual, spec, generator, False)
         key = (seed, stream, done.first_block)
-        app = spec.application
-        # The backward's redraw spec is the forward's own where kept elements are scaled by the
-        # gradient's factor (dropout, drop_path): `_redraw_spec` would build an equal one.
-        redraw = spec if type(app) is Scale and app.scale == spec.grad_scale else None
-        scale = spec.grad_scale
-        assert scale is not None  # only a block mask's scale is the core's (`ScaleByKept`)
-        return Mask._from_key(key, tuple(mask.shape), mask.keep, scale, input_shape, redraw)
+        return Mask._from_key(key, tuple(mask.shape), mask.keep, spec.grad_scale, input_shape)  # type: ignore[arg-type]
     done = apply(x, out, residual, spec, generator, bool(want_mask))
     if done.bits is None:
         return None

@@ -67,31 +67,36 @@ class _PerThread(threading.local):
 _local = _PerThread()
 
 
-def _key_from_torch(generator: Optional[torch.Generator]) -> int:
-    """One 63-bit draw from a torch generator (the default one for None) keys the call, so
-    `torch.manual_seed`, `fork_rng` and `freeze_rng_state` govern fastdrop as they govern torch's
-    dropout."""
+def _default_host_generator() -> _core.Generator:
+    """`_host_generator(None)`: this thread's reused Generator keyed by one 63-bit draw from
+    torch's default generator, so `torch.manual_seed`, `fork_rng` and `freeze_rng_state` govern
+    fastdrop as they govern torch's dropout. Its own function, called straight from
+    `run_plain`: in a training step it runs between torch's operations with its code out of
+    the caches, where each Python call costs microseconds."""
     local = _local
-    if generator is None:
-        local.key.random_()  # passing generator=None costs a third more
-    else:
-        local.key.random_(generator=generator)
-    return int(local.key_view)
+    local.key.random_()  # passing generator=None costs a third more
+    gen = local.generator
+    gen.set_state((int(local.key_view), 0, 0))
+    return gen
 
 
 def _host_generator(generator: Any) -> _core.Generator:
     """The fastdrop Generator a CPU call draws its mask from: for a torch key, this thread's
     reused Generator set to (key, stream 0, offset 0), the same as `Generator(key)`."""
+    if generator is None:
+        return _default_host_generator()
     if isinstance(generator, _core.Generator):
         return generator
-    if generator is None or isinstance(generator, torch.Generator):
-        if generator is not None and generator.device.type != "cpu":
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != "cpu":
             raise ValueError(
                 f"a torch.Generator on {generator.device} cannot key a CPU tensor's mask; "
                 "pass a CPU generator"
             )
-        gen = _local.generator
-        gen.set_state((_key_from_torch(generator), 0, 0))
+        local = _local
+        local.key.random_(generator=generator)
+        gen = local.generator
+        gen.set_state((int(local.key_view), 0, 0))
         return gen
     raise TypeError(
         "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
@@ -165,7 +170,6 @@ _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
     torch.float64: np.dtype(np.float64),
     torch.bfloat16: np.dtype(np.uint16),
 }
-_BFLOAT16_WORDS = _NUMPY_DTYPES[torch.bfloat16]
 #: Outputs from this size (bytes) on come from fastdrop's buffer cache, as NumPy ones do (the
 #: core decides, from 1 MiB; this only spares small tensors the call).
 _CACHED_OUTPUT_MIN = 1 << 20
@@ -182,8 +186,8 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
             # would fault fresh pages in, which costs about as much as the dropout.
             buf = _core.cached_empty(tuple(x.shape), np_dtype)
             if buf is not None:
-                t = torch.from_numpy(buf)
-                return t if np_dtype is not _BFLOAT16_WORDS else t.view(torch.bfloat16)
+                t = torch.from_numpy(buf)  # bfloat16's words are uint16 to NumPy
+                return t.view(torch.bfloat16) if x.dtype is torch.bfloat16 else t
         return torch.empty_like(x)
     sizes, strides = x.shape, x.stride()
     movable = [d for d in range(x.dim()) if sizes[d] > 1 and strides[d] != 0]
@@ -511,11 +515,7 @@ def _vmap_forward(info, in_dims, x, residual, call):
 def _dropout_setup(ctx, x, call, out) -> None:
     if call[2]:
         ctx.mark_dirty(x)
-    try:  # `_output_strides`, inlined
-        strides = out.stride()
-    except RuntimeError:
-        strides = None
-    ctx.mask, ctx.strides, ctx.inplace = call[4], strides, call[2]
+    ctx.mask, ctx.strides, ctx.inplace = call[4], _output_strides(out), call[2]
 
 
 class _DropoutFunction(torch.autograd.Function):
@@ -711,12 +711,7 @@ def run_plain(x: torch.Tensor, spec: Spec) -> torch.Tensor:
         or torch.compiler.is_compiling()
     ):
         return path_for(x, None, None, False)(x, spec, False, None, False, None)
-    # `_host_generator(None)`, inlined: in a training step this call runs between torch's
-    # operations with its code out of the caches, where each Python call costs microseconds.
-    local = _local
-    local.key.random_()
-    gen = local.generator
-    gen.set_state((int(local.key_view), 0, 0))
+    gen = _default_host_generator()
     if x.requires_grad and torch.is_grad_enabled():
         call = _Call((spec, gen, False, _want_for_backward(spec, x, False), None))
         return _DropoutFunction.apply(x, call)
