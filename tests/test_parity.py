@@ -692,3 +692,151 @@ def test_a_refused_jagged_tensor_leaves_no_symbolic_shape_in_the_spec_cache():
     torch._dynamo.reset()
     f = torch.compile(lambda t: fastdrop.dropout(t, 0.5), backend="aot_eager", fullgraph=True)
     assert f(torch.randn(4, 6)).shape == (4, 6)
+
+
+# --- in place: what torch refuses, and what it lets through ---------------------------------------
+
+# Every in-place call on a torch tensor, with torch's (or timm's, torchvision's) own beside it.
+_INPLACE_CALLS = [
+    ("dropout", 3, F.dropout, fastdrop.dropout),
+    ("alpha_dropout", 3, F.alpha_dropout, fastdrop.alpha_dropout),
+    ("feature_alpha_dropout", 3, F.feature_alpha_dropout, fastdrop.feature_alpha_dropout),
+    ("dropout1d", 3, F.dropout1d, fastdrop.dropout1d),
+    ("dropout2d", 4, F.dropout2d, fastdrop.dropout2d),
+    ("dropout3d", 5, F.dropout3d, fastdrop.dropout3d),
+]
+
+
+def _inplace(call):
+    return lambda t, p=0.5, training=True: call(t, p, training, True)
+
+
+def _error(call, x):
+    try:
+        call(x)
+    except Exception as e:  # noqa: BLE001 - the class and words are what is compared
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "name, nd, torch_call, call", _INPLACE_CALLS, ids=[c[0] for c in _INPLACE_CALLS]
+)
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_in_place_on_an_expanded_tensor_is_torchs_runtime_error_and_writes_nothing(
+    name, nd, torch_call, call, p
+):
+    # Regression: fastdrop raised its NumPy ValueError ("zero stride") where torch raises a
+    # RuntimeError from its internal-overlap check.
+    base = torch.randn((1,) + (3,) * (nd - 1))
+    want = _error(lambda t: _inplace(torch_call)(t, p), base.expand((2,) + (3,) * (nd - 1)))
+    before = base.clone()
+    got = _error(lambda t: _inplace(call)(t, p), base.expand((2,) + (3,) * (nd - 1)))
+    assert want is not None and want[0] is RuntimeError
+    assert got == want
+    assert torch.equal(base, before)
+
+
+def test_in_place_drop_blocks_on_an_expanded_tensor_are_runtime_errors():
+    timm_layers = pytest.importorskip("timm.layers")
+    x = torch.randn(1, 2, 6, 6).expand(3, 2, 6, 6)
+    want = _error(lambda t: timm_layers.drop_block_2d(t, 0.2, 3, inplace=True), x)
+    assert want is not None and want[0] is RuntimeError
+    assert _error(lambda t: fastdrop.drop_block_2d(t, 0.2, 3, inplace=True), x) == want
+    v = torch.randn(1, 2, 4, 4, 4).expand(3, 2, 4, 4, 4)
+    assert _error(lambda t: fastdrop.drop_block_3d(t, 0.2, 3, inplace=True), v) == want
+
+
+def test_in_place_drop_block_3d_refuses_an_inference_tensor_as_torchvision_does():
+    # Regression: torchvision's form of DropBlock wrote into an inference tensor outside
+    # inference mode, where torchvision's `mul_` raises.
+    # torch raises it only after its kernel wrote (when it bumps the version counter);
+    # fastdrop raises before.
+    ops = pytest.importorskip("torchvision.ops")
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 4, 4, 4)
+        y = x.clone()
+    want = _error(lambda t: ops.drop_block3d(t, 0.5, 3, inplace=True), y)
+    assert want is not None and want[0] is RuntimeError
+    before = x.clone()
+    assert _error(lambda t: fastdrop.drop_block_3d(t, 0.5, 3, inplace=True), x) == want
+    assert torch.equal(x, before)
+
+
+def _kinds_that_refuse_in_place(shape):
+    leaf = torch.randn(shape, requires_grad=True)
+    with torch.inference_mode():
+        inference = torch.randn(shape)
+    return {"leaf": leaf, "view of a leaf": leaf.view(shape), "inference": inference}
+
+
+@pytest.mark.filterwarnings("ignore:dropout[23]d. Received a")
+@pytest.mark.parametrize(
+    "name, nd, torch_call, call", _INPLACE_CALLS, ids=[c[0] for c in _INPLACE_CALLS]
+)
+@pytest.mark.parametrize("kind", ["leaf", "view of a leaf", "inference"])
+def test_in_place_on_an_empty_tensor_returns_it_unchecked_as_torch_does(
+    name, nd, torch_call, call, kind
+):
+    # Regression: fastdrop raised autograd's and inference mode's in-place errors on an empty
+    # tensor, which torch returns before any check (there is nothing to write).
+    shape = (0,) + (2,) * (nd - 1)
+    want = _error(_inplace(torch_call), _kinds_that_refuse_in_place(shape)[kind])
+    x = _kinds_that_refuse_in_place(shape)[kind]
+    got = _error(_inplace(call), x)
+    assert got == want
+    if want is None:
+        assert _inplace(call)(x) is x
+        y, mask = call(x, 0.5, True, True, return_mask=True)
+        assert y is x and mask.count_kept() == mask.numpy().size
+
+
+@pytest.mark.filterwarnings("ignore:dropout3d. Received a")
+@pytest.mark.parametrize(
+    "name, shape, torch_call, call",
+    [
+        ("dropout1d (C, L)", (3, 4), F.dropout1d, fastdrop.dropout1d),
+        ("dropout3d (C, D, H, W)", (2, 3, 4, 4), F.dropout3d, fastdrop.dropout3d),
+        ("dropout3d 2-D", (3, 4), F.dropout3d, fastdrop.dropout3d),
+        ("dropout3d empty", (0, 4), F.dropout3d, fastdrop.dropout3d),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+@pytest.mark.parametrize("kind", ["leaf", "view of a leaf", "inference"])
+@pytest.mark.parametrize("p, training", [(0.5, False), (0.0, True), (0.5, True)])
+def test_unbatched_in_place_channel_dropout_raises_what_torchs_unsqueeze_raises(
+    name, shape, torch_call, call, kind, p, training
+):
+    # Regression: torch's dropout1d and dropout3d read an unbatched input through
+    # `input.unsqueeze_(0)`, which raises autograd's in-place errors even when nothing is
+    # dropped (training off, p = 0); fastdrop returned the input.
+    want = _error(
+        lambda t: torch_call(t, p, training, True), _kinds_that_refuse_in_place(shape)[kind]
+    )
+    assert want is not None and want[0] is RuntimeError
+    x = _kinds_that_refuse_in_place(shape)[kind]
+    assert _error(lambda t: call(t, p, training, True), x) == want
+
+
+def test_unbatched_in_place_channel_dropout_under_no_grad_is_allowed():
+    x = torch.randn(3, 4, requires_grad=True)
+    with torch.no_grad():
+        assert fastdrop.dropout1d(x, 0.5, False, True) is x
+        assert F.dropout1d(x, 0.5, False, True) is x
+
+
+@pytest.mark.parametrize(
+    "name, nd, torch_call, call", _INPLACE_CALLS, ids=[c[0] for c in _INPLACE_CALLS]
+)
+def test_in_place_on_self_overlapping_elements_is_refused_where_torch_writes(
+    name, nd, torch_call, call
+):
+    # A documented difference (README): torch writes shared elements more than once, in an
+    # order its kernel picks; fastdrop refuses before writing.
+    shape, strides = (2,) + (3,) * (nd - 1), (1,) * nd
+    _inplace(torch_call)(torch.arange(1.0, 40.0).as_strided(shape, strides))  # no error
+    storage = torch.arange(1.0, 40.0)
+    x = storage.as_strided(shape, strides)
+    with pytest.raises(ValueError, match="overlap"):
+        _inplace(call)(x)
+    assert torch.equal(storage, torch.arange(1.0, 40.0))

@@ -64,6 +64,10 @@ def run(
         path = torch_module().path_for(x, residual, generator, return_mask)
         if spec is None:
             return _identity(x, residual, None, return_mask, kept_shape)
+        if inplace and x.numel() == 0:
+            # torch's dropouts return an empty input before any in-place check (a leaf that
+            # requires grad, an inference tensor): there is nothing to write.
+            return _identity(x, residual, None, return_mask, tuple(spec.mask.shape))
         return path(x, spec, inplace, generator, return_mask, residual)
     a = as_array(x)
     r = None if residual is None else as_array(residual, "residual")

@@ -679,15 +679,45 @@ def _check_inplace(x: torch.Tensor) -> None:
         )
 
 
+#: torch's words for writing in place into an inference tensor outside inference mode.
+_INFERENCE_INPLACE = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone "
+    "to get a normal tensor before doing inplace update.See "
+    "https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+
+#: torch's words when an in-place op would write one memory location through several elements.
+_INTERNAL_OVERLAP = (
+    "unsupported operation: more than one element of the written-to tensor refers to a single "
+    "memory location. Please clone() the tensor before performing the operation."
+)
+
+
+def _check_no_internal_overlap(x: torch.Tensor) -> None:
+    """torch's error (a RuntimeError, after its autograd checks) for writing in place into a
+    tensor with a zero stride over a dimension longer than 1, as `expand` makes: its
+    `assert_no_internal_overlap`. A tensor whose elements overlap otherwise (`as_strided`),
+    which torch writes without a check, is the kernels' ValueError (see the README)."""
+    if any(step == 0 and n > 1 for step, n in zip(x.stride(), x.shape)):
+        raise RuntimeError(_INTERNAL_OVERLAP)
+
+
+def check_unsqueeze_(x: torch.Tensor) -> None:
+    """The errors of torch's `x.unsqueeze_(0)`, which torch's dropout1d and dropout3d run on an
+    unbatched input even when they then drop nothing: an inference tensor outside inference
+    mode, and autograd's in-place errors. Not under torch.func's transforms, whose wrappers
+    autograd reads otherwise."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(_INFERENCE_INPLACE)
+    if torch.is_grad_enabled() and x.requires_grad and not _functorch_active():
+        _check_inplace(x)
+
+
 def _check_writable(x: torch.Tensor) -> None:
     """torch's errors for writing in place into a tensor that no mode allows writing: an
     inference tensor outside inference mode, a ZeroTensor (which has no storage)."""
     if x.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "Inplace update to inference tensor outside InferenceMode is not allowed.You can make "
-            "a clone to get a normal tensor before doing inplace update.See "
-            "https://github.com/pytorch/rfcs/pull/17 for more details."
-        )
+        raise RuntimeError(_INFERENCE_INPLACE)
     if x._is_zerotensor():
         raise RuntimeError(_ZERO_TENSOR_IMMUTABLE)
 
@@ -761,6 +791,8 @@ def run_host(x, spec, inplace, generator, return_mask, residual):
     )
     if inplace and grad_mode and x.requires_grad:
         _check_inplace(x)
+    if inplace:
+        _check_no_internal_overlap(x)
     if needs_function:
         call = _Call((spec, gen, inplace, _want_for_backward(spec, x, return_mask), None))
         out = _apply_dropout(x, residual, call)
@@ -1065,9 +1097,14 @@ def drop_block_torchvision(
     _check_host_dtype(x)
     key = _keyed.call_key(_host_generator(generator))
     mask = _keyed.torchvision_block_mask(key, tuple(x.shape), p, block_size, eps)
-    if torch.is_grad_enabled() and x.requires_grad:
-        if inplace:
+    tracked = torch.is_grad_enabled() and x.requires_grad
+    if inplace:
+        # torchvision's `mul_` raises these after drawing its noise, as here.
+        _check_writable(x)
+        if tracked:
             _check_inplace(x)
+        _check_no_internal_overlap(x)
+    if tracked:
         out = _MaskedFunction.apply(x, mask, inplace)
     else:
         out = _apply_mask(x, mask, inplace)

@@ -355,6 +355,10 @@ def _channel(spatial: int, input, p, training, inplace, generator, return_mask, 
         mask_shape = _strict_channel_mask_shape(name, spatial, nd, shape)
     else:
         mask_shape = _torch_channel_mask_shape(name, spatial, nd, shape)
+    if inplace is True and spatial != 2 and nd != spatial + 2 and is_torch_tensor(input):
+        # torch's dropout1d and dropout3d read an unbatched input through `input.unsqueeze_(0)`,
+        # which raises torch's in-place errors whatever p and training are.
+        _dispatch.torch_module().check_unsqueeze_(input)
     return _feature(
         name, input, nd, mask_shape, _scale_spec, p, training, inplace, generator, return_mask, out
     )
