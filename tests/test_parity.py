@@ -36,6 +36,18 @@ def test_calculate_drop_path_rates_is_exported_at_the_top_level():
     )
 
 
+def test_drop_path_returns_a_0d_input_when_it_drops_nothing_as_timm_does():
+    # Regression: fastdrop refused a 0-d input even in evaluation, where timm returns it.
+    timm_layers = pytest.importorskip("timm.layers")
+    x = torch.tensor(2.0)
+    for p, training in [(0.5, False), (0.0, True)]:
+        assert timm_layers.drop_path(x, p, training) is x
+        assert fastdrop.drop_path(x, p, training) is x
+        assert torch.equal(fastdrop.drop_path_add(x, x, p, training), x + x)
+    with pytest.raises(fastdrop.ShapeError, match="batch dimension"):
+        fastdrop.drop_path(x, 0.5, True)
+
+
 # --- p as a 0-d tensor --------------------------------------------------------------------------
 
 _P_CALLS = [

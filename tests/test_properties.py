@@ -222,7 +222,9 @@ def check_call(data, name: Optional[str] = None) -> None:
     # torch's feature dropout returns an input with no channel when nothing is dropped (zeros
     # for p = 1): only an active call on such an input is an error.
     no_channel_ok = fn.name == "feature_alpha_dropout" and not (training and 0 < p < 1 and x.size)
-    if not fn.ranks(nd) and not no_channel_ok:
+    # timm's drop_path returns a 0-d input when it drops nothing.
+    no_batch_ok = fn.name in ("drop_path", "drop_path_add") and not (training and p > 0)
+    if not fn.ranks(nd) and not no_channel_ok and not no_batch_ok:
         try:
             _call(fn, x, other, p, training, inplace, seed, block)
         except ShapeError:

@@ -541,8 +541,12 @@ def drop_path(
                 return torch_side.run_plain(x, spec)
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
+    active = _check_bool(training, "training") and drop_prob != 0.0
+    if not active and _ndim(x) == 0:
+        # timm returns a 0-d input when it drops nothing (and fails on one otherwise).
+        return _run(x, None, False, generator, return_mask, out=out, kept_shape=())
     spec = _path_spec(x, drop_prob, scale_by_keep)
-    if not _check_bool(training, "training") or drop_prob == 0.0:
+    if not active:
         return _run(x, None, False, generator, return_mask, out=out, kept_shape=spec.mask.shape)
     return _run(x, spec, False, generator, return_mask, out=out)
 
@@ -686,11 +690,12 @@ def drop_path_add(
     """``x + drop_path(branch, ...)`` in one pass; a dropped sample's branch is never read."""
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
+    active = _check_bool(training, "training") and drop_prob != 0.0
+    if not active:
+        # As drop_path: a 0-d branch is added untouched when nothing is dropped.
+        kept = () if _ndim(branch) == 0 else _path_spec(branch, drop_prob, scale_by_keep).mask.shape
+        return _run(branch, None, False, generator, return_mask, x, out=out, kept_shape=kept)
     spec = _path_spec(branch, drop_prob, scale_by_keep)
-    if not _check_bool(training, "training") or drop_prob == 0.0:
-        return _run(
-            branch, None, False, generator, return_mask, x, out=out, kept_shape=spec.mask.shape
-        )
     return _run(branch, spec, False, generator, return_mask, x, out=out)
 
 
