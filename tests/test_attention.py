@@ -372,6 +372,41 @@ def test_empty_inputs():
     assert sdpa(q, k, v, dropout_p=0.5).shape == (2, 3, 0, 8)
 
 
+def test_an_empty_head_dimension_weighs_the_keys_evenly_as_torch_does():
+    # Regression: with E = 0 and dropout, the default scale 1/sqrt(E) was a ZeroDivisionError;
+    # every logit is an empty sum, and torch weighs the keys evenly.
+    q, k, v = qkv(e=0, ev=4, dtype=torch.float64)
+    assert torch.allclose(sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    out, mask = sdpa(q, k, v, dropout_p=0.5, return_mask=True)
+    keep = torch.from_numpy(mask.numpy()).to(torch.float64)
+    want = (keep * 2.0 / k.shape[-2]) @ v
+    assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
+def test_grouped_query_attention_without_a_heads_dimension_is_torchs_index_error(dropout_p):
+    # Regression: a 2-D value made fastdrop's own check index past its shape.
+    q, k, v = torch.randn(1, 4, 5, 2), torch.randn(1, 2, 3, 2), torch.randn(3, 2)
+    with pytest.raises(IndexError):
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True)
+    with pytest.raises(IndexError, match="heads dimension"):
+        sdpa(q, k, v, dropout_p=dropout_p, enable_gqa=True)
+    # An empty one: torch returns before grouping, and so does fastdrop.
+    e = torch.randn(0, 2)
+    want = F.scaled_dot_product_attention(e, k[0, 0], v, dropout_p=dropout_p, enable_gqa=True)
+    assert sdpa(e, k[0, 0], v, dropout_p=dropout_p, enable_gqa=True).shape == want.shape
+
+
+def test_an_explicit_mask_with_is_causal_is_refused_before_the_grouping():
+    # torch's order: the mask-and-causal error comes first, also where grouping would fail.
+    q, k, v = torch.randn(1, 3, 5, 1), torch.randn(1, 3, 1, 1), torch.randn(1, 1)
+    m = torch.ones(1, 1, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        sdpa(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True)
+
+
 # --- replace_dropout --------------------------------------------------------------------------
 
 TORCH_DROPOUT_OPS = {

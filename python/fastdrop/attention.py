@@ -80,13 +80,6 @@ def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
             "key must share query's last dimension and value's sequence length: got "
             f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
-    if enable_gqa and query.dim() >= 3:
-        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
-        if hk != hv or hk == 0 or hq % hk != 0:
-            raise AttentionArgumentError(
-                f"enable_gqa needs key and value heads ({hk}, {hv}) equal and dividing "
-                f"query's ({hq})"
-            )
     if attn_mask is not None:
         if is_causal:
             raise AttentionArgumentError(
@@ -99,11 +92,32 @@ def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
             raise AttentionArgumentError(
                 f"attn_mask is on {attn_mask.device}, query on {query.device}"
             )
+    if _grouped(query, key, value, enable_gqa):
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if hk != hv or hk == 0 or hq % hk != 0:
+            raise AttentionArgumentError(
+                f"enable_gqa needs key and value heads ({hk}, {hv}) equal and dividing "
+                f"query's ({hq})"
+            )
 
 
-def _weights_shape(query, key, attn_mask, enable_gqa) -> Tuple[int, ...]:
+def _grouped(query, key, value, enable_gqa) -> bool:
+    """Whether enable_gqa groups heads: torch's grouping indexes dimension -3 of query, key and
+    value (an IndexError, its class, where one has fewer dimensions), after it returned early
+    for an empty one."""
+    if not enable_gqa or not (query.numel() and key.numel() and value.numel()):
+        return False
+    if min(query.dim(), key.dim(), value.dim()) < 3:
+        raise IndexError(
+            "enable_gqa needs a heads dimension (-3) in query, key and value, got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    return True
+
+
+def _weights_shape(query, key, value, attn_mask, enable_gqa) -> Tuple[int, ...]:
     key_batch = tuple(key.shape[:-2])
-    if enable_gqa and query.dim() >= 3:
+    if _grouped(query, key, value, enable_gqa):
         key_batch = (*key_batch[:-1], query.shape[-3])
     batch = torch.broadcast_shapes(query.shape[:-2], key_batch)
     shape = (*batch, query.shape[-2], key.shape[-2])
@@ -305,7 +319,7 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask, p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
     _check_host(query, key, value, attn_mask, is_causal, enable_gqa)
-    shape = _weights_shape(query, key, attn_mask, enable_gqa)
+    shape = _weights_shape(query, key, value, attn_mask, enable_gqa)
     if p == 0.0:
         out = _torch_sdpa(
             query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa
@@ -314,9 +328,11 @@ def scaled_dot_product_attention(
             return out, Mask(_core.MaskBits.filled(list(shape), True), 1.0, shape)
         return out
     if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
+        # torch's 1/sqrt(E); with E = 0 every logit is an empty sum, 0 at any finite scale
+        # (torch then weighs the keys evenly).
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
     scale = float(scale)
-    if enable_gqa and query.dim() >= 3:
+    if _grouped(query, key, value, enable_gqa):
         key, value = _expand_gqa(query, key, value)
     from ._torch import _host_generator
 
