@@ -8,7 +8,10 @@ Two campaigns share the time budget until it runs out, each round with fresh ran
 - wild arguments: any object for every argument (ints, floats incl. NaN and inf, strings, None,
   lists, arrays of every dtype and rank, broadcast and read-only views). The only acceptable
   outcomes are a result or a TypeError / ValueError / MemoryError; any other exception fails,
-  and a crash of the interpreter is a crash of this script.
+  and a crash of the interpreter is a crash of this script;
+- with torch installed, the torch property check of `tests/test_torch_properties.py`
+  (`check_torch_call`): torch's outcome (error class or success), the formula's values and
+  gradients, over every kind of tensor.
 
 A failure prints hypothesis's minimal example; turn it into a regression test in
 tests/test_hardening.py.
@@ -123,16 +126,32 @@ def fuzz_wild_arguments(data):
     wild_call(data)
 
 
+CAMPAIGNS = [fuzz_properties, fuzz_wild_arguments]
+try:
+    import torch  # noqa: F401
+except ImportError:  # no torch: the NumPy campaigns only
+    pass
+else:
+    from test_torch_properties import check_torch_call
+
+    @FUZZ
+    @given(st.data())
+    def fuzz_torch(data):
+        check_torch_call(data)
+
+    CAMPAIGNS.append(fuzz_torch)
+
+
 def main(seconds: float) -> int:
     deadline = time.monotonic() + seconds
     rounds = 0
     while time.monotonic() < deadline:
-        for campaign in (fuzz_properties, fuzz_wild_arguments):
+        for campaign in CAMPAIGNS:
             campaign()
         rounds += 1
     print(
-        f"fuzz_api: {rounds} rounds of {2 * FUZZ.max_examples} examples in {seconds:.0f}s, "
-        "no failures"
+        f"fuzz_api: {rounds} rounds of {len(CAMPAIGNS) * FUZZ.max_examples} examples in "
+        f"{seconds:.0f}s, no failures"
     )
     return 0
 
