@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from conftest import assert_binomial  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 sdpa = fastdrop.scaled_dot_product_attention
 
@@ -405,6 +407,75 @@ def test_an_explicit_mask_with_is_causal_is_refused_before_the_grouping():
         F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True)
     with pytest.raises(RuntimeError, match="attn_mask"):
         sdpa(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True)
+
+
+# --- random calls against torch's ------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_calls_raise_as_torch_and_equal_the_reference(data):
+    """Shapes, masks, scales, causal and grouped calls at random (no empty dimension: torch
+    returns early there without checking the shapes): fastdrop raises where torch raises, an
+    exception of torch's class, and otherwise gives the reference's values from its mask."""
+    draw = data.draw
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    nd = draw(st.integers(2, 4))
+    heads = draw(st.sampled_from([1, 2, 4]))
+    kv_heads = draw(st.sampled_from([1, 2, 4]))
+    batch = (draw(st.integers(1, 2)), heads)[-(nd - 2) :] if nd > 2 else ()
+    kv_batch = (batch[:-1] + (kv_heads,)) if nd > 2 else ()
+    lq, lk, e, ev = (draw(st.integers(1, 6), label) for label in ("L", "S", "E", "Ev"))
+
+    def shape(s, name):  # now and then a wrong one
+        return (
+            s
+            if draw(st.integers(0, 9), name)
+            else tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=4)))
+        )
+
+    qs, ks, vs = (
+        shape(batch + (lq, e), "q"),
+        shape(kv_batch + (lk, e), "k"),
+        shape(kv_batch + (lk, ev), "v"),
+    )
+    mask_kind = draw(st.sampled_from([None, "bool", "float", "row"]))
+    kwargs = dict(
+        dropout_p=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        is_causal=draw(st.booleans()),
+        scale=draw(st.sampled_from([None, 0.5, -1.0])),
+        enable_gqa=draw(st.booleans()),
+    )
+    g = torch.Generator().manual_seed(draw(st.integers(0, 1000)))
+    q, k, v = (torch.randn(s, generator=g, dtype=dtype) for s in (qs, ks, vs))
+    if mask_kind == "bool":
+        kwargs["attn_mask"] = torch.rand(lq, lk, generator=g) > 0.3
+    elif mask_kind == "float":
+        kwargs["attn_mask"] = torch.randn(lq, lk, generator=g, dtype=dtype)
+    elif mask_kind == "row":
+        kwargs["attn_mask"] = torch.rand(1, lk, generator=g) > 0.5
+
+    try:
+        want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    except Exception as e:  # noqa: BLE001 - its class is what fastdrop must raise
+        with pytest.raises(type(e)):
+            sdpa(q, k, v, **kwargs)
+        return
+    out, mask = sdpa(q, k, v, return_mask=True, generator=fastdrop.Generator(3), **kwargs)
+    assert out.shape == want.shape and out.dtype == dtype
+    p = kwargs["dropout_p"]
+    ref = reference(
+        q,
+        k,
+        v,
+        kwargs.get("attn_mask"),
+        mask_tensor(mask) if p > 0 else None,
+        p,
+        kwargs["is_causal"],
+        kwargs["scale"],
+        kwargs["enable_gqa"] and nd > 2,
+    )
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
 
 
 # --- replace_dropout --------------------------------------------------------------------------

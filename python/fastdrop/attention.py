@@ -60,7 +60,8 @@ def _check_tensors(query: Any, key: Any, value: Any, attn_mask: Any) -> None:
 
 
 def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
-    """torch's own rules for a CPU call, checked before anything runs."""
+    """torch's own rules for a CPU call, checked before anything runs, in torch's order (the
+    mask with is_causal, then the grouping, then the shapes the products need)."""
     if query.dtype not in _HOST_DTYPES:
         raise TypeError(
             f"query must be a float16, bfloat16, float32 or float64 tensor, got {query.dtype}"
@@ -74,11 +75,6 @@ def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
         raise AttentionArgumentError(
             "query, key and value need (..., L, E) dimensions, got shapes "
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    if key.shape[-1] != query.shape[-1] or key.shape[-2] != value.shape[-2]:
-        raise AttentionArgumentError(
-            "key must share query's last dimension and value's sequence length: got "
-            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
     if attn_mask is not None:
         if is_causal:
@@ -99,6 +95,11 @@ def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
                 f"enable_gqa needs key and value heads ({hk}, {hv}) equal and dividing "
                 f"query's ({hq})"
             )
+    if key.shape[-1] != query.shape[-1] or key.shape[-2] != value.shape[-2]:
+        raise AttentionArgumentError(
+            "key must share query's last dimension and value's sequence length: got "
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
 
 
 def _grouped(query, key, value, enable_gqa) -> bool:
