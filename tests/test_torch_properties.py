@@ -8,7 +8,9 @@ Invariants:
   when torch's succeeds, but for the differences the README lists;
 - the values are the formula's given the returned mask, and an out-of-place call leaves the
   input as it was;
-- the gradient is the formula's given the mask.
+- the gradient is the formula's given the mask;
+- the fused adds (`dropout_add`, `drop_path_add`), which torch has no function for, give the
+  formula's sum and both gradients.
 
 `check_torch_call` is shared with `tests/fuzz_api.py`, which runs it for a time budget.
 """
@@ -278,6 +280,61 @@ def check_torch_call(data, name: Optional[str] = None) -> None:
         assert torch.equal(grad.resolve_conj().resolve_neg(), want_grad)
 
 
+#: The fused adds: `residual + dropout(x)` and `x + drop_path(branch)`; no torch function to
+#: compare errors with, so only the values and gradients.
+FUSED = {
+    "dropout_add": (
+        lambda dropped, residual, p, training, **kw: fastdrop.dropout_add(
+            dropped, residual, p, training, **kw
+        ),
+        lambda nd: True,
+    ),
+    "drop_path_add": (
+        lambda dropped, residual, p, training, **kw: fastdrop.drop_path_add(
+            residual, dropped, p, training, **kw
+        ),
+        lambda nd: nd >= 1,
+    ),
+}
+
+
+def check_fused_call(data, name: str) -> None:
+    """One random fused add on torch tensors: the sum as the formula gives it (the dropped
+    term rounded to the dtype first, then added), and both gradients."""
+    call, ranks = FUSED[name]
+    make = data.draw(torch_inputs(ranks), "input")
+    p = data.draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]), "p")
+    training = data.draw(st.booleans(), "training")
+    seed = data.draw(st.integers(0, 2**64 - 1), "seed")
+    x = make()
+    g = torch.Generator().manual_seed(3)
+    residual = torch.randn(x.shape, dtype=x.dtype, generator=g)
+    if data.draw(st.booleans(), "residual requires grad"):
+        residual.requires_grad_()
+    before = x.detach().resolve_conj().resolve_neg().clone()
+    y, mask = call(x, residual, p, training, generator=fastdrop.Generator(seed), return_mask=True)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    keep = torch.from_numpy(mask.numpy()).expand(x.shape)
+    scale = mask.scale if name == "drop_path_add" else (0.0 if p == 1.0 else 1.0 / (1.0 - p))
+    if not (training and p > 0.0):
+        scale = 1.0
+    op, real = _op(x.dtype), _real(x.dtype)
+    zero = torch.zeros((), dtype=op)
+    dropped = torch.where(keep, before.to(op) * torch.tensor(scale, dtype=real), zero)
+    want = residual.detach() + dropped.to(x.dtype)
+    assert torch.equal(y.detach().resolve_conj().resolve_neg(), want)
+    inputs = [t for t in (x, residual) if t.requires_grad]
+    if inputs and y.requires_grad:
+        go = torch.randn(x.shape, dtype=x.dtype, generator=g)
+        grads = dict(zip(map(id, inputs), torch.autograd.grad(y, inputs, go)))
+        if x.requires_grad:
+            factor = torch.tensor(scale, dtype=real)
+            want_x = torch.where(keep, go.to(op) * factor, zero).to(x.dtype)
+            assert torch.equal(grads[id(x)].resolve_conj().resolve_neg(), want_x)
+        if residual.requires_grad:
+            assert torch.equal(grads[id(residual)], go)
+
+
 PROPERTY = settings(
     max_examples=60,
     deadline=None,
@@ -290,3 +347,10 @@ PROPERTY = settings(
 @given(data=st.data())
 def test_torch_calls_match_torch_and_the_formulas(name, data):
     check_torch_call(data, name)
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+@PROPERTY
+@given(data=st.data())
+def test_fused_adds_on_torch_tensors_equal_the_formulas(name, data):
+    check_fused_call(data, name)
