@@ -59,9 +59,10 @@ def _check_tensors(query: Any, key: Any, value: Any, attn_mask: Any) -> None:
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
 
 
-def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
+def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> bool:
     """torch's own rules for a CPU call, checked before anything runs, in torch's order (the
-    mask with is_causal, then the grouping, then the shapes the products need)."""
+    mask with is_causal, then the grouping, then the shapes the products need). Returns
+    whether enable_gqa groups heads (`_grouped`)."""
     if query.dtype not in _HOST_DTYPES:
         raise TypeError(
             f"query must be a float16, bfloat16, float32 or float64 tensor, got {query.dtype}"
@@ -88,7 +89,8 @@ def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
             raise AttentionArgumentError(
                 f"attn_mask is on {attn_mask.device}, query on {query.device}"
             )
-    if _grouped(query, key, value, enable_gqa):
+    grouped = _grouped(query, key, value, enable_gqa)
+    if grouped:
         hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
         if hk != hv or hk == 0 or hq % hk != 0:
             raise AttentionArgumentError(
@@ -100,6 +102,7 @@ def _check_host(query, key, value, attn_mask, is_causal, enable_gqa) -> None:
             "key must share query's last dimension and value's sequence length: got "
             f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
+    return grouped
 
 
 def _grouped(query, key, value, enable_gqa) -> bool:
@@ -116,9 +119,9 @@ def _grouped(query, key, value, enable_gqa) -> bool:
     return True
 
 
-def _weights_shape(query, key, value, attn_mask, enable_gqa) -> Tuple[int, ...]:
+def _weights_shape(query, key, attn_mask, grouped) -> Tuple[int, ...]:
     key_batch = tuple(key.shape[:-2])
-    if _grouped(query, key, value, enable_gqa):
+    if grouped:
         key_batch = (*key_batch[:-1], query.shape[-3])
     batch = torch.broadcast_shapes(query.shape[:-2], key_batch)
     shape = (*batch, query.shape[-2], key.shape[-2])
@@ -319,8 +322,8 @@ def scaled_dot_product_attention(
         return _torch_sdpa(
             query, key, value, attn_mask, p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
-    _check_host(query, key, value, attn_mask, is_causal, enable_gqa)
-    shape = _weights_shape(query, key, value, attn_mask, enable_gqa)
+    grouped = _check_host(query, key, value, attn_mask, is_causal, enable_gqa)
+    shape = _weights_shape(query, key, attn_mask, grouped)
     if p == 0.0:
         out = _torch_sdpa(
             query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa
@@ -333,7 +336,7 @@ def scaled_dot_product_attention(
         # (torch then weighs the keys evenly).
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
     scale = float(scale)
-    if _grouped(query, key, value, enable_gqa):
+    if grouped:
         key, value = _expand_gqa(query, key, value)
     from ._torch import _host_generator
 

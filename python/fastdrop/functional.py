@@ -542,13 +542,11 @@ def drop_path(
     drop_prob = _check_prob(drop_prob, "drop_prob")
     scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
     active = _check_bool(training, "training") and drop_prob != 0.0
-    if not active and _ndim(x) == 0:
-        # timm returns a 0-d input when it drops nothing (and fails on one otherwise).
-        return _run(x, None, False, generator, return_mask, out=out, kept_shape=())
-    spec = _path_spec(x, drop_prob, scale_by_keep)
     if not active:
-        return _run(x, None, False, generator, return_mask, out=out, kept_shape=spec.mask.shape)
-    return _run(x, spec, False, generator, return_mask, out=out)
+        # timm returns a 0-d input when it drops nothing (and fails on one otherwise).
+        kept = () if _ndim(x) == 0 else _path_spec(x, drop_prob, scale_by_keep).mask.shape
+        return _run(x, None, False, generator, return_mask, out=out, kept_shape=kept)
+    return _run(x, _path_spec(x, drop_prob, scale_by_keep), False, generator, return_mask, out=out)
 
 
 def drop_block_2d(
