@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import pytest
@@ -114,22 +115,17 @@ def _timm_drop_block(x, p, training, inplace):
     return _timm.drop_block_2d(x, p, 3, inplace=inplace)
 
 
+@dataclass
 class Fn:
-    def __init__(
-        self,
-        name: str,
-        call: Callable,
-        theirs: Optional[Callable],
-        ranks: Callable[[int], bool],
-        inplace: bool = True,
-        alpha: bool = False,
-        exact_errors: bool = True,
-    ):
-        self.name, self.call, self.theirs, self.ranks = name, call, theirs, ranks
-        self.inplace, self.alpha = inplace, alpha
-        # torch's errors are its API; timm's on bad input are accidents (an IndexError on a
-        # 0-d tensor, a ZeroDivisionError on an empty one): there both must only raise.
-        self.exact_errors = exact_errors
+    name: str
+    call: Callable
+    theirs: Optional[Callable]
+    ranks: Callable[[int], bool]
+    inplace: bool = True
+    alpha: bool = False
+    # torch's errors are its API; timm's on bad input are accidents (an IndexError on a 0-d
+    # tensor, a ZeroDivisionError on an empty one): there both must only raise.
+    exact_errors: bool = True
 
 
 def _plain(name):
