@@ -830,6 +830,25 @@ def test_unbatched_in_place_channel_dropout_raises_what_torchs_unsqueeze_raises(
     assert _error(lambda t: call(t, p, training, True), x) == want
 
 
+@pytest.mark.parametrize(
+    "call, torch_call", [(fastdrop.dropout1d, F.dropout1d), (fastdrop.dropout3d, F.dropout3d)]
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_unbatched_in_place_channel_dropout_under_func_grad_raises_as_torch(
+    call, torch_call, training
+):
+    # Regression: under torch.func.grad (whose input is a leaf that requires grad) fastdrop
+    # skipped the check in evaluation and returned, where torch's unsqueeze_ raises.
+    x = torch.randn(3, 4) if call is fastdrop.dropout1d else torch.randn(2, 3, 4, 4)
+
+    def grad_of(f):
+        return lambda t: torch.func.grad(lambda u: f(u, 0.5, training, True).sum())(t)
+
+    want = _error(grad_of(torch_call), x)
+    assert want is not None and want[0] is RuntimeError
+    assert _error(grad_of(call), x) == want
+
+
 def test_unbatched_in_place_channel_dropout_under_no_grad_is_allowed():
     x = torch.randn(3, 4, requires_grad=True)
     with torch.no_grad():

@@ -705,11 +705,10 @@ def _check_no_internal_overlap(x: torch.Tensor) -> None:
 def check_unsqueeze_(x: torch.Tensor) -> None:
     """The errors of torch's `x.unsqueeze_(0)`, which torch's dropout1d and dropout3d run on an
     unbatched input even when they then drop nothing: an inference tensor outside inference
-    mode, and autograd's in-place errors. Not under torch.func's transforms, whose wrappers
-    autograd reads otherwise."""
+    mode, and autograd's in-place errors (under torch.func.grad too, whose input is a leaf)."""
     if x.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(_INFERENCE_INPLACE)
-    if torch.is_grad_enabled() and x.requires_grad and not _functorch_active():
+    if torch.is_grad_enabled() and x.requires_grad:
         _check_inplace(x)
 
 
