@@ -247,3 +247,131 @@ def test_fastdrop_nn_loads_on_attribute_access():
         "assert fastdrop.nn.replace_dropout(m) == {'0': 'torch.nn.modules.dropout.Dropout'}\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# A bad argument fails at construction with the error the first training forward would raise
+# (the functional's own check): (module call, the same call through the functional).
+_X4 = (2, 3, 6, 6)
+BAD_ARGUMENTS = [
+    (lambda: fnn.DropPath(0.1, "yes"), lambda x: fastdrop.drop_path(x, 0.1, True, "yes"), _X4),
+    (lambda: fnn.DropBlock2d(0.1, "3"), lambda x: fastdrop.drop_block_2d(x, 0.1, "3"), _X4),
+    (lambda: fnn.DropBlock2d(0.1, 0), lambda x: fastdrop.drop_block_2d(x, 0.1, 0), _X4),
+    (
+        lambda: fnn.DropBlock2d(0.1, 3, gamma_scale=-1.0),
+        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, gamma_scale=-1.0),
+        _X4,
+    ),
+    (
+        lambda: fnn.DropBlock2d(0.1, 3, gamma_scale="1"),
+        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, gamma_scale="1"),
+        _X4,
+    ),
+    (
+        lambda: fnn.DropBlock2d(0.1, 3, with_noise=2),
+        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, with_noise=2),
+        _X4,
+    ),
+    (
+        lambda: fnn.DropBlock2d(0.1, 3, couple_channels=None),
+        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, couple_channels=None),
+        _X4,
+    ),
+    (
+        lambda: fnn.DropBlock2d(0.1, 3, scale_by_keep="no"),
+        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, scale_by_keep="no"),
+        _X4,
+    ),
+    (
+        lambda: fnn.DropBlock2d(0.1, 3, inplace=1),
+        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, inplace=1),
+        _X4,
+    ),
+    (
+        lambda: fnn.LockedDropout(0.5, batch_first="yes"),
+        lambda x: fastdrop.locked_dropout(x, 0.5, True, "yes"),
+        (4, 2, 3),
+    ),
+    (
+        lambda: fnn.GaussianDropout(0.5, inplace="yes"),
+        lambda x: fastdrop.gaussian_dropout(x, 0.5, True, "yes"),
+        (4, 3),
+    ),
+    (
+        lambda: fnn.PatchDropout(0.5, num_prefix_tokens=-1),
+        lambda x: fastdrop.patch_dropout(x, 0.5, -1),
+        (2, 5, 3),
+    ),
+    (
+        lambda: fnn.PatchDropout(0.5, ordered="yes"),
+        lambda x: fastdrop.patch_dropout(x, 0.5, 1, "yes"),
+        (2, 5, 3),
+    ),
+    (
+        lambda: fnn.PatchDropout(0.5, return_indices=1),
+        lambda x: fastdrop.patch_dropout(x, 0.5, 1, False, 1),
+        (2, 5, 3),
+    ),
+    (
+        lambda: fnn.StochasticDepth(1.5, "row"),
+        lambda x: fastdrop.stochastic_depth(x, 1.5, "row"),
+        (4, 3),
+    ),
+    (
+        lambda: fnn.StochasticDepth(0.1, "col"),
+        lambda x: fastdrop.stochastic_depth(x, 0.1, "col"),
+        (4, 3),
+    ),
+    (lambda: fnn.DropBlock3d(0.1, 0), lambda x: fastdrop.drop_block_3d(x, 0.1, 0), (1, 2, 4, 4, 4)),
+    (
+        lambda: fnn.DropBlock3d(0.1, 3, eps=-1.0),
+        lambda x: fastdrop.drop_block_3d(x, 0.1, 3, eps=-1.0),
+        (1, 2, 4, 4, 4),
+    ),
+    (  # the same check as drop_block_3d's
+        lambda: fnn.TorchvisionDropBlock2d(0.1, 3, inplace="yes"),
+        lambda x: fastdrop.drop_block_3d(x, 0.1, 3, inplace="yes"),
+        (1, 2, 4, 4, 4),
+    ),
+]
+
+
+@pytest.mark.parametrize("make,call,shape", BAD_ARGUMENTS)
+def test_modules_refuse_bad_arguments_at_construction_as_their_forward_does(make, call, shape):
+    with pytest.raises((TypeError, ValueError)) as forward_error:
+        call(torch.randn(shape))
+    with pytest.raises(type(forward_error.value)) as construction_error:
+        make()
+    assert str(construction_error.value) == str(forward_error.value)
+
+
+def _module_classes_with_a_generator():
+    import inspect
+
+    return sorted(
+        name
+        for name, cls in vars(fnn).items()
+        if isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and not name.startswith("_")
+        and "generator" in inspect.signature(cls).parameters
+    )
+
+
+def test_every_family_module_takes_a_generator():
+    assert len(_module_classes_with_a_generator()) == 16
+
+
+@pytest.mark.parametrize("name", _module_classes_with_a_generator())
+def test_modules_refuse_a_bad_generator_at_construction(name):
+    cls = getattr(fnn, name)
+    args = {
+        "EmbeddingDropout": lambda: (nn.Embedding(4, 2), 0.5),
+        "WeightDropout": lambda: (nn.Linear(2, 2), 0.5),
+        "StochasticDepth": lambda: (0.5, "row"),
+        "DropBlock3d": lambda: (0.1, 3),
+        "TorchvisionDropBlock2d": lambda: (0.1, 3),
+    }.get(name, tuple)
+    with pytest.raises(TypeError, match="generator must be a fastdrop.Generator or a torch"):
+        cls(*args(), generator=7)
+    assert isinstance(cls(*args(), generator=fastdrop.Generator(1)).generator, fastdrop.Generator)
+    assert cls(*args(), generator=torch.Generator().manual_seed(1)).generator is not None

@@ -574,15 +574,10 @@ def drop_block_2d(
     or N(0, 1) noise with ``with_noise``; otherwise kept pixels are scaled by
     ``mask.numel / kept`` when ``scale_by_keep``.
     """
-    drop_prob = _check_prob(drop_prob, "drop_prob")
-    block_size = _check_int(block_size, "block_size", 1)
-    if not isinstance(gamma_scale, numbers.Real) or isinstance(gamma_scale, bool):
-        raise TypeError(f"gamma_scale must be a real number, got {type(gamma_scale).__name__}")
-    if not (float(gamma_scale) >= 0.0 and math.isfinite(gamma_scale)):
-        raise ValueError(f"gamma_scale must be finite and non-negative, got {gamma_scale}")
-    with_noise = _check_bool(with_noise, "with_noise")
-    couple_channels = _check_bool(couple_channels, "couple_channels")
-    scale_by_keep = _check_bool(scale_by_keep, "scale_by_keep")
+    args = _block_args(
+        drop_prob, block_size, gamma_scale, with_noise, couple_channels, scale_by_keep
+    )
+    drop_prob, couple_channels = args[0], args[4]
     nd = _ndim(x)
     if nd < 0:
         raise TypeError(f"input must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}")
@@ -594,7 +589,6 @@ def drop_block_2d(
     mask_shape = (n, 1 if couple_channels else c, h, w)
     if not _check_bool(training, "training") or drop_prob == 0.0 or n * c * h * w == 0:
         return _run(x, None, inplace, generator, return_mask, out=out, kept_shape=mask_shape)
-    args = (drop_prob, block_size, float(gamma_scale), with_noise, couple_channels, scale_by_keep)
     spec = _block_spec(mask_shape, *args)
     if (
         type(x) is _dispatch.TENSOR
@@ -605,6 +599,32 @@ def drop_block_2d(
     ):
         return _dispatch._TORCH.run_plain(x, spec)  # as `dropout`'s plain tensor call
     return _run(x, spec, _check_bool(inplace, "inplace"), generator, return_mask, out=out)
+
+
+def _block_args(
+    drop_prob: Any,
+    block_size: Any,
+    gamma_scale: Any,
+    with_noise: Any,
+    couple_channels: Any,
+    scale_by_keep: Any,
+) -> tuple:
+    """timm's DropBlock arguments, checked and normalised: by `drop_block_2d` at each call and
+    by `fastdrop.nn.DropBlock2d` at construction."""
+    drop_prob = _check_prob(drop_prob, "drop_prob")
+    block_size = _check_int(block_size, "block_size", 1)
+    if not isinstance(gamma_scale, numbers.Real) or isinstance(gamma_scale, bool):
+        raise TypeError(f"gamma_scale must be a real number, got {type(gamma_scale).__name__}")
+    if not (float(gamma_scale) >= 0.0 and math.isfinite(gamma_scale)):
+        raise ValueError(f"gamma_scale must be finite and non-negative, got {gamma_scale}")
+    return (
+        drop_prob,
+        block_size,
+        float(gamma_scale),
+        _check_bool(with_noise, "with_noise"),
+        _check_bool(couple_channels, "couple_channels"),
+        _check_bool(scale_by_keep, "scale_by_keep"),
+    )
 
 
 @_cached_args
@@ -816,6 +836,13 @@ def _unscaled_spec(mask_shape: tuple, p: float) -> Spec:
     return Spec(Bernoulli(mask_shape, 1.0 - p), Scale(1.0), 1.0)
 
 
+def _check_mode(mode: Any) -> None:
+    """torchvision's stochastic-depth mode check (at each call and at the module's
+    construction)."""
+    if mode not in ("batch", "row"):
+        raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
+
+
 def stochastic_depth(
     input: Any,
     p: float,
@@ -831,8 +858,7 @@ def stochastic_depth(
     at once; survivors are divided by ``1 - p``. The mode is checked even when not training,
     as torchvision does. The mask has shape (N, 1, ..., 1) or (1, ..., 1)."""
     p = _check_prob(p, "drop probability")
-    if mode not in ("batch", "row"):
-        raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
+    _check_mode(mode)
     nd = _require_array(input)
     if mode == "row":
         if nd == 0:
@@ -915,6 +941,17 @@ def gaussian_dropout(
     return _numpy_result(a, factor, inplace, out)
 
 
+def _patch_args(prob: Any, num_prefix_tokens: Any, ordered: Any, return_indices: Any) -> tuple:
+    """PatchDropout's arguments, checked and normalised (at each call and at the module's
+    construction)."""
+    return (
+        _check_prob(prob, "prob"),
+        _check_int(num_prefix_tokens, "num_prefix_tokens", 0),
+        _check_bool(ordered, "ordered"),
+        _check_bool(return_indices, "return_indices"),
+    )
+
+
 def patch_dropout(
     x: Any,
     prob: float,
@@ -934,10 +971,9 @@ def patch_dropout(
     non-prefix tokens, of shape (B, num_keep) (None when nothing was dropped), like timm's.
     Which tokens are kept is a pure function of the generator's key.
     """
-    prob = _check_prob(prob, "prob")
-    num_prefix_tokens = _check_int(num_prefix_tokens, "num_prefix_tokens", 0)
-    ordered = _check_bool(ordered, "ordered")
-    return_indices = _check_bool(return_indices, "return_indices")
+    prob, num_prefix_tokens, ordered, return_indices = _patch_args(
+        prob, num_prefix_tokens, ordered, return_indices
+    )
     training = _check_bool(training, "training")
     nd = _require_array(x)
     if nd < 2:
@@ -1006,6 +1042,19 @@ def drop_block_3d(
     )
 
 
+def _torchvision_block_args(p: Any, block_size: Any, inplace: Any, eps: Any) -> tuple:
+    """torchvision's DropBlock arguments, checked and normalised: at each call and by the
+    modules at construction."""
+    p = _check_prob(p, "drop probability")
+    block_size = _check_int(block_size, "block_size", 1)
+    if isinstance(eps, (str, bytes, bool)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    return p, block_size, _check_bool(inplace, "inplace"), eps
+
+
 def _drop_block_torchvision(
     name: str,
     spatial: int,
@@ -1021,15 +1070,8 @@ def _drop_block_torchvision(
 ):
     """torchvision's DropBlock over `spatial` (2 or 3) dimensions: drop_block_3d, and the
     module that replaces torchvision's DropBlock2d."""
-    p = _check_prob(p, "drop probability")
-    block_size = _check_int(block_size, "block_size", 1)
-    if isinstance(eps, (str, bytes, bool)) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    p, block_size, inplace, eps = _torchvision_block_args(p, block_size, inplace, eps)
     training = _check_bool(training, "training")
-    inplace = _check_bool(inplace, "inplace")
     nd = _require_array(input)
     if nd != spatial + 2:
         dims = "(N, C, H, W)" if spatial == 2 else "(N, C, D, H, W)"

@@ -17,6 +17,7 @@ import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
 from . import functional as F
@@ -37,12 +38,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _check_generator(generator: Any) -> Any:
+    """A module's `generator=`, checked at construction, as its other arguments are: the
+    forward would refuse anything else."""
+    if generator is None or isinstance(generator, (F._core.Generator, torch.Generator)):
+        return generator
+    raise TypeError(
+        "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
+        f"{type(generator).__name__}"
+    )
+
+
 class Dropout(nn.Dropout):
     """`torch.nn.Dropout`, computed by `fastdrop.dropout`."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, generator: Any = None):
         super().__init__(p, inplace)
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, input):
         return F.dropout(input, self.p, self.training, self.inplace, generator=self.generator)
@@ -53,7 +65,7 @@ class Dropout1d(nn.Dropout1d):
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, generator: Any = None):
         super().__init__(p, inplace)
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, input):
         return F.dropout1d(input, self.p, self.training, self.inplace, generator=self.generator)
@@ -73,7 +85,7 @@ class Dropout2d(nn.Dropout2d):
         strict_shapes: bool = False,
     ):
         super().__init__(p, inplace)
-        self.generator = generator
+        self.generator = _check_generator(generator)
         self.strict_shapes = strict_shapes
 
     def forward(self, input):
@@ -100,7 +112,7 @@ class Dropout3d(nn.Dropout3d):
         strict_shapes: bool = False,
     ):
         super().__init__(p, inplace)
-        self.generator = generator
+        self.generator = _check_generator(generator)
         self.strict_shapes = strict_shapes
 
     def forward(self, input):
@@ -119,7 +131,7 @@ class AlphaDropout(nn.AlphaDropout):
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, generator: Any = None):
         super().__init__(p, inplace)
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, input):
         return F.alpha_dropout(input, self.p, self.training, self.inplace, generator=self.generator)
@@ -130,7 +142,7 @@ class FeatureAlphaDropout(nn.FeatureAlphaDropout):
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, generator: Any = None):
         super().__init__(p, inplace)
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, input):
         return F.feature_alpha_dropout(
@@ -145,10 +157,12 @@ class DropPath(nn.Module):
         self, drop_prob: float = 0.0, scale_by_keep: bool = True, *, generator: Any = None
     ):
         super().__init__()
-        F._check_prob(drop_prob, "drop_prob")  # at construction, as torch's modules check p
+        # Checked at construction, as torch's modules check p (timm's check at the forward).
+        F._check_prob(drop_prob, "drop_prob")
+        F._check_bool(scale_by_keep, "scale_by_keep")
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, x):
         return F.drop_path(
@@ -177,7 +191,10 @@ class DropBlock2d(nn.Module):
         **kwargs,
     ):
         super().__init__()
-        F._check_prob(drop_prob, "drop_prob")
+        F._block_args(
+            drop_prob, block_size, gamma_scale, with_noise, couple_channels, scale_by_keep
+        )
+        F._check_bool(inplace, "inplace")
         self.drop_prob = drop_prob
         self.block_size = block_size
         self.gamma_scale = gamma_scale
@@ -185,7 +202,7 @@ class DropBlock2d(nn.Module):
         self.inplace = inplace
         self.couple_channels = couple_channels
         self.scale_by_keep = scale_by_keep
-        self.generator = generator
+        self.generator = _check_generator(generator)
         for k in kwargs:
             if k not in ("batchwise", "fast"):
                 warnings.warn(f"DropBlock2d() got unexpected keyword argument '{k}'", stacklevel=2)
@@ -379,7 +396,6 @@ import contextlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
@@ -405,9 +421,10 @@ class LockedDropout(nn.Module):
     def __init__(self, p: float = 0.5, batch_first: bool = False, *, generator: Any = None):
         super().__init__()
         F._check_prob(p)
+        F._check_bool(batch_first, "batch_first")
         self.p = p
         self.batch_first = batch_first
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, x):
         return F.locked_dropout(
@@ -438,7 +455,7 @@ class EmbeddingDropout(nn.Module):
         F._check_prob(p)
         self.emb = embedding
         self.p = p
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, words):
         e = self.emb
@@ -459,9 +476,10 @@ class GaussianDropout(nn.Module):
         super().__init__()
         if F._check_prob(p) == 1.0:
             raise ValueError("GaussianDropout: p must be in [0, 1), got 1.0")
+        F._check_bool(inplace, "inplace")
         self.p = p
         self.inplace = inplace
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, x):
         return F.gaussian_dropout(x, self.p, self.training, self.inplace, generator=self.generator)
@@ -492,7 +510,7 @@ class WeightDropout(nn.Module):
         self.module = module
         self.p = p
         self.names = (names,) if isinstance(names, str) else tuple(names)
-        self.generator = generator
+        self.generator = _check_generator(generator)
         for name in self.names:
             w = getattr(module, name, None)
             if not isinstance(w, nn.Parameter):
@@ -549,13 +567,13 @@ class PatchDropout(nn.Module):
         generator: Any = None,
     ):
         super().__init__()
-        if not 0.0 <= F._check_prob(prob, "prob") < 1.0:
+        if not 0.0 <= F._patch_args(prob, num_prefix_tokens, ordered, return_indices)[0] < 1.0:
             raise ValueError(f"PatchDropout: prob must be in [0, 1), got {prob}")
         self.prob = prob
         self.num_prefix_tokens = num_prefix_tokens
         self.ordered = ordered
         self.return_indices = return_indices
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, x):
         return F.patch_dropout(
@@ -593,12 +611,12 @@ class _TorchvisionDropBlock(nn.Module):
         generator: Any = None,
     ):
         super().__init__()
-        F._check_prob(p, "drop probability")
+        F._torchvision_block_args(p, block_size, inplace, eps)
         self.p = p
         self.block_size = block_size
         self.inplace = inplace
         self.eps = eps
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, input):
         return F._drop_block_torchvision(
@@ -644,9 +662,11 @@ class StochasticDepth(nn.Module):
 
     def __init__(self, p: float, mode: str, *, generator: Any = None):
         super().__init__()
+        F._check_prob(p, "drop probability")
+        F._check_mode(mode)
         self.p = p
         self.mode = mode
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def forward(self, input):
         return F.stochastic_depth(input, self.p, self.mode, self.training, generator=self.generator)
