@@ -3,6 +3,7 @@ shape. Never asserts a wall-clock time."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -638,3 +639,18 @@ def test_the_own_threads_row_runs_on_fastdrops_helpers_and_then_shares_again(cap
     assert fastdrop._core.shares_openmp()
     rows = json.loads(out.read_text())["train"]
     assert [r["setting"] for r in rows] == ["default", "own threads"]
+
+
+def test_incache_rounds_put_every_candidate_after_every_other_equally_often(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "_batched", lambda f, batch: lambda: calls.append(f))
+    x = np.ones(bench.INCACHE_SIZES[0], dtype=np.float32)
+    k = len(bench._incache_size(x, 1, 1))  # the candidates, floors included
+    repeats = len(bench_train.balanced_orders(k))  # 5 * repeats rounds: whole cycles of orders
+    calls.clear()
+    bench._incache_size(x, repeats, 1)
+    rounds = [calls[i : i + k] for i in range(k, len(calls), k)]  # after the warm-up calls
+    assert len(rounds) == 5 * repeats and len(set(calls)) == k
+    follows = collections.Counter((a, b) for r in rounds for a, b in zip(r, r[1:]))
+    pairs = [(a, b) for a in set(calls) for b in set(calls) if a is not b]
+    assert len({follows[pair] for pair in pairs}) == 1  # each after each other equally often

@@ -364,15 +364,13 @@ def _incache_size(x: np.ndarray, repeats: int, threads: int) -> List[Dict[str, A
     # Calls per timed sample, so the timer's resolution does not count.
     batch = max(1, (1 << 21) // n)
     batched = {k: _batched(f, batch) for k, f in fns.items()}
-    for f in batched.values():
-        f()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(5 * repeats):
-        for k, f in batched.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t0) / batch)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    # In balanced orders: in a fixed order `fastdrop_out 0.1` always came right after torch's
+    # floor, whose OpenMP workers spin on after it and take the second core (a 1M call took
+    # 183 us there against 100 us after nothing).
+    from .bench_train import alternate_times
+
+    times = alternate_times(batched, 5 * repeats)
+    med = {k: statistics.median(v) / batch for k, v in times.items()}
     records = []
     for k, secs in med.items():
         impl, _, p_text = k.partition(" ")
