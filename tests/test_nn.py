@@ -250,97 +250,44 @@ def test_fastdrop_nn_loads_on_attribute_access():
 
 
 # A bad argument fails at construction with the error the first training forward would raise
-# (the functional's own check): (module call, the same call through the functional).
-_X4 = (2, 3, 6, 6)
+# (the functional's own check): (module, the functional it calls, arguments, a fitting shape).
+_X4, _X5 = (2, 3, 6, 6), (1, 2, 4, 4, 4)
+_BLOCK = dict(drop_prob=0.1, block_size=3)
 BAD_ARGUMENTS = [
-    (lambda: fnn.DropPath(0.1, "yes"), lambda x: fastdrop.drop_path(x, 0.1, True, "yes"), _X4),
-    (lambda: fnn.DropBlock2d(0.1, "3"), lambda x: fastdrop.drop_block_2d(x, 0.1, "3"), _X4),
-    (lambda: fnn.DropBlock2d(0.1, 0), lambda x: fastdrop.drop_block_2d(x, 0.1, 0), _X4),
+    (fnn.DropPath, fastdrop.drop_path, dict(drop_prob=0.1, scale_by_keep="yes"), _X4),
+    (fnn.DropBlock2d, fastdrop.drop_block_2d, dict(drop_prob=0.1, block_size="3"), _X4),
+    (fnn.DropBlock2d, fastdrop.drop_block_2d, dict(drop_prob=0.1, block_size=0), _X4),
+    (fnn.DropBlock2d, fastdrop.drop_block_2d, dict(_BLOCK, gamma_scale=-1.0), _X4),
+    (fnn.DropBlock2d, fastdrop.drop_block_2d, dict(_BLOCK, gamma_scale="1"), _X4),
+    (fnn.DropBlock2d, fastdrop.drop_block_2d, dict(_BLOCK, with_noise=2), _X4),
+    (fnn.DropBlock2d, fastdrop.drop_block_2d, dict(_BLOCK, couple_channels=None), _X4),
+    (fnn.DropBlock2d, fastdrop.drop_block_2d, dict(_BLOCK, scale_by_keep="no"), _X4),
+    (fnn.DropBlock2d, fastdrop.drop_block_2d, dict(_BLOCK, inplace=1), _X4),
+    (fnn.LockedDropout, fastdrop.locked_dropout, dict(p=0.5, batch_first="yes"), (4, 2, 3)),
+    (fnn.GaussianDropout, fastdrop.gaussian_dropout, dict(p=0.5, inplace="yes"), (4, 3)),
+    (fnn.PatchDropout, fastdrop.patch_dropout, dict(prob=0.5, num_prefix_tokens=-1), (2, 5, 3)),
+    (fnn.PatchDropout, fastdrop.patch_dropout, dict(prob=0.5, ordered="yes"), (2, 5, 3)),
+    (fnn.PatchDropout, fastdrop.patch_dropout, dict(prob=0.5, return_indices=1), (2, 5, 3)),
+    (fnn.StochasticDepth, fastdrop.stochastic_depth, dict(p=1.5, mode="row"), (4, 3)),
+    (fnn.StochasticDepth, fastdrop.stochastic_depth, dict(p=0.1, mode="col"), (4, 3)),
+    (fnn.DropBlock3d, fastdrop.drop_block_3d, dict(p=0.1, block_size=0), _X5),
+    (fnn.DropBlock3d, fastdrop.drop_block_3d, dict(p=0.1, block_size=3, eps=-1.0), _X5),
+    # torchvision's 2-D block: the same check as drop_block_3d's
     (
-        lambda: fnn.DropBlock2d(0.1, 3, gamma_scale=-1.0),
-        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, gamma_scale=-1.0),
-        _X4,
-    ),
-    (
-        lambda: fnn.DropBlock2d(0.1, 3, gamma_scale="1"),
-        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, gamma_scale="1"),
-        _X4,
-    ),
-    (
-        lambda: fnn.DropBlock2d(0.1, 3, with_noise=2),
-        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, with_noise=2),
-        _X4,
-    ),
-    (
-        lambda: fnn.DropBlock2d(0.1, 3, couple_channels=None),
-        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, couple_channels=None),
-        _X4,
-    ),
-    (
-        lambda: fnn.DropBlock2d(0.1, 3, scale_by_keep="no"),
-        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, scale_by_keep="no"),
-        _X4,
-    ),
-    (
-        lambda: fnn.DropBlock2d(0.1, 3, inplace=1),
-        lambda x: fastdrop.drop_block_2d(x, 0.1, 3, inplace=1),
-        _X4,
-    ),
-    (
-        lambda: fnn.LockedDropout(0.5, batch_first="yes"),
-        lambda x: fastdrop.locked_dropout(x, 0.5, True, "yes"),
-        (4, 2, 3),
-    ),
-    (
-        lambda: fnn.GaussianDropout(0.5, inplace="yes"),
-        lambda x: fastdrop.gaussian_dropout(x, 0.5, True, "yes"),
-        (4, 3),
-    ),
-    (
-        lambda: fnn.PatchDropout(0.5, num_prefix_tokens=-1),
-        lambda x: fastdrop.patch_dropout(x, 0.5, -1),
-        (2, 5, 3),
-    ),
-    (
-        lambda: fnn.PatchDropout(0.5, ordered="yes"),
-        lambda x: fastdrop.patch_dropout(x, 0.5, 1, "yes"),
-        (2, 5, 3),
-    ),
-    (
-        lambda: fnn.PatchDropout(0.5, return_indices=1),
-        lambda x: fastdrop.patch_dropout(x, 0.5, 1, False, 1),
-        (2, 5, 3),
-    ),
-    (
-        lambda: fnn.StochasticDepth(1.5, "row"),
-        lambda x: fastdrop.stochastic_depth(x, 1.5, "row"),
-        (4, 3),
-    ),
-    (
-        lambda: fnn.StochasticDepth(0.1, "col"),
-        lambda x: fastdrop.stochastic_depth(x, 0.1, "col"),
-        (4, 3),
-    ),
-    (lambda: fnn.DropBlock3d(0.1, 0), lambda x: fastdrop.drop_block_3d(x, 0.1, 0), (1, 2, 4, 4, 4)),
-    (
-        lambda: fnn.DropBlock3d(0.1, 3, eps=-1.0),
-        lambda x: fastdrop.drop_block_3d(x, 0.1, 3, eps=-1.0),
-        (1, 2, 4, 4, 4),
-    ),
-    (  # the same check as drop_block_3d's
-        lambda: fnn.TorchvisionDropBlock2d(0.1, 3, inplace="yes"),
-        lambda x: fastdrop.drop_block_3d(x, 0.1, 3, inplace="yes"),
-        (1, 2, 4, 4, 4),
+        fnn.TorchvisionDropBlock2d,
+        fastdrop.drop_block_3d,
+        dict(p=0.1, block_size=3, inplace="y"),
+        _X5,
     ),
 ]
 
 
-@pytest.mark.parametrize("make,call,shape", BAD_ARGUMENTS)
-def test_modules_refuse_bad_arguments_at_construction_as_their_forward_does(make, call, shape):
+@pytest.mark.parametrize("cls,fn,kwargs,shape", BAD_ARGUMENTS)
+def test_modules_refuse_bad_arguments_at_construction_as_their_forward_does(cls, fn, kwargs, shape):
     with pytest.raises((TypeError, ValueError)) as forward_error:
-        call(torch.randn(shape))
+        fn(torch.randn(shape), training=True, **kwargs)
     with pytest.raises(type(forward_error.value)) as construction_error:
-        make()
+        cls(**kwargs)
     assert str(construction_error.value) == str(forward_error.value)
 
 
