@@ -479,6 +479,14 @@ fn dlpack_view<'a>(name: &str, cap: &'a Bound<'_, PyCapsule>) -> PyResult<View<'
                 .ok_or_else(too_large)?;
         }
     }
+    // torch exports a ZeroTensor (an autograd zero with no storage) with a NULL data pointer;
+    // reading its elements there would be a segmentation fault.
+    if t.data.is_null() && !shape.contains(&0) {
+        return Err(PyValueError::new_err(format!(
+            "{name}: DLPack tensor of shape {shape:?} has no data (a NULL pointer, as torch \
+             exports a ZeroTensor); materialise it first"
+        )));
+    }
     let ptr = (t.data as *mut u8).wrapping_add(t.byte_offset as usize);
     // SAFETY: by the DLPack protocol the tensor's elements lie at data + byte_offset plus the
     // index times the strides, and the producer keeps them alive while the capsule lives,

@@ -361,6 +361,7 @@ def test_the_cache_still_serves_the_dtypes_it_is_for():
 
 A = np.ones((4, 8), np.float32)
 G = Generator(0)
+_BITS = fastdrop.dropout(A, 0.5, return_mask=True)[1]._words()  # a (4, 8) mask's bits
 _SCALE, _BY_KEPT = _spec.Scale(1.0), _spec.ScaleByKept()
 _Bernoulli, _Blocks = _spec.Bernoulli, _spec.Blocks
 
@@ -377,6 +378,14 @@ def _capsule(consumed=False):
     if consumed:
         torch.from_dlpack(c)
     return c
+
+
+def _zero_capsule():
+    """torch's capsule of a ZeroTensor: a NULL data pointer under a (4, 8) shape."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.dlpack import to_dlpack
+
+    return to_dlpack(torch._efficientzerotensor(4, 8))
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -453,6 +462,13 @@ HOSTILE = [
         ),
         ValueError,
     ),
+    (
+        lambda: _core.apply(
+            _zero_capsule(), _capsule(), None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
+        ),
+        ValueError,
+    ),
+    (lambda: _core.mask_apply(_BITS, _zero_capsule(), _capsule(), 1.0), ValueError),
     (
         lambda: _core.apply(
             _capsule(True), A, None, _call_spec(_Bernoulli((4, 8), 0.5), _SCALE), G, False
