@@ -453,6 +453,68 @@ def test_in_place_on_a_view_with_a_bit_writes_through_it_as_torch_does(kind, nam
     assert torch.equal(v.resolve_conj().resolve_neg(), want)
 
 
+# torchvision's DropBlock (drop_block_3d and the 2-D module) applies a mask decided outside the
+# kernels: complex tensors, views with a bit and ZeroTensors were handed to the kernel as their
+# storage: a TypeError for complex, the storage's sign for a negative view, and a segmentation
+# fault for a ZeroTensor (no storage at all).
+def _tv_block_kinds(shape):
+    c = _crandn(*shape)
+    return {
+        "complex": _crandn(*shape),
+        "neg view": torch._neg_view(torch.randn(shape)),
+        "conj()": c.conj(),
+        "conj().imag": c.conj().imag,
+        "neg view of conj": torch._neg_view(_crandn(*shape).conj()),
+        "zero tensor": torch._efficientzerotensor(shape),
+    }
+
+
+_TV_BLOCKS = {
+    "drop_block_3d": (
+        (2, 3, 4, 4, 4),
+        lambda t, g, ip: fastdrop.drop_block_3d(t, 0.5, 2, ip, generator=g),
+    ),
+    "TorchvisionDropBlock2d": (
+        (2, 3, 6, 6),
+        lambda t, g, ip: fnn.TorchvisionDropBlock2d(0.5, 2, ip, generator=g)(t),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(_tv_block_kinds((1,))))
+@pytest.mark.parametrize("name", list(_TV_BLOCKS))
+def test_torchvision_blocks_read_any_tensor_by_its_values(name, kind):
+    shape, call = _TV_BLOCKS[name]
+    v = _tv_block_kinds(shape)[kind]
+    resolved = (
+        torch.zeros(shape, dtype=v.dtype) if v._is_zerotensor() else v.resolve_conj().resolve_neg()
+    )
+    g = fastdrop.Generator(8)
+    want = call(resolved, g.fork(0), False)
+    assert 0 < int((want != 0).sum()) < want.numel() or v._is_zerotensor()
+    assert torch.equal(call(v, g.fork(0), False), want)
+    if v._is_zerotensor():
+        with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):
+            call(v, g.fork(0), True)
+        return
+    # In place the view shows the result afterwards, as after torch's in-place ops.
+    assert call(v, g.fork(0), True) is v
+    assert torch.equal(v.resolve_conj().resolve_neg(), want)
+
+
+@pytest.mark.parametrize("name", list(_TV_BLOCKS))
+def test_torchvision_blocks_differentiate_complex_inputs(name):
+    shape, call = _TV_BLOCKS[name]
+    x = _crandn(*shape, dtype=torch.complex128).requires_grad_()
+    g = fastdrop.Generator(4)
+    y = call(x, g.fork(0), False)
+    keep_scale = call(torch.ones(shape, dtype=torch.complex128), g.fork(0), False)
+    assert torch.equal(y.detach(), x.detach() * keep_scale)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(grad, keep_scale)  # the masked gradient (conj of a real factor)
+    torch.autograd.gradcheck(lambda t: call(t, g.fork(1), False), (x,))
+
+
 # --- tensors with no storage and other kinds ----------------------------------------------------
 
 

@@ -34,6 +34,10 @@ try:
     import timm.layers as _timm
 except ImportError:  # timm's functions are then checked for values and gradients only
     _timm = None
+try:
+    import torchvision.ops as _tv  # timm's dependency
+except ImportError:
+    _tv = None
 
 ALPHA = 1.7580993408473766
 DTYPES = [
@@ -115,6 +119,10 @@ def _timm_drop_block(x, p, training, inplace):
     return _timm.drop_block_2d(x, p, 3, inplace=inplace)
 
 
+def _tv_drop_block_3d(x, p, training, inplace):
+    return _tv.drop_block3d(x, p, 3, inplace, training=training)
+
+
 @dataclass
 class Fn:
     name: str
@@ -165,6 +173,15 @@ FUNCTIONS = {
             lambda nd: nd == 4,
             exact_errors=False,
         ),
+        Fn(
+            "drop_block_3d",
+            lambda x, p, training, inplace, **kw: fastdrop.drop_block_3d(
+                x, p, 3, inplace, training=training, **kw
+            ),
+            _tv_drop_block_3d if _tv else None,
+            lambda nd: nd == 5,
+            exact_errors=False,
+        ),
     ]
 }
 
@@ -176,6 +193,11 @@ def _not_compared(fn: Fn, x, p: float, training: bool) -> bool:
     # timm's drop_block_2d has no `training` (its module does not call it in evaluation), runs
     # its ops even at p = 0 (its module does not call it then either), and divides by zero on
     # an empty input.
+    if fn.name == "drop_block_3d":
+        # torchvision's has no complex form, fails on an empty input, and refuses the even
+        # block size that a small input clips 3 to (fastdrop takes even sizes).
+        even = x.dim() == 5 and min([3, *x.shape[2:]]) % 2 == 0
+        return x.dtype.is_complex or x.numel() == 0 or even
     return fn.name == "drop_block_2d" and (not training or p == 0.0 or x.numel() == 0)
 
 
@@ -263,7 +285,7 @@ def check_torch_call(data, name: Optional[str] = None) -> None:
         assert torch.equal(y.detach().resolve_conj().resolve_neg(), before)
         return
     scale = mask.scale
-    if fn.name not in ("drop_path", "drop_block_2d"):
+    if fn.name not in ("drop_path", "drop_block_2d", "drop_block_3d"):
         scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     want = _expected(fn, before, keep, scale, p)
     assert torch.equal(y.detach().resolve_conj().resolve_neg(), want)

@@ -1114,7 +1114,18 @@ def drop_block_torchvision(
 
 def _apply_mask(x: torch.Tensor, mask: Mask, inplace: bool) -> torch.Tensor:
     """`x * mask * scale` by the kernel (dropped elements exactly 0), into x or a new tensor laid
-    out as torch's dropout lays it out."""
+    out as torch's dropout lays it out. A complex tensor, a negative or conjugate view or a
+    ZeroTensor is read by its values (the masked product of `_mask_grad`); in place the result
+    is written back through the view, as torch's in-place ops do."""
+    if _unusual(x):
+        if inplace and x._is_zerotensor():
+            raise RuntimeError(_ZERO_TENSOR_IMMUTABLE)
+        out = _mask_grad(mask, x.detach(), None)
+        if not inplace:
+            return out
+        with torch.no_grad():
+            x.copy_(out)
+        return x
     a = _host(x)
     if inplace:
         _core.mask_apply(mask._words(), a, a, mask.scale)
