@@ -515,6 +515,36 @@ def test_torchvision_blocks_differentiate_complex_inputs(name):
     torch.autograd.gradcheck(lambda t: call(t, g.fork(1), False), (x,))
 
 
+@pytest.mark.parametrize("dtype", COMPLEX)
+@pytest.mark.parametrize("view", ["plain", "conj()", "permuted"])
+def test_gaussian_dropout_scales_both_parts_of_a_complex_element_by_its_real_factor(dtype, view):
+    """It cast complex input to the factor's real type, dropping the imaginary parts (with only
+    torch's UserWarning), and computed complex128 in float32."""
+    x = _crandn(4, 5, 3, dtype=dtype)
+    x[0, 0, 0] = complex(float("inf"), 1.0)  # an infinite part stays inf times its factor
+    v = {"plain": x, "conj()": x.conj(), "permuted": x.permute(2, 0, 1)}[view]
+    real = torch.float64 if dtype == torch.complex128 else torch.float32
+    factor = fastdrop.gaussian_dropout(
+        torch.ones(v.shape, dtype=real), 0.4, generator=fastdrop.Generator(3)
+    )
+    values = v.resolve_conj()
+    want = torch.complex(values.real * factor, values.imag * factor)
+    leaf = v.detach().clone().requires_grad_()
+    y = fastdrop.gaussian_dropout(leaf, 0.4, generator=fastdrop.Generator(3))
+    assert y.dtype == dtype and torch.equal(y.detach(), want)
+    g = _crandn(*v.shape, dtype=dtype)
+    (grad,) = torch.autograd.grad(y, leaf, g)
+    assert torch.equal(grad, torch.complex(g.real * factor, g.imag * factor))
+    if dtype == torch.complex128:
+        gen = fastdrop.Generator(5)
+        finite = _crandn(4, 5, 3, dtype=dtype).requires_grad_()
+        torch.autograd.gradcheck(
+            lambda t: fastdrop.gaussian_dropout(t, 0.4, generator=gen.fork(0)), (finite,)
+        )
+    # The device path (torch's own ops; a meta tensor here) keeps the dtype too.
+    assert fastdrop.gaussian_dropout(v.to("meta"), 0.4).dtype == dtype
+
+
 # --- tensors with no storage and other kinds ----------------------------------------------------
 
 

@@ -330,18 +330,29 @@ def drop_block_2d(
 # --- the family members that are not a mask -----------------------------------------------------
 
 
-def _op_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def op_dtype(t: torch.Tensor) -> torch.dtype:
+    """The real type a factor for `t` is computed in: float64 for float64 and complex128,
+    float32 otherwise (torch's opmath for float16 and bfloat16)."""
+    return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def times(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``t * factor`` for a real factor of t's shape, computed in the factor's type and rounded
+    once to t's dtype. A complex element has both parts scaled by its one real factor, as the
+    masks scale them (a complex product with ``factor + 0i`` would turn an infinite part's
+    ``inf * 0`` into NaN)."""
+    if t.is_complex():
+        pairs = torch.view_as_real(t.resolve_conj().resolve_neg()) * factor.unsqueeze(-1)
+        return torch.view_as_complex(pairs.contiguous()).to(t.dtype)
+    return (t.to(factor.dtype) * factor).to(t.dtype)
 
 
 def gaussian_dropout(x: torch.Tensor, sigma: float, inplace: bool, generator: Any) -> torch.Tensor:
     """``x * (1 + sigma * z)`` with ``z`` drawn by torch on x's device, in float32 (float64 for
-    float64) and rounded once to x's dtype."""
+    float64 and complex128) and rounded once to x's dtype; one deviate per complex element."""
     gen = device_generator(generator, x.device)
-    op = _op_dtype(x)
-    z = torch.randn(x.shape, dtype=op, device=x.device, generator=gen)
-    factor = z.mul_(sigma).add_(1.0)
-    out = (x.to(op) * factor).to(x.dtype)
+    z = torch.randn(x.shape, dtype=op_dtype(x), device=x.device, generator=gen)
+    out = times(x, z.mul_(sigma).add_(1.0))
     return x.copy_(out) if inplace else out
 
 

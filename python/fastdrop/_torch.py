@@ -1014,9 +1014,8 @@ def _is_python_subclass(t: torch.Tensor) -> bool:
 
 def _times(t: torch.Tensor, factor: np.ndarray) -> torch.Tensor:
     """`t * factor` computed in the factor's type (float32 or float64) and rounded once to t's
-    dtype: the arithmetic NumPy input gets."""
-    f = torch.from_numpy(factor)
-    return (t.to(f.dtype) * f).to(t.dtype)
+    dtype: the arithmetic NumPy input gets (both parts of a complex element scaled)."""
+    return _device.times(t, torch.from_numpy(factor))
 
 
 class _FactorFunction(torch.autograd.Function):
@@ -1052,7 +1051,7 @@ def gaussian_dropout(x: torch.Tensor, sigma: float, inplace: bool, generator: An
     _check_host_dtype(x)
     key = _keyed.call_key(_host_generator(generator))
     shape = tuple(x.shape)
-    op_np = np.float64 if x.dtype == torch.float64 else np.float32
+    op_np = np.float64 if _device.op_dtype(x) == torch.float64 else np.float32
     return _apply_factor(x, lambda: _keyed.gaussian_factor(key, shape, op_np, sigma), inplace)
 
 
