@@ -9,9 +9,10 @@ Two campaigns share the time budget until it runs out, each round with fresh ran
   lists, arrays of every dtype and rank, broadcast and read-only views). The only acceptable
   outcomes are a result or a TypeError / ValueError / MemoryError; any other exception fails,
   and a crash of the interpreter is a crash of this script;
-- with torch installed, the torch property check of `tests/test_torch_properties.py`
-  (`check_torch_call`): torch's outcome (error class or success), the formula's values and
-  gradients, over every kind of tensor.
+- with torch installed, the torch property checks of `tests/test_torch_properties.py`:
+  `check_torch_call` (torch's outcome, error class or success, the formula's values and
+  gradients, over every kind of tensor) and `check_family_call` (the other family members
+  give on every kind of tensor what they give on a plain tensor of its values).
 
 A failure prints hypothesis's minimal example; turn it into a regression test in
 tests/test_hardening.py.
@@ -132,14 +133,19 @@ try:
 except ImportError:  # no torch: the NumPy campaigns only
     pass
 else:
-    from test_torch_properties import check_torch_call
+    from test_torch_properties import FAMILY, check_family_call, check_torch_call
 
     @FUZZ
     @given(st.data())
     def fuzz_torch(data):
         check_torch_call(data)
 
-    CAMPAIGNS.append(fuzz_torch)
+    @FUZZ
+    @given(st.data())
+    def fuzz_torch_family(data):
+        check_family_call(data, data.draw(st.sampled_from(sorted(FAMILY)), "function"))
+
+    CAMPAIGNS += [fuzz_torch, fuzz_torch_family]
 
 
 def main(seconds: float) -> int:

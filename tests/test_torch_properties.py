@@ -353,6 +353,95 @@ def check_fused_call(data, name: str) -> None:
             assert torch.equal(grads[id(residual)], go)
 
 
+def _key() -> fastdrop.Generator:
+    return fastdrop.Generator(5)
+
+
+#: The family members whose CPU path is not a mask spec run by the kernels (a mask or factor
+#: decided outside them, torch's ops around it), which must read a tensor by its values
+#: whatever its kind: (call(x, inplace), ranks, takes inplace). drop_block_3d read a negative
+#: view's storage and crashed on a ZeroTensor; gaussian_dropout dropped complex imaginary parts.
+FAMILY = {
+    "stochastic_depth row": (
+        lambda x, ip: fastdrop.stochastic_depth(x, 0.5, "row", generator=_key()),
+        lambda nd: nd >= 1,
+        False,
+    ),
+    "stochastic_depth batch": (
+        lambda x, ip: fastdrop.stochastic_depth(x, 0.5, "batch", generator=_key()),
+        lambda nd: True,
+        False,
+    ),
+    "locked_dropout": (
+        lambda x, ip: fastdrop.locked_dropout(x, 0.5, generator=_key()),
+        lambda nd: nd >= 2,
+        False,
+    ),
+    "embedding_dropout": (
+        lambda x, ip: fastdrop.embedding_dropout(x, 0.5, generator=_key()),
+        lambda nd: nd == 2,
+        False,
+    ),
+    "gaussian_dropout": (
+        lambda x, ip: fastdrop.gaussian_dropout(x, 0.5, True, ip, generator=_key()),
+        lambda nd: True,
+        True,
+    ),
+    "patch_dropout": (
+        lambda x, ip: fastdrop.patch_dropout(x, 0.5, 1, generator=_key()),
+        lambda nd: nd == 3,
+        False,
+    ),
+    "drop_block_3d": (
+        lambda x, ip: fastdrop.drop_block_3d(x, 0.5, 2, ip, generator=_key()),
+        lambda nd: nd == 5,
+        True,
+    ),
+    "noise_shape": (
+        lambda x, ip: fastdrop.dropout(
+            x, 0.5, True, ip, generator=_key(), noise_shape=(None,) + (1,) * (x.dim() - 1)
+        ),
+        lambda nd: nd >= 1,
+        True,
+    ),
+}
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of t's values: the bits resolved, a ZeroTensor as zeros."""
+    if t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype)
+    return t.detach().resolve_conj().resolve_neg().clone()
+
+
+def check_family_call(data, name: str) -> None:
+    """One family call on a random kind of tensor gives what it gives on a plain tensor of the
+    same values (same key), writes through the view in place, and differentiates alike."""
+    call, ranks, takes_inplace = FAMILY[name]
+    x = data.draw(torch_inputs(ranks), "input")()
+    inplace = takes_inplace and data.draw(st.booleans(), "inplace")
+    plain = _values(x)
+    want, error = _outcome(lambda: call(plain, False))
+    if error is not None:
+        return  # refused on plain values too: the rank and shape checks are test_family's
+    want = want[0] if isinstance(want, tuple) else want
+    got, error = _outcome(lambda: call(x, inplace))
+    if error is not None:
+        # Only in place, on what torch's in-place ops refuse too.
+        assert inplace and isinstance(error, RuntimeError), error
+        return
+    y = got[0] if isinstance(got, tuple) else got
+    assert torch.equal(_values(y), want)
+    if inplace:
+        assert y is x and torch.equal(_values(x), want)
+    elif x.requires_grad:
+        g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7))
+        (grad,) = torch.autograd.grad(y, x, g)
+        leaf = plain.clone().requires_grad_()
+        (want_grad,) = torch.autograd.grad(call(leaf, False), leaf, g)
+        assert torch.equal(_values(grad), want_grad)
+
+
 PROPERTY = settings(
     max_examples=60,
     deadline=None,
@@ -372,3 +461,10 @@ def test_torch_calls_match_torch_and_the_formulas(name, data):
 @given(data=st.data())
 def test_fused_adds_on_torch_tensors_equal_the_formulas(name, data):
     check_fused_call(data, name)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+@PROPERTY
+@given(data=st.data())
+def test_family_calls_read_every_tensor_kind_by_its_values(name, data):
+    check_family_call(data, name)
