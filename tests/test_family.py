@@ -1229,3 +1229,46 @@ def test_in_place_calls_on_non_leaf_tensors_differentiate_correctly():
         h.sum().backward()
         # d/da sum(f(2a)) = 2 * factor, and the factor is the call's output on ones
         assert torch.allclose(a.grad, 2 * call(ones))
+
+
+# --- torch.func on the members that draw their own randomness ---------------------------------
+# Gaussian and patch dropout and torchvision's DropBlock draw one noise, token choice or block
+# map per call outside the kernels. Under torch.func they wrote the reused key tensor in place
+# (torch.func refuses that), and drop_block_3d handed a batched tensor to the kernel.
+
+TF_MEMBERS = {
+    "gaussian_dropout": (lambda t, g: fastdrop.gaussian_dropout(t, 0.3, generator=g), (4, 6)),
+    "patch_dropout": (lambda t, g: fastdrop.patch_dropout(t, 0.5, generator=g), (3, 5, 4)),
+    "drop_block_3d": (lambda t, g: fastdrop.drop_block_3d(t, 0.3, 3, generator=g), (2, 3, 5, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(TF_MEMBERS))
+def test_members_with_their_own_randomness_under_torch_func_grad_and_jvp(name, dtype):
+    call, shape = TF_MEMBERS[name]
+    x = torch.randn(shape, dtype=dtype)
+    want = call(x, Generator(1))
+    g = torch.randn(want.shape, dtype=dtype)
+    leaf = x.clone().requires_grad_()
+    (want_grad,) = torch.autograd.grad(call(leaf, Generator(1)), leaf, g)
+    got = torch.func.grad(lambda t: (call(t, Generator(1)) * g).sum())(x)
+    torch.testing.assert_close(got, want_grad, rtol=0, atol=0)
+    out, tangent = torch.func.jvp(lambda t: call(t, Generator(1)), (x,), (torch.ones_like(x),))
+    assert torch.equal(out, want)
+    (ones_grad,) = torch.autograd.grad(call(leaf, Generator(1)), leaf, torch.ones_like(want))
+    if name != "patch_dropout":  # elementwise: the tangent of ones is the gradient of ones
+        assert torch.equal(tangent, ones_grad)
+
+
+@pytest.mark.parametrize("name", list(TF_MEMBERS))
+def test_members_with_their_own_randomness_under_vmap_draw_once_for_the_batch(name):
+    call, shape = TF_MEMBERS[name]
+    xb = torch.randn((3,) + shape)
+    y = torch.func.vmap(lambda t: call(t, Generator(1)), randomness="same")(xb)
+    for i in range(3):
+        assert torch.equal(y[i], call(xb[i], Generator(1)))
+    with pytest.raises(RuntimeError, match="supports randomness='same' only"):
+        torch.func.vmap(lambda t: call(t, Generator(1)), randomness="different")(xb)
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        torch.func.vmap(lambda t: call(t, Generator(1)))(xb)

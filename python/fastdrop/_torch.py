@@ -1012,6 +1012,25 @@ def _is_python_subclass(t: torch.Tensor) -> bool:
 # both the same result); off the CPU, `_device`'s torch ops.
 
 
+def _family_key(generator: Any, name: str) -> Tuple[Tuple[int, int, int], bool]:
+    """(the call's key, whether torch.func transforms are active) for the members whose
+    randomness is decided outside the kernels (Gaussian and patch dropout, torchvision's
+    DropBlock). Under the transforms the key is drawn outside them (it is no tensor they could
+    batch or differentiate; torch.func forbids writing the reused key tensor in place), after
+    torch's randomness check: 'error' raises torch's error, and 'different' is refused, as
+    these members draw one noise, token choice or block map per call, not per batch element."""
+    if not _functorch_active():
+        return _keyed.call_key(_host_generator(generator)), False
+    if _check_randomness(False):
+        raise RuntimeError(
+            f"{name} under torch.func.vmap supports randomness='same' only: it draws one "
+            "noise, token choice or block map per call, not one per batch element; use "
+            "randomness='same', or call it once per element"
+        )
+    with torch._C._DisableFuncTorch():
+        return _keyed.call_key(_host_generator(generator)), True
+
+
 def _times(t: torch.Tensor, factor: np.ndarray) -> torch.Tensor:
     """`t * factor` computed in the factor's type (float32 or float64) and rounded once to t's
     dtype: the arithmetic NumPy input gets (both parts of a complex element scaled)."""
@@ -1049,9 +1068,13 @@ def gaussian_dropout(x: torch.Tensor, sigma: float, inplace: bool, generator: An
     if not x.is_cpu:
         return _device.gaussian_dropout(x, sigma, inplace, generator)
     _check_host_dtype(x)
-    key = _keyed.call_key(_host_generator(generator))
+    key, transformed = _family_key(generator, "gaussian_dropout")
     shape = tuple(x.shape)
     op_np = np.float64 if _device.op_dtype(x) == torch.float64 else np.float32
+    if transformed:
+        # torch's own ops, which the transforms differentiate and batch (one noise for a batch).
+        out = _times(x, _keyed.gaussian_factor(key, shape, op_np, sigma))
+        return x.copy_(out) if inplace else out
     return _apply_factor(x, lambda: _keyed.gaussian_factor(key, shape, op_np, sigma), inplace)
 
 
@@ -1070,7 +1093,7 @@ def patch_dropout(
     b, tokens = int(x.shape[0]), int(body.shape[1])
     if x.is_cpu:
         _check_host_dtype(x)
-        key = _keyed.call_key(_host_generator(generator))
+        key, _ = _family_key(generator, "patch_dropout")
         idx = torch.from_numpy(_keyed.keep_indices(key, b, tokens, prob, ordered))
     else:
         idx = _device.patch_indices(x, b, tokens, prob, ordered, generator)
@@ -1093,8 +1116,16 @@ def drop_block_torchvision(
         _device_path(x, return_mask)
         return _device.drop_block_torchvision(x, p, block_size, inplace, eps, generator)
     _check_host_dtype(x)
-    key = _keyed.call_key(_host_generator(generator))
+    key, transformed = _family_key(generator, "drop_block_3d" if x.dim() == 5 else "DropBlock2d")
     mask = _keyed.torchvision_block_mask(key, tuple(x.shape), p, block_size, eps)
+    if transformed:
+        if return_mask:
+            raise ValueError("return_mask is not supported under torch.func transforms")
+        # torch's own ops, which the transforms differentiate and batch (one map for a batch):
+        # `x * scale` rounds as the kernel does, and dropped elements are exactly 0.
+        keep = torch.from_numpy(mask.numpy())
+        out = torch.where(keep, x * mask.scale, torch.zeros((), dtype=x.dtype))
+        return x.copy_(out) if inplace else out
     tracked = torch.is_grad_enabled() and x.requires_grad
     if inplace:
         # torchvision's `mul_` raises these after drawing its noise, as here.
