@@ -1272,3 +1272,27 @@ def test_members_with_their_own_randomness_under_vmap_draw_once_for_the_batch(na
         torch.func.vmap(lambda t: call(t, Generator(1)), randomness="different")(xb)
     with pytest.raises(RuntimeError, match="randomness error mode"):
         torch.func.vmap(lambda t: call(t, Generator(1)))(xb)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", ["drop_block_3d", "TorchvisionDropBlock2d"])
+def test_torchvision_blocks_carry_a_forward_mode_tangent(name, inplace):
+    """A dual tensor that does not require grad went to the kernel alone: the output had no
+    tangent, a silently wrong (missing) derivative."""
+    import torch.autograd.forward_ad as fwAD
+
+    shape = (2, 3, 5, 5, 5) if name == "drop_block_3d" else (2, 3, 6, 6)
+
+    def call(t, ip=False):
+        if name == "drop_block_3d":
+            return fastdrop.drop_block_3d(t, 0.3, 3, ip, generator=Generator(3))
+        return fnn.TorchvisionDropBlock2d(0.3, 3, ip, generator=Generator(3))(t)
+
+    x, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    want, want_t = call(x), call(t)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.clone(), t.clone())
+        y, tangent = fwAD.unpack_dual(call(dual, inplace))
+    assert torch.equal(y, want) and tangent is not None and torch.equal(tangent, want_t)
+    leaf = x.clone().requires_grad_()
+    torch.autograd.gradcheck(lambda a: call(a), (leaf,), check_forward_ad=True)

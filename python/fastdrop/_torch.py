@@ -1126,11 +1126,13 @@ def drop_block_torchvision(
         keep = torch.from_numpy(mask.numpy())
         out = torch.where(keep, x * mask.scale, torch.zeros((), dtype=x.dtype))
         return x.copy_(out) if inplace else out
-    tracked = torch.is_grad_enabled() and x.requires_grad
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    # A forward-mode dual tensor needs the Function too: its tangent is masked alike.
+    tracked = needs_grad or _fwAD._current_level >= 0
     if inplace:
         # torchvision's `mul_` raises these after drawing its noise, as here.
         _check_writable(x)
-        if tracked:
+        if needs_grad:
             _check_inplace(x)
         _check_no_internal_overlap(x)
     if tracked:
@@ -1166,19 +1168,25 @@ def _apply_mask(x: torch.Tensor, mask: Mask, inplace: bool) -> torch.Tensor:
 
 
 class _MaskedFunction(torch.autograd.Function):
-    """A mask decided outside the kernels, applied to x; the backward is the masked gradient."""
+    """A mask decided outside the kernels, applied to x; the backward is the masked gradient,
+    and so is the forward-mode tangent."""
 
     @staticmethod
     def forward(ctx, x, mask, inplace):
         out = _apply_mask(x, mask, inplace)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.mask, ctx.strides = mask, out.stride()
+        ctx.mask, ctx.strides, ctx.inplace = mask, out.stride(), inplace
         return out
 
     @staticmethod
     def backward(ctx, grad):
         return _MaskGradFunction.apply(grad, ctx.mask, ctx.strides), None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, _mask, _inplace):
+        t = _masked(ctx.mask, x_t, ctx.strides)
+        return x_t.copy_(t) if ctx.inplace else t
 
 
 #: The names an OpenMP runtime's library starts with: GNU's, Intel's and LLVM's.
