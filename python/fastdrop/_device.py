@@ -54,7 +54,13 @@ def device_generator(generator: Any, device: torch.device) -> Optional[torch.Gen
         g = torch.Generator(device=device)
         g.manual_seed(hash((seed, stream, offset)) & 0x7FFF_FFFF_FFFF_FFFF)
         return g
-    raise TypeError(
+    raise bad_generator(generator)
+
+
+def bad_generator(generator: Any) -> TypeError:
+    """The error for a `generator=` that a call on torch input cannot use (on any device, and
+    at a fastdrop module's construction)."""
+    return TypeError(
         "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
         f"{type(generator).__name__}"
     )

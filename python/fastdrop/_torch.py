@@ -98,10 +98,7 @@ def _host_generator(generator: Any) -> _core.Generator:
         gen = local.generator
         gen.set_state((int(local.key_view), 0, 0))
         return gen
-    raise TypeError(
-        "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
-        f"{type(generator).__name__}"
-    )
+    raise _device.bad_generator(generator)
 
 
 def _host(t: torch.Tensor):

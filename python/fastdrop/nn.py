@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from . import _device
 from . import functional as F
 
 __all__ = [
@@ -43,10 +44,7 @@ def _check_generator(generator: Any) -> Any:
     forward would refuse anything else."""
     if generator is None or isinstance(generator, (F._core.Generator, torch.Generator)):
         return generator
-    raise TypeError(
-        "generator must be a fastdrop.Generator or a torch.Generator for torch input, got "
-        f"{type(generator).__name__}"
-    )
+    raise _device.bad_generator(generator)
 
 
 class Dropout(nn.Dropout):
