@@ -1296,3 +1296,9 @@ def test_torchvision_blocks_carry_a_forward_mode_tangent(name, inplace):
     assert torch.equal(y, want) and tangent is not None and torch.equal(tangent, want_t)
     leaf = x.clone().requires_grad_()
     torch.autograd.gradcheck(lambda a: call(a), (leaf,), check_forward_ad=True)
+
+
+def test_drop_block_3d_refuses_return_mask_under_torch_func():
+    x = torch.randn(2, 3, 5, 5, 5)
+    with pytest.raises(ValueError, match="return_mask is not supported under torch.func"):
+        torch.func.grad(lambda t: fastdrop.drop_block_3d(t, 0.3, 3, return_mask=True)[0].sum())(x)

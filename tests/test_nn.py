@@ -322,3 +322,17 @@ def test_modules_refuse_a_bad_generator_at_construction(name):
         cls(*args(), generator=7)
     assert isinstance(cls(*args(), generator=fastdrop.Generator(1)).generator, fastdrop.Generator)
     assert cls(*args(), generator=torch.Generator().manual_seed(1)).generator is not None
+
+
+def test_a_bad_generator_gets_one_error_on_every_torch_path():
+    """Module construction, a CPU tensor and another device (meta) refuse it alike."""
+    words = "generator must be a fastdrop.Generator or a torch.Generator for torch input, got int"
+    calls = [
+        lambda: fnn.Dropout(0.5, generator=7),
+        lambda: fastdrop.dropout(torch.randn(4), 0.5, generator=7),
+        lambda: fastdrop.dropout(torch.randn(4, device="meta"), 0.5, generator=7),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError) as e:
+            call()
+        assert str(e.value) == words
